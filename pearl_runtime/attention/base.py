@@ -1,0 +1,44 @@
+"""The attention interface: store the new K/V in the paged cache, attend over the context."""
+import logging
+
+import torch
+
+from pearl_runtime.utils.context import AttnContext
+
+log = logging.getLogger(__name__)
+
+
+class AttentionBackend:
+    name = "base"
+
+    def store_kv(self, k, v, k_cache, v_cache, ctx: AttnContext) -> None:
+        """k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]."""
+        flat_k = k_cache.view(-1, *k_cache.shape[2:])
+        flat_v = v_cache.view(-1, *v_cache.shape[2:])
+        flat_k.index_copy_(0, ctx.slot_mapping, k)
+        flat_v.index_copy_(0, ctx.slot_mapping, v)
+
+    def attend(self, q, k_cache, v_cache, ctx: AttnContext, scale: float) -> torch.Tensor:
+        """q: [T, H, D] -> [T, H, D]. Query j of sequence i sees context positions
+        <= context_len_i - q_len_i + j (causal within the new tokens)."""
+        raise NotImplementedError
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    from pearl_runtime.attention.reference import ReferenceBackend
+    backends = {"reference": ReferenceBackend}
+    try:
+        from pearl_runtime.attention.gpu import GPU_BACKENDS
+        backends.update(GPU_BACKENDS)
+    except ImportError:
+        pass
+    if name == "auto":
+        if device.type == "cuda":
+            name = "flash-attn" if "flash-attn" in backends else "triton"
+        else:
+            name = "reference"
+    if name not in backends:
+        raise ValueError(f"attention backend {name!r} is not available here; available: {sorted(backends)}")
+    backend = backends[name]()
+    log.info("attention backend: %s", backend.name)
+    return backend

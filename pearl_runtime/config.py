@@ -1,0 +1,119 @@
+"""Model configuration read from a Hugging Face `config.json`, validated once."""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pearl_runtime.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False       # Qwen2
+    qk_norm: bool = False        # Qwen3
+    rope_scaling: dict | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                                 f"num_key_value_heads={self.num_kv_heads}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelLoadError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, dtype: torch.dtype | None = None) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"no config.json in model directory {model_dir}")
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ModelLoadError(f"{path} names no architecture; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = archs[0]
+        # transformers >= 5 writes `rope_parameters` (holding rope_theta); older configs use
+        # `rope_theta` + `rope_scaling`.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        if rope.get("rope_type", "default") == "default":
+            rope = {}
+        heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if dtype is None:
+            dtype = torch.float32
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=arch == "Qwen2ForCausalLM" or hf.get("attention_bias", False),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            rope_scaling=rope or None,
+            eos_token_ids=eos,
+            dtype=dtype,
+        )
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """What one engine (draft or target) needs to run a model."""
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int = 0              # 0: size the cache from kv_cache_gb
+    kv_cache_gb: float = 0.5
+    max_num_seqs: int = 64
+    max_model_len: int = 0           # 0: the model's max_position_embeddings
+    enable_prefix_cache: bool = True
+    attention_backend: str = "auto"  # auto | reference | sdpa-paged | flash-attn
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,103 @@
+"""The model runner owns the device: the model, its paged KV cache and the forward pass."""
+import dataclasses
+import logging
+
+import torch
+
+from pearl_runtime.attention import select_backend
+from pearl_runtime.config import EngineConfig, ModelConfig
+from pearl_runtime.engine.sequence import Sequence
+from pearl_runtime.models.decoder import CausalLM
+from pearl_runtime.utils.context import AttnContext, set_context
+from pearl_runtime.utils.dist import tp_size
+from pearl_runtime.utils.loader import load_weights
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        model_cfg = ModelConfig.from_dir(cfg.model, cfg.torch_dtype)
+        self.max_model_len = min(cfg.max_model_len or model_cfg.max_position_embeddings,
+                                 model_cfg.max_position_embeddings)
+        self.model_cfg = dataclasses.replace(model_cfg, max_position_embeddings=self.max_model_len)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(cfg.torch_dtype)
+        try:
+            with self.device:
+                self.model = CausalLM(self.model_cfg)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_weights(self.model, cfg.model)
+        self.model.eval()
+        self.backend = select_backend(cfg.attention_backend, self.device)
+        self.block_size = cfg.block_size
+        self.num_blocks = cfg.num_blocks or self._blocks_for(cfg.kv_cache_gb)
+        self._allocate_kv_cache()
+
+    def _block_bytes(self) -> int:
+        c = self.model_cfg
+        kv_heads = max(1, c.num_kv_heads // tp_size())
+        return 2 * c.num_layers * self.block_size * kv_heads * c.head_dim * self.cfg.torch_dtype.itemsize
+
+    def _blocks_for(self, gb: float) -> int:
+        return max(1, int(gb * 2**30) // self._block_bytes())
+
+    def _allocate_kv_cache(self) -> None:
+        c = self.model_cfg
+        kv_heads = max(1, c.num_kv_heads // tp_size())
+        self.kv_cache = torch.zeros(2, c.num_layers, self.num_blocks, self.block_size, kv_heads, c.head_dim,
+                                    dtype=self.cfg.torch_dtype, device=self.device)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache, attn.backend = self.kv_cache[0, i], self.kv_cache[1, i], self.backend
+        log.info("kv cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                 self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+
+    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttnContext]:
+        ids, positions, slots, q_lens, ctx_lens = [], [], [], [], []
+        bs = self.block_size
+        for seq in seqs:
+            start, end = seq.num_kv, len(seq)
+            assert end > start, f"sequence {seq.seq_id} has nothing to compute"
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            q_lens.append(end - start)
+            ctx_lens.append(end)
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+        dev = self.device
+        ctx = AttnContext(
+            q_lens=q_lens, context_lens=ctx_lens,
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            max_q_len=max(q_lens), max_context_len=max(ctx_lens))
+        return (torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(positions, dtype=torch.int64, device=dev), ctx)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], num_logits: list[int] | None = None) -> torch.Tensor:
+        """Feed every token of each sequence that is not in the KV cache yet. Returns fp32
+        logits for the last `num_logits[i]` fed positions of each sequence (default 1),
+        concatenated in order: [sum(num_logits), vocab]."""
+        num_logits = num_logits or [1] * len(seqs)
+        ids, positions, ctx = self.prepare(seqs)
+        set_context(ctx)
+        try:
+            hidden = self.model(ids, positions)
+        finally:
+            set_context(None)
+        rows = []
+        for end, n in zip(ctx.cu_seqlens_q.tolist()[1:], num_logits):
+            rows.extend(range(end - n, end))
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]).float()
+        for seq in seqs:
+            seq.num_kv = len(seq)
+        return logits

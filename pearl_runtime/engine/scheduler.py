@@ -1,0 +1,57 @@
+"""Continuous batching for autoregressive generation: admit, preempt, retire.
+Reasons about sequences and blocks only; never touches tensors."""
+from collections import deque
+
+from pearl_runtime.engine.block_manager import BlockManager
+from pearl_runtime.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, extra_tokens: int = 0) -> list[Sequence]:
+        """Sequences to feed this step. Each running sequence needs room in the cache for
+        its tokens plus `extra_tokens` (speculative tokens to verify); when the cache is full
+        the newest sequence is preempted and recomputed later."""
+        for seq in list(self.running):
+            while seq in self.running and not self.blocks.ensure_capacity(seq, len(seq) + extra_tokens):
+                self.preempt(self.running[-1])
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self.blocks.blocks_needed(len(seq) + extra_tokens) > self.blocks.num_free:
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            self.blocks.ensure_capacity(seq, len(seq) + extra_tokens)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        return list(self.running)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = Status.FINISHED
+
+    def drop(self, seq: Sequence) -> None:
+        """Cancel: forget the sequence wherever it is."""
+        if seq in self.running:
+            self.finish(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.status = Status.FINISHED

@@ -1,0 +1,19 @@
+"""Attention layer: writes the new K/V into this layer's cache, then the backend attends."""
+import torch
+from torch import nn
+
+from pearl_runtime.utils.context import get_context
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.k_cache = self.v_cache = torch.empty(0)   # bound by the model runner
+        self.backend = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_context()
+        self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx)
+        return self.backend.attend(q, self.k_cache, self.v_cache, ctx, self.scale)
