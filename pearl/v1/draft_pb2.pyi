@@ -1,0 +1,90 @@
+from pearl.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Hello(_message.Message):
+    __slots__ = ("target_id", "tokenizer_hash", "vocab_size", "host_id", "device")
+    TARGET_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    target_id: str
+    tokenizer_hash: str
+    vocab_size: int
+    host_id: str
+    device: int
+    def __init__(self, target_id: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., host_id: _Optional[str] = ..., device: _Optional[int] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("accepted", "reason", "draft_model", "tokenizer_hash", "vocab_size")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    draft_model: str
+    tokenizer_hash: str
+    vocab_size: int
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., draft_model: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class SeqAdd(_message.Message):
+    __slots__ = ("seq_id", "token_ids", "params")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    params: _common_pb2.SamplingParams
+    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+
+class Round(_message.Message):
+    __slots__ = ("round_id", "gamma", "adds", "removes", "verdicts")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    ADDS_FIELD_NUMBER: _ClassVar[int]
+    REMOVES_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    gamma: int
+    adds: _containers.RepeatedCompositeFieldContainer[SeqAdd]
+    removes: _containers.RepeatedScalarFieldContainer[int]
+    verdicts: _common_pb2.Tensor
+    def __init__(self, round_id: _Optional[int] = ..., gamma: _Optional[int] = ..., adds: _Optional[_Iterable[_Union[SeqAdd, _Mapping]]] = ..., removes: _Optional[_Iterable[int]] = ..., verdicts: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ToDraft(_message.Message):
+    __slots__ = ("hello", "round")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    round: Round
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., round: _Optional[_Union[Round, _Mapping]] = ...) -> None: ...
+
+class DraftBatch(_message.Message):
+    __slots__ = ("round_id", "seq_ids", "tokens", "probs", "draft_ms")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    seq_ids: _containers.RepeatedScalarFieldContainer[int]
+    tokens: _common_pb2.Tensor
+    probs: _common_pb2.Tensor
+    draft_ms: float
+    def __init__(self, round_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., draft_ms: _Optional[float] = ...) -> None: ...
+
+class FromDraft(_message.Message):
+    __slots__ = ("hello", "batch")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    hello: HelloReply
+    batch: DraftBatch
+    def __init__(self, hello: _Optional[_Union[HelloReply, _Mapping]] = ..., batch: _Optional[_Union[DraftBatch, _Mapping]] = ...) -> None: ...
