@@ -4,6 +4,7 @@ Every forward is a ragged batch: sequence i feeds `q_lens[i]` new tokens on top 
 `context_lens[i] - q_lens[i]` tokens already in its paged KV. Prefill, decode and the
 k-token verify step are all this one shape.
 """
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +26,15 @@ class AttnContext:
         return self.max_q_len == 1
 
 
-_ctx: AttnContext | None = None
+# thread-local: a test process may run a draft and a target forward at the same time
+_local = threading.local()
 
 
 def set_context(ctx: AttnContext | None) -> None:
-    global _ctx
-    _ctx = ctx
+    _local.ctx = ctx
 
 
 def get_context() -> AttnContext:
-    assert _ctx is not None, "attention called outside a model-runner forward"
-    return _ctx
+    ctx = getattr(_local, "ctx", None)
+    assert ctx is not None, "attention called outside a model-runner forward"
+    return ctx

@@ -1,0 +1,98 @@
+"""Drafting over mirrors of the target's sequences. A mirror's state is a pure function of
+what its target said (adds, removes, verdicts), so a restarted draft is rebuilt by replay."""
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from pearl_runtime.config import EngineConfig
+from pearl_runtime.engine.block_manager import BlockManager
+from pearl_runtime.engine.model_runner import ModelRunner
+from pearl_runtime.engine.sequence import Sequence
+from pearl_runtime.sampling import SamplingParams, probabilities, sample_from
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Mirror:
+    """One target stream's sequences, by the target's seq id."""
+    seqs: dict[int, Sequence] = field(default_factory=dict)
+
+
+@dataclass
+class DraftResult:
+    seq_ids: list[int]
+    tokens: torch.Tensor             # int32 [n, gamma]; -1 where nothing was drafted
+    probs: torch.Tensor | None       # float32 [n, gamma, vocab] when any sequence samples
+
+
+class Drafter:
+    def __init__(self, cfg: EngineConfig):
+        self.runner = ModelRunner(cfg)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.model_cfg.vocab_size
+        self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
+
+    def close(self, mirror: Mirror) -> None:
+        for seq in mirror.seqs.values():
+            self.blocks.free_seq(seq)
+        mirror.seqs.clear()
+
+    def apply(self, mirror: Mirror, adds: list[tuple[int, list[int], SamplingParams]], removes: list[int],
+              verdicts: list[tuple[int, int, int]]) -> None:
+        for sid in removes:
+            seq = mirror.seqs.pop(sid, None)
+            if seq is not None:
+                self.blocks.free_seq(seq)
+        for sid, num, last in verdicts:
+            seq = mirror.seqs.get(sid)
+            if seq is None:
+                continue
+            if not (len(seq) >= num and seq.token_ids[num - 1] == last):
+                del seq.token_ids[num - 1:]        # rejected: roll back, take the target's token
+                seq.token_ids.append(last)
+            if seq.block_table:
+                self.blocks.truncate(seq, min(seq.num_kv, num - 1))
+        for sid, tokens, params in adds:
+            old = mirror.seqs.pop(sid, None)
+            if old is not None:
+                self.blocks.free_seq(old)
+            seq = Sequence(tokens, params, seq_id=sid)
+            if params.seed is not None:   # independent of the target's acceptance draws
+                seq.generator = torch.Generator().manual_seed((params.seed * 0x9E3779B1 + 1) % 2**63)
+            mirror.seqs[sid] = seq
+
+    def _ready(self, seq: Sequence) -> bool:
+        """Room in the cache and the window for one more token."""
+        if len(seq) >= self.max_model_len:
+            return False
+        if not seq.block_table:
+            if not self.blocks.can_allocate(seq):
+                return False
+            self.blocks.allocate(seq)
+        return self.blocks.ensure_capacity(seq, len(seq))
+
+    def draft(self, mirror: Mirror, gamma: int) -> DraftResult:
+        seq_ids = list(mirror.seqs)
+        seqs = [mirror.seqs[s] for s in seq_ids]
+        tokens = torch.full((len(seqs), gamma), -1, dtype=torch.int32)
+        sampled = any(not s.params.greedy for s in seqs)
+        probs = torch.zeros(len(seqs), gamma, self.vocab_size) if sampled else None
+        active = list(range(len(seqs)))
+        for step in range(gamma):
+            active = [i for i in active if self._ready(seqs[i])]
+            if not active:
+                break
+            logits = self.runner.run([seqs[i] for i in active])
+            for row, i in enumerate(active):
+                seq = seqs[i]
+                if seq.params.greedy:
+                    tok = int(logits[row].argmax())
+                else:
+                    q = probabilities(logits[row], seq.params)
+                    probs[i, step] = q.cpu()
+                    tok = sample_from(q, seq.generator)
+                seq.token_ids.append(tok)
+                tokens[i, step] = tok
+        return DraftResult(seq_ids, tokens, probs)

@@ -1,0 +1,96 @@
+"""The Draft gRPC service: one Speculate stream per target, strictly one round in, one out."""
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import structlog
+import torch
+
+from pearl.v1 import draft_pb2, draft_pb2_grpc
+from pearl_runtime.config import EngineConfig
+from pearl_runtime.engine.llm_engine import load_tokenizer
+from pearl_runtime.rpc import params as wire_params
+from pearl_runtime.rpc import tensors
+from pearl_runtime.rpc.identity import tokenizer_hash
+from pearl_runtime.rpc.server import bind, new_server
+from draft_service.drafter import Drafter, Mirror
+
+log = structlog.get_logger()
+
+
+class DraftServicer(draft_pb2_grpc.DraftServicer):
+    def __init__(self, cfg: EngineConfig):
+        self.model = cfg.model
+        self.tok_hash = tokenizer_hash(load_tokenizer(cfg.model))
+        self.drafter = Drafter(cfg)
+        # one model, many target streams: forwards run one at a time off the event loop
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-forward")
+        self.streams = 0
+
+    def _hello(self, hello: draft_pb2.Hello) -> draft_pb2.HelloReply:
+        reply = draft_pb2.HelloReply(accepted=True, draft_model=self.model, tokenizer_hash=self.tok_hash,
+                                     vocab_size=self.drafter.vocab_size)
+        if hello.tokenizer_hash != self.tok_hash:
+            reply.accepted = False
+            reply.reason = (f"tokenizer mismatch: target {hello.tokenizer_hash}, draft {self.tok_hash} "
+                            f"({self.model}); draft and target must share a tokenizer")
+        elif hello.vocab_size != self.drafter.vocab_size:
+            reply.accepted = False
+            reply.reason = (f"vocabulary size mismatch: target {hello.vocab_size}, "
+                            f"draft {self.drafter.vocab_size}")
+        return reply
+
+    def _round(self, mirror: Mirror, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch:
+        start = time.perf_counter()
+        adds = [(a.seq_id, list(a.token_ids), wire_params.from_proto(a.params)) for a in rnd.adds]
+        verdicts = tensors.decode(rnd.verdicts).tolist() if not tensors.is_empty(rnd.verdicts) else []
+        self.drafter.apply(mirror, adds, list(rnd.removes), verdicts)
+        result = self.drafter.draft(mirror, rnd.gamma)
+        batch = draft_pb2.DraftBatch(round_id=rnd.round_id, seq_ids=result.seq_ids,
+                                     tokens=tensors.encode(result.tokens))
+        if result.probs is not None:
+            batch.probs.CopyFrom(tensors.encode(result.probs))
+        batch.draft_ms = (time.perf_counter() - start) * 1e3
+        return batch
+
+    async def Speculate(self, request_iterator, context: grpc.aio.ServicerContext):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Speculate must open with a Hello")
+        reply = self._hello(first.hello)
+        yield draft_pb2.FromDraft(hello=reply)
+        if not reply.accepted:
+            log.warning("refused target", target=first.hello.target_id, reason=reply.reason)
+            return
+        mirror = Mirror()
+        self.streams += 1
+        log.info("target connected", target=first.hello.target_id, streams=self.streams)
+        loop = asyncio.get_running_loop()
+        try:
+            async for msg in request_iterator:
+                if msg.WhichOneof("kind") != "round":
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a Round after the Hello")
+                batch = await loop.run_in_executor(self.executor, self._round, mirror, msg.round)
+                yield draft_pb2.FromDraft(batch=batch)
+        finally:
+            await loop.run_in_executor(self.executor, self.drafter.close, mirror)
+            self.streams -= 1
+            log.info("target disconnected", target=first.hello.target_id, streams=self.streams)
+
+
+async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, ready=None) -> None:
+    if cfg.device == "cpu":
+        torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
+    servicer = DraftServicer(cfg)
+    server = new_server()
+    draft_pb2_grpc.add_DraftServicer_to_server(servicer, server)
+    bound = bind(server, host, port)
+    await server.start()
+    log.info("draft serving", address=f"{host}:{bound}", model=cfg.model)
+    if ready:
+        ready(bound)
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=1)

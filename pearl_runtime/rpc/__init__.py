@@ -1,0 +1,1 @@
+"""Conversions shared by the services at the gRPC boundary (protobuf stops here)."""

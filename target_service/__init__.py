@@ -1,0 +1,1 @@
+"""The verifier and owner of truth: schedules sequences, verifies drafts, commits tokens."""

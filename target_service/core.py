@@ -1,0 +1,131 @@
+"""The target's rounds without any I/O: admit requests, build the forward, judge, commit.
+
+A request's sequence holds its committed tokens C; all of C but the last token are in the
+KV cache between rounds. `pending` holds draft tokens awaiting verification (post-verify).
+"""
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from pearl_runtime.config import EngineConfig
+from pearl_runtime.engine.block_manager import BlockManager
+from pearl_runtime.engine.model_runner import ModelRunner
+from pearl_runtime.engine.scheduler import Scheduler
+from pearl_runtime.engine.sequence import Sequence, Status
+from pearl_runtime.engine.stopping import commit
+from target_service.speculation import judge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    seq: Sequence
+    sink: object = None                  # where its updates go (a gateway stream)
+    pending: list[int] = field(default_factory=list)
+    pending_probs: torch.Tensor | None = None
+    on_draft: bool = False               # the draft mirrors this sequence
+    forwards: int = 0
+    new_tokens: list[int] = field(default_factory=list)   # committed, not yet streamed
+    accepted: int = 0
+    drafted: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.seq.finish_reason is not None
+
+
+@dataclass
+class DraftTokens:
+    """What the draft proposed this round for one sequence."""
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+
+
+class TargetCore:
+    def __init__(self, cfg: EngineConfig):
+        self.runner = ModelRunner(cfg)
+        self.max_model_len = self.runner.max_model_len
+        self.eos_ids = self.runner.model_cfg.eos_token_ids
+        self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs)
+        self.requests: dict[int, Request] = {}     # by seq_id
+        self.removed: list[int] = []               # seq ids the draft must forget
+        self.forwards = 0
+
+    # -- admission and cancellation -------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.requests[req.seq.seq_id] = req
+        self.scheduler.add(req.seq)
+
+    def cancel(self, req: Request) -> None:
+        self.scheduler.drop(req.seq)
+        self._forget(req)
+
+    def _forget(self, req: Request) -> None:
+        self.requests.pop(req.seq.seq_id, None)
+        if req.on_draft:
+            self.removed.append(req.seq.seq_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one round --------------------------------------------------------------------------
+    def schedule(self) -> list[Request]:
+        """Attach pending draft tokens, then admit/preempt. Returns the running requests."""
+        for seq in self.scheduler.running:
+            seq.token_ids.extend(self.requests[seq.seq_id].pending)
+        running = self.scheduler.schedule()
+        for seq in self.scheduler.waiting:     # preempted: they will be recomputed
+            req = self.requests[seq.seq_id]
+            if req.pending:
+                del seq.token_ids[len(seq) - len(req.pending):]
+                req.pending, req.pending_probs = [], None
+        return [self.requests[s.seq_id] for s in running]
+
+    def attach(self, reqs: list[Request], drafts: dict[int, DraftTokens]) -> None:
+        """sd mode: this round's drafts become the tokens to verify, where the cache has room."""
+        for req in reqs:
+            d = drafts.get(req.seq.seq_id)
+            if not d or not d.tokens:
+                continue
+            toks = d.tokens[:d.tokens.index(-1)] if -1 in d.tokens else d.tokens
+            if toks and self.blocks.ensure_capacity(req.seq, len(req.seq) + len(toks)):
+                req.pending = list(toks)
+                req.pending_probs = None if d.probs is None else d.probs[:len(toks)]
+                req.seq.token_ids.extend(toks)
+
+    def forward(self, reqs: list[Request]) -> list[torch.Tensor]:
+        """Verify step: rows for [last committed] + pending of every request (a new request
+        feeds its whole prompt and gets one row)."""
+        logits = self.runner.run([r.seq for r in reqs], [len(r.pending) + 1 for r in reqs])
+        self.forwards += 1
+        return list(logits.split([len(r.pending) + 1 for r in reqs]))
+
+    def finish_round(self, reqs: list[Request], logits: list[torch.Tensor],
+                     drafts: dict[int, DraftTokens]) -> list[Request]:
+        """Judge and commit every request. Returns the requests that finished."""
+        done = []
+        for req, rows in zip(reqs, logits):
+            seq = req.seq
+            d = drafts.get(seq.seq_id) or DraftTokens([])
+            verdict = judge(rows, req.pending, req.pending_probs, d.tokens, d.probs, seq.params, seq.generator)
+            req.forwards += 1
+            req.drafted += len(req.pending) + min(1, len(d.tokens))
+            req.accepted += verdict.accepted
+            del seq.token_ids[len(seq) - len(req.pending):]      # back to the committed tokens
+            req.new_tokens += commit(seq, verdict.tokens, self.eos_ids, self.max_model_len)
+            req.pending, req.pending_probs = verdict.pending, verdict.pending_probs
+            # the cache keeps what it computed of the committed tokens, all but the last
+            self.blocks.truncate(seq, min(seq.num_kv, len(seq) - 1))
+            if req.finished:
+                self.scheduler.finish(seq)
+                self._forget(req)
+                done.append(req)
+        return done
+
+    def draft_verdicts(self) -> list[tuple[int, int, int]]:
+        """(seq_id, committed length, last committed token) of every sequence on the draft."""
+        return [(r.seq.seq_id, len(r.seq), r.seq.last_token) for r in self.requests.values() if r.on_draft]

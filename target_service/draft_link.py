@@ -1,0 +1,95 @@
+"""The target's side of Draft.Speculate: dial, handshake, one round at a time, re-dial.
+
+The link is never required: while it is down the target serves autoregressively, and
+`maintain()` re-dials with backoff. A refused handshake (different tokenizer) is logged
+and retried rarely; the target keeps serving in ar mode meanwhile.
+"""
+import asyncio
+
+import grpc
+import structlog
+
+from pearl.v1 import draft_pb2, draft_pb2_grpc
+from pearl_runtime.rpc.server import GRPC_OPTIONS, host_id
+
+log = structlog.get_logger()
+
+
+class DraftRefused(Exception):
+    pass
+
+
+class DraftLink:
+    def __init__(self, address: str, hello: draft_pb2.Hello, round_timeout_s: float = 60.0):
+        self.address = address
+        self.hello = hello
+        self.hello.host_id = self.hello.host_id or host_id()
+        self.round_timeout_s = round_timeout_s
+        self.channel: grpc.aio.Channel | None = None
+        self.call = None
+        self.connected = False
+        self.generation = 0          # bumps on every (re)connect: the draft's mirror is new
+        self.refusal: str | None = None
+        self._lost = asyncio.Event()
+        self._lost.set()
+
+    async def _connect(self) -> None:
+        self.channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+        stub = draft_pb2_grpc.DraftStub(self.channel)
+        self.call = stub.Speculate()
+        await self.call.write(draft_pb2.ToDraft(hello=self.hello))
+        msg = await asyncio.wait_for(self.call.read(), timeout=10)
+        if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "hello":
+            raise ConnectionError("draft closed the stream during the handshake")
+        if not msg.hello.accepted:
+            raise DraftRefused(msg.hello.reason)
+        self.generation += 1
+        self.connected, self.refusal = True, None
+        self._lost.clear()
+        log.info("draft connected; speculation on", draft=self.address, draft_model=msg.hello.draft_model,
+                 generation=self.generation)
+
+    async def maintain(self, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
+                       refused_backoff_s: float = 30.0) -> None:
+        delay = backoff_s
+        while True:
+            await self._lost.wait()
+            try:
+                await self._connect()
+                delay = backoff_s
+            except DraftRefused as e:
+                self.refusal = str(e)
+                log.error("draft refused the handshake; serving ar", draft=self.address, reason=str(e))
+                await self._close()
+                await asyncio.sleep(refused_backoff_s)
+            except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, OSError) as e:
+                log.debug("draft unreachable", draft=self.address, error=str(e)[:200], retry_s=delay)
+                await self._close()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_backoff_s)
+
+    async def exchange(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
+        """Send one Round, wait for its DraftBatch. None (and the link marked down) on failure."""
+        try:
+            await self.call.write(draft_pb2.ToDraft(round=rnd))
+            msg = await asyncio.wait_for(self.call.read(), timeout=self.round_timeout_s)
+            if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "batch" or msg.batch.round_id != rnd.round_id:
+                raise ConnectionError("draft stream ended or answered out of order")
+            return msg.batch
+        except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, grpc.aio.UsageError) as e:
+            log.warning("draft link lost; falling back to ar", draft=self.address, error=str(e)[:200])
+            await self.mark_down()
+            return None
+
+    async def mark_down(self) -> None:
+        self.connected = False
+        await self._close()
+        self._lost.set()
+
+    async def _close(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+            self.call = None
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None

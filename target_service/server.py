@@ -1,0 +1,267 @@
+"""The Target gRPC service: gateway streams in, PEARL / sd / ar rounds, committed tokens out."""
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+import torch
+
+from pearl.v1 import common_pb2, draft_pb2, target_pb2, target_pb2_grpc
+from pearl_runtime.config import EngineConfig
+from pearl_runtime.engine.llm_engine import load_tokenizer
+from pearl_runtime.engine.sequence import Sequence
+from pearl_runtime.errors import InvalidRequest, OutOfBlocks
+from pearl_runtime.rpc import params as wire_params
+from pearl_runtime.rpc import tensors
+from pearl_runtime.rpc.identity import tokenizer_hash
+from pearl_runtime.rpc.server import bind, new_server
+from target_service.core import DraftTokens, Request, TargetCore
+from target_service.draft_link import DraftLink
+
+log = structlog.get_logger()
+
+MODES = ("pearl", "sd", "ar")
+FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+
+
+@dataclass
+class GatewayStream:
+    """One gateway's Serve stream: its requests and its outbound queue."""
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    requests: dict[str, Request] = field(default_factory=dict)
+
+
+@dataclass
+class RoundStats:
+    rounds: int = 0
+    draft_ms: float = 0.0
+    target_ms: float = 0.0
+    round_ms: float = 0.0
+
+
+class TargetService:
+    def __init__(self, cfg: EngineConfig, mode: str = "pearl", draft_address: str | None = None,
+                 gamma: int = 4, max_waiting: int = 1024):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.cfg, self.mode, self.gamma, self.max_waiting = cfg, mode, gamma, max_waiting
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.core = TargetCore(cfg)
+        self.tok_hash = tokenizer_hash(self.tokenizer)
+        self.link = None
+        if mode != "ar" and draft_address:
+            hello = draft_pb2.Hello(target_id=f"target-{id(self):x}", tokenizer_hash=self.tok_hash,
+                                    vocab_size=self.core.runner.model_cfg.vocab_size, device=-1)
+            self.link = DraftLink(draft_address, hello)
+        self.inbox: deque = deque()           # ("submit", stream, Submission) | ("cancel", stream, id)
+        self.wakeup = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-forward")
+        self.round_id = 0
+        self.stats = RoundStats()
+        self.draft_generation = 0
+        self._last_path = None
+
+    # -- inputs from gateway streams --------------------------------------------------------
+    def submit(self, stream: GatewayStream, item: target_pb2.Submission) -> None:
+        self.inbox.append(("submit", stream, item))
+        self.wakeup.set()
+
+    def cancel(self, stream: GatewayStream, request_id: str) -> None:
+        self.inbox.append(("cancel", stream, request_id))
+        self.wakeup.set()
+
+    def _drain_inbox(self) -> None:
+        while self.inbox:
+            kind, stream, item = self.inbox.popleft()
+            if kind == "cancel":
+                req = stream.requests.pop(item, None)   # unknown ids are harmless
+                if req is not None:
+                    self.core.cancel(req)
+                continue
+            try:
+                if len(self.core.scheduler.waiting) >= self.max_waiting:
+                    raise OutOfBlocks(f"target queue is full ({self.max_waiting} waiting)")
+                req = self._admit(stream, item)
+                stream.requests[item.request_id] = req
+            except (InvalidRequest, OutOfBlocks) as e:
+                code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, InvalidRequest) \
+                    else grpc.StatusCode.RESOURCE_EXHAUSTED
+                stream.out.put_nowait(target_pb2.TargetOut(tokens=target_pb2.TokenBatch(updates=[
+                    target_pb2.SeqUpdate(request_id=item.request_id, error=str(e), error_code=code.value[0])])))
+
+    def _admit(self, stream: GatewayStream, item: target_pb2.Submission) -> Request:
+        params = wire_params.from_proto(item.params, item.stop_token_ids)
+        prompt = list(item.prompt_ids)
+        if not prompt:
+            raise InvalidRequest("prompt_ids", "is empty")
+        if len(prompt) >= self.core.max_model_len:
+            raise InvalidRequest("prompt_ids", f"has {len(prompt)} tokens; the context window is "
+                                               f"{self.core.max_model_len}")
+        vocab = self.core.runner.model_cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequest("prompt_ids", f"a token id is outside the vocabulary [0, {vocab})")
+        if self.core.blocks.blocks_needed(len(prompt) + 1 + self.gamma) > len(self.core.blocks.blocks):
+            raise OutOfBlocks(f"prompt of {len(prompt)} tokens does not fit the KV cache")
+        req = Request(item.request_id, Sequence(prompt, params), sink=stream)
+        self.core.add(req)
+        return req
+
+    # -- the round loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        if self.link:
+            asyncio.get_running_loop().create_task(self.link.maintain())
+        while True:
+            self._drain_inbox()
+            if not self.core.has_work():
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            await self.round()
+
+    async def round(self) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        reqs = self.core.schedule()
+        if not reqs:
+            await asyncio.sleep(0.001)
+            return
+        speculate = self.link is not None and self.link.connected
+        self._log_path("pearl" if speculate and self.mode == "pearl" else "sd" if speculate else "ar")
+        drafts: dict[int, DraftTokens] = {}
+        draft_ms = 0.0
+        if speculate:
+            rnd = self._build_round(reqs)
+            if self.mode == "pearl":
+                # the heart of PEARL: verify while the draft drafts the next gamma tokens
+                forward = loop.run_in_executor(self.executor, self._timed_forward, reqs)
+                batch = await self.link.exchange(rnd)
+                logits, target_ms = await forward
+                drafts = self._parse(batch)
+            else:
+                batch = await self.link.exchange(rnd)
+                self.core.attach(reqs, self._parse(batch))
+                logits, target_ms = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
+            draft_ms = batch.draft_ms if batch is not None else 0.0
+        else:
+            logits, target_ms = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
+        self.core.finish_round(reqs, logits, drafts)
+        self._publish(reqs)
+        s = self.stats
+        s.rounds += 1
+        s.draft_ms += draft_ms
+        s.target_ms += target_ms
+        s.round_ms += (time.perf_counter() - t0) * 1e3
+
+    def _timed_forward(self, reqs):
+        t = time.perf_counter()
+        logits = self.core.forward(reqs)
+        return logits, (time.perf_counter() - t) * 1e3
+
+    def _log_path(self, path: str) -> None:
+        if path != self._last_path:
+            log.info("round path", path=path, mode=self.mode)
+            self._last_path = path
+
+    def _build_round(self, reqs: list[Request]) -> draft_pb2.Round:
+        if self.link.generation != self.draft_generation:   # a new draft mirror: replay everything
+            self.draft_generation = self.link.generation
+            for r in self.core.requests.values():
+                r.on_draft = False
+            self.core.removed.clear()
+        self.round_id += 1
+        rnd = draft_pb2.Round(round_id=self.round_id, gamma=self.gamma, removes=self.core.removed)
+        self.core.removed = []
+        verdicts = self.core.draft_verdicts()
+        if verdicts:
+            rnd.verdicts.CopyFrom(tensors.encode(torch.tensor(verdicts, dtype=torch.int64)))
+        for r in reqs:
+            if not r.on_draft:
+                committed = r.seq.token_ids[:len(r.seq) - len(r.pending)]
+                rnd.adds.add(seq_id=r.seq.seq_id, token_ids=committed, params=wire_params.to_proto(r.seq.params))
+                r.on_draft = True
+        return rnd
+
+    @staticmethod
+    def _parse(batch) -> dict[int, DraftTokens]:
+        if batch is None:
+            return {}
+        toks = tensors.decode(batch.tokens).tolist()
+        probs = None if tensors.is_empty(batch.probs) else tensors.decode(batch.probs)
+        return {sid: DraftTokens(toks[i], None if probs is None else probs[i]) for i, sid in enumerate(batch.seq_ids)}
+
+    def _publish(self, reqs: list[Request]) -> None:
+        by_stream: dict[int, tuple[GatewayStream, list]] = {}
+        for r in reqs:
+            if not r.new_tokens and not r.finished:
+                continue
+            upd = target_pb2.SeqUpdate(request_id=r.request_id, token_ids=r.new_tokens, target_forwards=r.forwards)
+            if r.finished:
+                upd.finish_reason = FINISH[r.seq.finish_reason]
+                r.sink.requests.pop(r.request_id, None)
+            r.new_tokens = []
+            by_stream.setdefault(id(r.sink), (r.sink, []))[1].append(upd)
+        for stream, updates in by_stream.values():
+            stream.out.put_nowait(target_pb2.TargetOut(tokens=target_pb2.TokenBatch(updates=updates)))
+
+    def drop_stream(self, stream: GatewayStream) -> None:
+        for rid in list(stream.requests):
+            self.cancel(stream, rid)
+
+
+class TargetServicer(target_pb2_grpc.TargetServicer):
+    def __init__(self, service: TargetService):
+        self.service = service
+
+    async def Info(self, request, context):
+        s = self.service
+        return target_pb2.ModelInfo(model=s.cfg.model, vocab_size=s.core.runner.model_cfg.vocab_size,
+                                    max_model_len=s.core.max_model_len, eos_token_ids=list(s.core.eos_ids),
+                                    tokenizer_hash=s.tok_hash, mode=s.mode)
+
+    async def Serve(self, request_iterator, context):
+        stream = GatewayStream()
+
+        async def read():
+            try:
+                async for msg in request_iterator:
+                    kind = msg.WhichOneof("kind")
+                    if kind == "submit":
+                        for item in msg.submit.items:
+                            self.service.submit(stream, item)
+                    elif kind == "cancel":
+                        for rid in msg.cancel.request_ids:
+                            self.service.cancel(stream, rid)
+            finally:
+                stream.out.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (msg := await stream.out.get()) is not None:
+                yield msg
+        finally:
+            reader.cancel()
+            self.service.drop_stream(stream)   # the gateway went away: free its sequences
+
+
+async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, mode: str = "pearl",
+                draft_address: str | None = None, gamma: int = 4, ready=None) -> None:
+    if cfg.device == "cpu":
+        torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
+    service = TargetService(cfg, mode, draft_address, gamma)
+    server = new_server()
+    target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(service), server)
+    bound = bind(server, host, port)
+    await server.start()
+    log.info("target serving", address=f"{host}:{bound}", mode=mode, draft=draft_address, gamma=gamma,
+             model=cfg.model)
+    loop_task = asyncio.get_running_loop().create_task(service.run())
+    if ready:
+        ready(bound)
+    try:
+        await server.wait_for_termination()
+    finally:
+        loop_task.cancel()
+        await server.stop(grace=1)
