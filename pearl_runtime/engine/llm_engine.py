@@ -37,7 +37,13 @@ class LLMEngine:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model) if load_tok else None
         self.runner = ModelRunner(cfg)
-        self.max_model_len = self.runner.max_model_len
+        # one sequence must fit in the whole cache, or preempting the others never makes room
+        # for it and generation stalls: the cache size caps the context window
+        capacity = self.runner.num_blocks * cfg.block_size
+        if capacity < self.runner.max_model_len:
+            log.warning("KV cache holds %d tokens, fewer than the context window of %d: capping it",
+                        capacity, self.runner.max_model_len)
+        self.max_model_len = min(self.runner.max_model_len, capacity)
         self.eos_ids = self.runner.model_cfg.eos_token_ids
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs)

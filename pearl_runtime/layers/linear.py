@@ -12,6 +12,13 @@ def _shard(t: torch.Tensor, dim: int, index: int, parts: int) -> torch.Tensor:
     return t.narrow(dim, index * size, size)
 
 
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    # copy_ would broadcast a wrongly shaped checkpoint tensor (e.g. [1, n]) without a word
+    if dst.shape != src.shape:
+        raise RuntimeError(f"shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
 class ReplicatedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -23,7 +30,7 @@ class ReplicatedLinear(nn.Module):
             self.bias.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
-        param.data.copy_(loaded)
+        _copy(param.data, loaded)
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
@@ -37,7 +44,7 @@ class ColumnParallelLinear(ReplicatedLinear):
         super().__init__(in_features, out_features // tp_size(), bias)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        param.data.copy_(_shard(loaded, 0, tp_rank(), tp_size()))
+        _copy(param.data, _shard(loaded, 0, tp_rank(), tp_size()))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -53,7 +60,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param, loaded, shard_id=None):
         offset, size = self.shard_offset(shard_id)
-        param.data.narrow(0, offset, size).copy_(_shard(loaded, 0, tp_rank(), tp_size()))
+        _copy(param.data.narrow(0, offset, size), _shard(loaded, 0, tp_rank(), tp_size()))
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
@@ -77,7 +84,7 @@ class RowParallelLinear(ReplicatedLinear):
     def weight_loader(self, param, loaded, shard_id=None):
         if param.dim() == 2:
             loaded = _shard(loaded, 1, tp_rank(), tp_size())
-        param.data.copy_(loaded)
+        _copy(param.data, loaded)
 
     def forward(self, x):
         # bias is added once, after the reduction

@@ -65,7 +65,7 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                     param.data.copy_(tensor)
                 else:
                     loader(param, tensor.to(param.dtype), shard)
-            except RuntimeError as e:
+            except (RuntimeError, IndexError) as e:   # IndexError: too few dimensions to shard
                 raise ModelLoadError(f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
                                      f"which does not fit the model's {target} {tuple(param.shape)}") from e
             loaded.add(target if shard is None else f"{target}#{shard}")
