@@ -1,0 +1,239 @@
+"""The `pearl` command: services, the local stack, a streaming client, model preparation."""
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"PEARL_{name}", default)
+
+
+def default_model() -> str:
+    from pearl_runtime.models.default_model import prepare_default_model
+    return str(prepare_default_model(progress=True))
+
+
+def default_draft(target: str) -> str:
+    """The demo's draft, derived from the target's files (see pearl_runtime/models/derive.py)."""
+    from pathlib import Path
+
+    from pearl_runtime.models.derive import derive_quantized_draft
+    return str(derive_quantized_draft(target, Path(target).with_name(Path(target).name + "-draft-int4")))
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=_env("MODEL"), help="HF model directory (default: the embedded SmolLM2)")
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=_env("DTYPE"), help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", 1.0)))
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=0)
+    p.add_argument("--attention", default="auto", help="auto | reference | triton | flash-attn")
+    p.add_argument("--threads", type=int, default=int(_env("THREADS", 1)), help="CPU threads for torch")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+
+
+def _engine_config(args, model: str):
+    from pearl_runtime.config import EngineConfig
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    return EngineConfig(model=model, dtype=dtype, device=args.device, block_size=args.block_size,
+                        kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+                        max_model_len=args.max_model_len, attention_backend=args.attention,
+                        extra={"threads": args.threads})
+
+
+def cmd_draft(args) -> None:
+    from draft_service.server import serve
+    from pearl_runtime.rpc.server import run_async, setup_logging
+    setup_logging("draft", args.log_level)
+    model = args.model or default_draft(default_model())
+    run_async(_until_signal(serve(_engine_config(args, model), args.host, args.port)))
+
+
+def cmd_target(args) -> None:
+    from pearl_runtime.rpc.server import run_async, setup_logging
+    from target_service.server import serve
+    setup_logging("target", args.log_level)
+    model = args.model or default_model()
+    draft = None if args.mode == "ar" else args.draft
+    run_async(_until_signal(serve(_engine_config(args, model), args.host, args.port, args.mode, draft, args.gamma)))
+
+
+def cmd_gateway(args) -> None:
+    from gateway.server import run
+    run(host=args.host, port=args.port, targets=args.targets.split(","), model_dir=args.model or default_model(),
+        coalesce_ms=args.coalesce_ms, log_level=args.log_level)
+
+
+async def _until_signal(coro) -> None:
+    task = asyncio.ensure_future(coro)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await asyncio.wait([task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+# -- the local stack ------------------------------------------------------------------------
+class Stack:
+    """draft + target + gateway as child processes; stopped together."""
+
+    def __init__(self, args):
+        self.args, self.procs = args, []
+
+    def start(self) -> str:
+        a = self.args
+        model = a.model or default_model()
+        draft = a.draft_model or default_draft(model)
+        common = ["--device", a.device, "--log-level", a.log_level]
+        d, t, g = a.base_port, a.base_port + 1, a.base_port + 2
+        if a.mode != "ar":
+            self._spawn("draft", ["--model", draft, "--port", str(d)] + common)
+        self._spawn("target", ["--model", model, "--port", str(t), "--mode", a.mode, "--gamma", str(a.gamma),
+                               "--draft", f"127.0.0.1:{d}"] + common)
+        self._spawn("gateway", ["--model", model, "--port", str(g), "--targets", f"127.0.0.1:{t}",
+                                "--log-level", a.log_level])
+        address = f"127.0.0.1:{g}"
+        self._wait_ready(address, draft_port=d if a.mode != "ar" else None)
+        return address
+
+    def _spawn(self, what: str, argv: list[str]) -> None:
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "pearl_runtime.cli", what] + argv,
+                                           start_new_session=True))
+
+    def _wait_ready(self, address: str, draft_port: int | None, timeout_s: float = 300) -> None:
+        from gateway.client import list_models
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                self.stop()
+                raise SystemExit("a service exited during start-up (see its log above)")
+            try:
+                asyncio.run(list_models(address, timeout_s=2))
+                break
+            except Exception:
+                time.sleep(0.5)
+        else:
+            self.stop()
+            raise SystemExit(f"services not ready after {timeout_s}s")
+        if draft_port:   # give the target a moment to finish its handshake with the draft
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def cmd_up(args) -> None:
+    stack = Stack(args)
+    address = stack.start()
+    print(f"pearl is up: gateway at {address} (Ctrl-C stops all three)", flush=True)
+    try:
+        if args.prompt:
+            _print_generation(address, args.prompt, args.max_tokens)
+        else:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+
+
+def _print_generation(address: str, prompt: str, max_tokens: int, raw: bool = False) -> None:
+    from gateway.client import generate
+
+    def on_delta(text, _ids):
+        print(text, end="", flush=True)
+
+    kw = {"prompt": prompt} if raw else {"chat": [("user", prompt)]}
+    done = asyncio.run(generate(address, max_tokens=max_tokens, on_delta=on_delta, **kw))
+    s = done.stats
+    print(f"\n-- prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | "
+          f"mean accepted tokens {s.mean_accepted_tokens:.2f} | {s.tokens_per_s:.1f} tokens/s | "
+          f"first token {s.time_to_first_token_ms:.0f} ms | finish {done.finish_reason} | mode {s.mode}")
+
+
+def cmd_generate(args) -> None:
+    _print_generation(args.address, args.prompt, args.max_tokens, raw=args.raw)
+
+
+def cmd_models(args) -> None:
+    if args.action == "prepare":
+        path = default_model()
+        print(path)
+        print(default_draft(path))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="pearl", description="PEARL speculative decoding as gRPC services")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("draft", help="run the draft service")
+    _engine_args(d)
+    d.add_argument("--port", type=int, default=int(_env("DRAFT_PORT", 50052)))
+    d.set_defaults(fn=cmd_draft)
+
+    t = sub.add_parser("target", help="run the target service")
+    _engine_args(t)
+    t.add_argument("--port", type=int, default=int(_env("TARGET_PORT", 50051)))
+    t.add_argument("--mode", choices=("pearl", "sd", "ar"), default=_env("MODE", "pearl"))
+    t.add_argument("--draft", default=_env("DRAFT_ADDRESS", "127.0.0.1:50052"), help="draft service address")
+    t.add_argument("--gamma", type=int, default=int(_env("GAMMA", 4)))
+    t.set_defaults(fn=cmd_target)
+
+    g = sub.add_parser("gateway", help="run the gateway")
+    g.add_argument("--model", default=_env("MODEL"), help="model directory for the tokenizer")
+    g.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    g.add_argument("--port", type=int, default=int(_env("GATEWAY_PORT", 50050)))
+    g.add_argument("--targets", default=_env("TARGETS", "127.0.0.1:50051"), help="comma-separated addresses")
+    g.add_argument("--coalesce-ms", type=float, default=2.0)
+    g.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    g.set_defaults(fn=cmd_gateway)
+
+    u = sub.add_parser("up", help="start draft, target and gateway locally")
+    u.add_argument("--model", default=_env("MODEL"))
+    u.add_argument("--draft-model", default=_env("DRAFT_MODEL"))
+    u.add_argument("--mode", choices=("pearl", "sd", "ar"), default="pearl")
+    u.add_argument("--gamma", type=int, default=4)
+    u.add_argument("--device", default="cpu")
+    u.add_argument("--base-port", type=int, default=50050 + 10)
+    u.add_argument("--log-level", default="warning")
+    u.add_argument("--prompt", help="run one streamed generation, print stats, then stop")
+    u.add_argument("--max-tokens", type=int, default=96)
+    u.set_defaults(fn=cmd_up)
+
+    gen = sub.add_parser("generate", help="stream a completion from a gateway")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default=_env("GATEWAY", "127.0.0.1:50050"))
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
+    gen.set_defaults(fn=cmd_generate)
+
+    m = sub.add_parser("models", help="prepare the embedded default model (and its derived draft)")
+    m.add_argument("action", choices=("prepare",))
+    m.set_defaults(fn=cmd_models)
+
+    args = p.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
