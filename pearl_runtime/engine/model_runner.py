@@ -1,5 +1,6 @@
 """The model runner owns the device: the model, its paged KV cache and the forward pass."""
 import dataclasses
+from dataclasses import dataclass
 import logging
 
 import torch
@@ -13,6 +14,20 @@ from pearl_runtime.utils.dist import tp_size
 from pearl_runtime.utils.loader import load_weights
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInput:
+    """One forward's inputs as plain lists: cheap to build, to broadcast to TP ranks, and to
+    copy into CUDA-graph buffers."""
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]              # cache slot of every fed token
+    q_lens: list[int]
+    ctx_lens: list[int]
+    cu_seqlens_q: list[int]
+    block_tables: list[list[int]]
+    logit_rows: list[int]         # which fed positions need logits
 
 
 class ModelRunner:
@@ -55,7 +70,9 @@ class ModelRunner:
         log.info("kv cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
 
-    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttnContext]:
+    def prepare(self, seqs: list[Sequence], num_logits: list[int] | None = None) -> StepInput:
+        """Host-side metadata for one forward: every token of each sequence not yet in the cache."""
+        num_logits = num_logits or [1] * len(seqs)
         ids, positions, slots, q_lens, ctx_lens = [], [], [], [], []
         bs = self.block_size
         for seq in seqs:
@@ -68,36 +85,42 @@ class ModelRunner:
             ctx_lens.append(end)
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
-        cu = [0]
-        for n in q_lens:
+        cu, rows = [0], []
+        for n, k in zip(q_lens, num_logits):
+            assert k <= n, f"asked for {k} logits rows from {n} fed tokens"
             cu.append(cu[-1] + n)
+            rows.extend(range(cu[-1] - k, cu[-1]))
+        return StepInput(ids=ids, positions=positions, slots=slots, q_lens=q_lens, ctx_lens=ctx_lens,
+                         cu_seqlens_q=cu, block_tables=tables, logit_rows=rows)
+
+    def context(self, step: StepInput) -> AttnContext:
         dev = self.device
-        ctx = AttnContext(
-            q_lens=q_lens, context_lens=ctx_lens,
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            max_q_len=max(q_lens), max_context_len=max(ctx_lens))
-        return (torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(positions, dtype=torch.int64, device=dev), ctx)
+        return AttnContext(
+            q_lens=step.q_lens, context_lens=step.ctx_lens,
+            cu_seqlens_q=torch.tensor(step.cu_seqlens_q, dtype=torch.int32, device=dev),
+            context_lens_t=torch.tensor(step.ctx_lens, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(step.slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(step.block_tables, dtype=torch.int32, device=dev),
+            max_q_len=max(step.q_lens), max_context_len=max(step.ctx_lens))
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], num_logits: list[int] | None = None) -> torch.Tensor:
-        """Feed every token of each sequence that is not in the KV cache yet. Returns fp32
-        logits for the last `num_logits[i]` fed positions of each sequence (default 1),
-        concatenated in order: [sum(num_logits), vocab]."""
-        num_logits = num_logits or [1] * len(seqs)
-        ids, positions, ctx = self.prepare(seqs)
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """The tensor work of one forward (every TP rank runs this with the same StepInput)."""
+        ctx = self.context(step)
+        ids = torch.tensor(step.ids, dtype=torch.int64, device=self.device)
+        positions = torch.tensor(step.positions, dtype=torch.int64, device=self.device)
         set_context(ctx)
         try:
             hidden = self.model(ids, positions)
         finally:
             set_context(None)
-        rows = []
-        for end, n in zip(ctx.cu_seqlens_q.tolist()[1:], num_logits):
-            rows.extend(range(end - n, end))
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)]).float()
+        return self.model.logits(hidden[torch.tensor(step.logit_rows, device=self.device)]).float()
+
+    def run(self, seqs: list[Sequence], num_logits: list[int] | None = None) -> torch.Tensor:
+        """Feed every token of each sequence that is not in the KV cache yet. Returns fp32
+        logits for the last `num_logits[i]` fed positions of each sequence (default 1),
+        concatenated in order: [sum(num_logits), vocab]."""
+        logits = self.execute(self.prepare(seqs, num_logits))
         for seq in seqs:
             seq.num_kv = len(seq)
         return logits
