@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pearl.v1 import common_pb2 as pearl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pearl/v1/gateway.proto\x12\x08pearl.v1\x1a\x15pearl/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"5\n\nChatPrompt\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.pearl.v1.ChatMessage\"\x1a\n\x0bTokenPrompt\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12$\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x14.pearl.v1.ChatPromptH\x00\x12\'\n\x06tokens\x18\x05 \x01(\x0b\x32\x15.pearl.v1.TokenPromptH\x00\x12(\n\x06params\x18\x06 \x01(\x0b\x32\x18.pearl.v1.SamplingParams\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x08\n\x06prompt\"r\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x0f.pearl.v1.DeltaH\x00\x12 \n\x05\x66inal\x18\x03 \x01(\x0b\x32\x0f.pearl.v1.FinalH\x00\x42\x06\n\x04kind\"(\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xbf\x01\n\x05Stats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x17\n\x0ftarget_forwards\x18\x03 \x01(\r\x12\x1c\n\x14mean_accepted_tokens\x18\x04 \x01(\x02\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\x02\x12\x10\n\x08total_ms\x18\x06 \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x02\x12\x0c\n\x04mode\x18\x08 \x01(\t\"d\n\x05\x46inal\x12\x0c\n\x04text\x18\x01 \x01(\t\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.pearl.v1.FinishReason\x12\x1e\n\x05stats\x18\x03 \x01(\x0b\x32\x0f.pearl.v1.Stats\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t2\x97\x01\n\x07Gateway\x12\x43\n\x08Generate\x12\x19.pearl.v1.GenerateRequest\x1a\x1a.pearl.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.pearl.v1.ListModelsRequest\x1a\x1c.pearl.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pearl/v1/gateway.proto\x12\x08pearl.v1\x1a\x15pearl/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"5\n\nChatPrompt\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.pearl.v1.ChatMessage\"\x1a\n\x0bTokenPrompt\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xed\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12$\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x14.pearl.v1.ChatPromptH\x00\x12\'\n\x06tokens\x18\x05 \x01(\x0b\x32\x15.pearl.v1.TokenPromptH\x00\x12(\n\x06params\x18\x06 \x01(\x0b\x32\x18.pearl.v1.SamplingParams\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x42\x08\n\x06prompt\"r\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x0f.pearl.v1.DeltaH\x00\x12 \n\x05\x66inal\x18\x03 \x01(\x0b\x32\x0f.pearl.v1.FinalH\x00\x42\x06\n\x04kind\"(\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xbf\x01\n\x05Stats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x17\n\x0ftarget_forwards\x18\x03 \x01(\r\x12\x1c\n\x14mean_accepted_tokens\x18\x04 \x01(\x02\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\x02\x12\x10\n\x08total_ms\x18\x06 \x01(\x02\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x02\x12\x0c\n\x04mode\x18\x08 \x01(\t\"d\n\x05\x46inal\x12\x0c\n\x04text\x18\x01 \x01(\t\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.pearl.v1.FinishReason\x12\x1e\n\x05stats\x18\x03 \x01(\x0b\x32\x0f.pearl.v1.Stats\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t2\x97\x01\n\x07Gateway\x12\x43\n\x08Generate\x12\x19.pearl.v1.GenerateRequest\x1a\x1a.pearl.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.pearl.v1.ListModelsRequest\x1a\x1c.pearl.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,19 +39,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENPROMPT']._serialized_start=160
   _globals['_TOKENPROMPT']._serialized_end=186
   _globals['_GENERATEREQUEST']._serialized_start=189
-  _globals['_GENERATEREQUEST']._serialized_end=402
-  _globals['_GENERATERESPONSE']._serialized_start=404
-  _globals['_GENERATERESPONSE']._serialized_end=518
-  _globals['_DELTA']._serialized_start=520
-  _globals['_DELTA']._serialized_end=560
-  _globals['_STATS']._serialized_start=563
-  _globals['_STATS']._serialized_end=754
-  _globals['_FINAL']._serialized_start=756
-  _globals['_FINAL']._serialized_end=856
-  _globals['_LISTMODELSREQUEST']._serialized_start=858
-  _globals['_LISTMODELSREQUEST']._serialized_end=877
-  _globals['_LISTMODELSRESPONSE']._serialized_start=879
-  _globals['_LISTMODELSRESPONSE']._serialized_end=915
-  _globals['_GATEWAY']._serialized_start=918
-  _globals['_GATEWAY']._serialized_end=1069
+  _globals['_GENERATEREQUEST']._serialized_end=426
+  _globals['_GENERATERESPONSE']._serialized_start=428
+  _globals['_GENERATERESPONSE']._serialized_end=542
+  _globals['_DELTA']._serialized_start=544
+  _globals['_DELTA']._serialized_end=584
+  _globals['_STATS']._serialized_start=587
+  _globals['_STATS']._serialized_end=778
+  _globals['_FINAL']._serialized_start=780
+  _globals['_FINAL']._serialized_end=880
+  _globals['_LISTMODELSREQUEST']._serialized_start=882
+  _globals['_LISTMODELSREQUEST']._serialized_end=901
+  _globals['_LISTMODELSRESPONSE']._serialized_start=903
+  _globals['_LISTMODELSRESPONSE']._serialized_end=939
+  _globals['_GATEWAY']._serialized_start=942
+  _globals['_GATEWAY']._serialized_end=1093
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,1 @@
+"""The client-facing gateway: validation, tokenization, routing to targets, streaming text."""

@@ -1,0 +1,142 @@
+"""The Gateway gRPC service: validate, route to a target, stream text deltas, then final stats."""
+import asyncio
+import inspect
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from pearl.v1 import gateway_pb2, gateway_pb2_grpc
+from pearl_runtime.errors import PearlError
+from pearl_runtime.rpc.identity import tokenizer_hash
+from pearl_runtime.rpc.server import bind, new_server, run_async, setup_logging
+from pearl_runtime.rpc.status import abort
+
+from gateway import wire
+from gateway.detokenizer import Detokenizer
+from gateway.job import STOP_STRING, Stats
+from gateway.targets import TargetRouter
+from gateway.validation import validate
+
+log = structlog.get_logger(__name__)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, router: TargetRouter, tokenizer):
+        self._router = router
+        self._tokenizer = tokenizer
+
+    async def Generate(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            info = await self._router.info()
+            # tokenization runs on the loop: a fast tokenizer shared across threads can fail
+            # with "Already borrowed", and prompts tokenize in well under a millisecond per KB
+            job = validate(wire.request_from_proto(request), self._tokenizer, info)
+        except PearlError as e:
+            log.info("request rejected", request_id=request.request_id, reason=str(e))
+            await abort(context, e)
+
+        detok = Detokenizer(self._tokenizer, job.stop)
+        ttft_ms, new_tokens, forwards, mode, reason = 0.0, 0, 0, info.mode, None
+        try:
+            async with self._router.open(job) as flight:
+                async for p in flight:
+                    if not new_tokens and p.token_ids:
+                        ttft_ms = (time.perf_counter() - t0) * 1e3
+                    new_tokens += len(p.token_ids)
+                    forwards, mode = p.target_forwards, p.mode or mode
+                    text = detok.push(p.token_ids)
+                    if p.finish_reason is not None:
+                        text += detok.finish()
+                    if text or p.token_ids:
+                        yield wire.delta(job.request_id, text, p.token_ids)
+                    if detok.stopped:
+                        reason = STOP_STRING
+                        break           # leaving `open` cancels the request on its target
+                    reason = p.finish_reason
+        except PearlError as e:
+            log.warning("request failed", request_id=job.request_id, reason=str(e))
+            await abort(context, e)
+
+        total_ms = (time.perf_counter() - t0) * 1e3
+        stats = Stats.measure(len(job.prompt_ids), new_tokens, forwards, ttft_ms, total_ms, mode)
+        log.debug("request done", request_id=job.request_id, finish=reason, new_tokens=new_tokens,
+                  target_forwards=forwards, total_ms=round(total_ms, 1))
+        yield wire.final(job.request_id, detok.text, reason, stats)
+
+    async def ListModels(self, request, context):
+        try:
+            info = await self._router.info()
+        except PearlError as e:
+            await abort(context, e)
+        return gateway_pb2.ListModelsResponse(models=[info.model])
+
+
+@dataclass
+class RunningGateway:
+    server: grpc.aio.Server
+    router: TargetRouter
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace_s: float | None = 1.0) -> None:
+        await self.server.stop(grace_s)
+        await self.router.close()
+
+
+async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[str] | str = (),
+                        model_dir: str | None = None, *, tokenizer=None, coalesce_ms: float = 2.0,
+                        max_in_flight: int = 1024, park_timeout_s: float = 30.0,
+                        max_resubmits: int = 5) -> RunningGateway:
+    """Start a gateway over `targets` (host:port each, or one comma-separated string); port 0
+    picks a free one. The tokenizer
+    comes from `model_dir` (the target's model directory) unless given."""
+    if isinstance(targets, str):
+        targets = [t for t in targets.split(",") if t]
+    if tokenizer is None:
+        if model_dir is None:
+            raise ValueError("model_dir (or tokenizer) is required for tokenization")
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    router = TargetRouter(list(targets), coalesce_s=coalesce_ms / 1e3, max_in_flight=max_in_flight,
+                          park_timeout_s=park_timeout_s, max_resubmits=max_resubmits,
+                          tokenizer_hash=tokenizer_hash(tokenizer))
+    await router.start()
+    server = new_server()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(router, tokenizer), server)
+    port = bind(server, host, port)
+    await server.start()
+    log.info("gateway listening", address=f"{host}:{port}", targets=list(targets))
+    return RunningGateway(server, router, host, port)
+
+
+_SERVE_ARGS = set(inspect.signature(serve_gateway).parameters) - {"tokenizer"}
+
+
+def run(args=None, /, **kwargs) -> None:
+    """Blocking entry point for `pearl gateway`: serve until SIGINT/SIGTERM.
+
+    Takes an argparse Namespace and/or keyword arguments named like serve_gateway's
+    (host, port, targets, model_dir, coalesce_ms, max_in_flight, park_timeout_s,
+    max_resubmits) plus log_level; other Namespace attributes are ignored."""
+    opts = {**(vars(args) if args is not None else {}), **kwargs}
+    setup_logging("gateway", opts.get("log_level"))
+    run_async(_serve_until_signal({k: v for k, v in opts.items() if k in _SERVE_ARGS and v is not None}))
+
+
+async def _serve_until_signal(opts: dict) -> None:
+    gateway = await serve_gateway(**opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("gateway stopping")
+    await gateway.stop(grace_s=5.0)
