@@ -105,7 +105,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int = 0           # 0: the model's max_position_embeddings
     enable_prefix_cache: bool = True
-    attention_backend: str = "auto"  # auto | reference | sdpa-paged | flash-attn
+    attention_backend: str = "auto"  # auto | reference | triton | flash-attn
+    cuda_graphs: bool = True         # GPU only: graphs for small uniform steps, eager otherwise
+    graph_query_lens: tuple[int, ...] = (1, 2, 4, 8)   # query buckets (draft decode: 1; verify: up to gamma+1)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -36,10 +36,16 @@ class GatewayStream:
 
 @dataclass
 class RoundStats:
+    """Cumulative counters, served by the Metrics RPC (benchmarks diff two readings)."""
     rounds: int = 0
+    speculative_rounds: int = 0
     draft_ms: float = 0.0
     target_ms: float = 0.0
+    wait_ms: float = 0.0
     round_ms: float = 0.0
+    committed_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 class TargetService:
@@ -131,34 +137,47 @@ class TargetService:
         speculate = self.link is not None and self.link.connected
         self._log_path("pearl" if speculate and self.mode == "pearl" else "sd" if speculate else "ar")
         drafts: dict[int, DraftTokens] = {}
-        draft_ms = 0.0
+        batch, wait_ms = None, 0.0
         if speculate:
             rnd = self._build_round(reqs)
             if self.mode == "pearl":
                 # the heart of PEARL: verify while the draft drafts the next gamma tokens
                 forward = loop.run_in_executor(self.executor, self._timed_forward, reqs)
                 batch = await self.link.exchange(rnd)
-                logits, target_ms = await forward
+                arrived = time.perf_counter()
+                logits, target_ms, fwd_done = await forward
+                wait_ms = max(0.0, arrived - fwd_done) * 1e3
                 drafts = self._parse(batch)
             else:
+                sent = time.perf_counter()
                 batch = await self.link.exchange(rnd)
+                wait_ms = (time.perf_counter() - sent) * 1e3
                 self.core.attach(reqs, self._parse(batch))
-                logits, target_ms = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
-            draft_ms = batch.draft_ms if batch is not None else 0.0
+                logits, target_ms, _ = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
         else:
-            logits, target_ms = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
+            logits, target_ms, _ = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
+        before = [(len(r.seq) - len(r.pending), r.drafted, r.accepted) for r in reqs]
         self.core.finish_round(reqs, logits, drafts)
         self._publish(reqs)
         s = self.stats
         s.rounds += 1
-        s.draft_ms += draft_ms
+        s.speculative_rounds += batch is not None
+        s.draft_ms += batch.draft_ms if batch is not None else 0.0
         s.target_ms += target_ms
+        s.wait_ms += wait_ms
         s.round_ms += (time.perf_counter() - t0) * 1e3
+        for r, (n, drafted, accepted) in zip(reqs, before):
+            s.committed_tokens += len(r.seq) - n
+            s.drafted_tokens += r.drafted - drafted
+            s.accepted_tokens += r.accepted - accepted
 
     def _timed_forward(self, reqs):
         t = time.perf_counter()
         logits = self.core.forward(reqs)
-        return logits, (time.perf_counter() - t) * 1e3
+        if logits and logits[0].is_cuda:
+            torch.cuda.synchronize(logits[0].device)
+        done = time.perf_counter()
+        return logits, (done - t) * 1e3, done
 
     def _log_path(self, path: str) -> None:
         if path != self._last_path:
@@ -220,6 +239,14 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
         return target_pb2.ModelInfo(model=s.cfg.model, vocab_size=s.core.runner.model_cfg.vocab_size,
                                     max_model_len=s.core.max_model_len, eos_token_ids=list(s.core.eos_ids),
                                     tokenizer_hash=s.tok_hash, mode=s.mode)
+
+    async def Metrics(self, request, context):
+        s = self.service.stats
+        return target_pb2.TargetMetrics(
+            rounds=s.rounds, speculative_rounds=s.speculative_rounds, draft_ms=s.draft_ms, target_ms=s.target_ms,
+            wait_ms=s.wait_ms, round_ms=s.round_ms, committed_tokens=s.committed_tokens,
+            drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens,
+            path=self.service._last_path or "", gamma=self.service.gamma)
 
     async def Serve(self, request_iterator, context):
         stream = GatewayStream()

@@ -7,6 +7,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MetricsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TargetMetrics(_message.Message):
+    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "target_ms_by_batch", "draft_ms_by_batch")
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_MS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MS_BY_BATCH_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MS_BY_BATCH_FIELD_NUMBER: _ClassVar[int]
+    rounds: int
+    speculative_rounds: int
+    draft_ms: float
+    target_ms: float
+    wait_ms: float
+    round_ms: float
+    committed_tokens: int
+    drafted_tokens: int
+    accepted_tokens: int
+    path: str
+    gamma: int
+    target_ms_by_batch: _containers.RepeatedScalarFieldContainer[float]
+    draft_ms_by_batch: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., target_ms_by_batch: _Optional[_Iterable[float]] = ..., draft_ms_by_batch: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

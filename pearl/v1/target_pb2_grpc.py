@@ -45,6 +45,11 @@ class TargetStub:
                 request_serializer=pearl_dot_v1_dot_target__pb2.InfoRequest.SerializeToString,
                 response_deserializer=pearl_dot_v1_dot_target__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/pearl.v1.Target/Metrics',
+                request_serializer=pearl_dot_v1_dot_target__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=pearl_dot_v1_dot_target__pb2.TargetMetrics.FromString,
+                _registered_method=True)
 
 
 class TargetServicer:
@@ -63,6 +68,13 @@ class TargetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """Cumulative round counters since start; benchmarks diff two readings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TargetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_TargetServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=pearl_dot_v1_dot_target__pb2.InfoRequest.FromString,
                     response_serializer=pearl_dot_v1_dot_target__pb2.ModelInfo.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=pearl_dot_v1_dot_target__pb2.MetricsRequest.FromString,
+                    response_serializer=pearl_dot_v1_dot_target__pb2.TargetMetrics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class Target:
             '/pearl.v1.Target/Info',
             pearl_dot_v1_dot_target__pb2.InfoRequest.SerializeToString,
             pearl_dot_v1_dot_target__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pearl.v1.Target/Metrics',
+            pearl_dot_v1_dot_target__pb2.MetricsRequest.SerializeToString,
+            pearl_dot_v1_dot_target__pb2.TargetMetrics.FromString,
             options,
             channel_credentials,
             insecure,

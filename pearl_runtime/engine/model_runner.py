@@ -7,6 +7,7 @@ import torch
 
 from pearl_runtime.attention import select_backend
 from pearl_runtime.config import EngineConfig, ModelConfig
+from pearl_runtime.engine.cuda_graph import GraphRunner
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.models.decoder import CausalLM
 from pearl_runtime.utils.context import AttnContext, set_context
@@ -51,6 +52,14 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.num_blocks = cfg.num_blocks or self._blocks_for(cfg.kv_cache_gb)
         self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            self.graphs = GraphRunner(self.model, self.device, self.block_size, self.scratch_slot,
+                                      max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+                                      max_batch=cfg.max_num_seqs, q_buckets=cfg.graph_query_lens)
+            self.graphs.capture()
+        log.info("forward path: %s", "cuda graphs for steps within buckets, eager otherwise"
+                 if self.graphs else "eager")
 
     def _block_bytes(self) -> int:
         c = self.model_cfg
@@ -63,8 +72,10 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         c = self.model_cfg
         kv_heads = max(1, c.num_kv_heads // tp_size())
-        self.kv_cache = torch.zeros(2, c.num_layers, self.num_blocks, self.block_size, kv_heads, c.head_dim,
+        # one extra block, never handed out: padding tokens of CUDA-graph steps write there
+        self.kv_cache = torch.zeros(2, c.num_layers, self.num_blocks + 1, self.block_size, kv_heads, c.head_dim,
                                     dtype=self.cfg.torch_dtype, device=self.device)
+        self.scratch_slot = self.num_blocks * self.block_size
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache, attn.backend = self.kv_cache[0, i], self.kv_cache[1, i], self.backend
         log.info("kv cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
@@ -98,6 +109,7 @@ class ModelRunner:
         return AttnContext(
             q_lens=step.q_lens, context_lens=step.ctx_lens,
             cu_seqlens_q=torch.tensor(step.cu_seqlens_q, dtype=torch.int32, device=dev),
+            q_lens_t=torch.tensor(step.q_lens, dtype=torch.int32, device=dev),
             context_lens_t=torch.tensor(step.ctx_lens, dtype=torch.int32, device=dev),
             slot_mapping=torch.tensor(step.slots, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(step.block_tables, dtype=torch.int32, device=dev),
@@ -106,6 +118,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """The tensor work of one forward (every TP rank runs this with the same StepInput)."""
+        if self.graphs is not None and (key := self.graphs.bucket(step)) is not None:
+            return self.model.logits(self.graphs.run(step, key)).float()
         ctx = self.context(step)
         ids = torch.tensor(step.ids, dtype=torch.int64, device=self.device)
         positions = torch.tensor(step.positions, dtype=torch.int64, device=self.device)

@@ -14,7 +14,8 @@ import torch
 class AttnContext:
     q_lens: list[int]
     context_lens: list[int]
-    cu_seqlens_q: torch.Tensor      # [n+1] int32
+    cu_seqlens_q: torch.Tensor      # [n+1] int32: where each sequence's queries start
+    q_lens_t: torch.Tensor          # [n] int32: real queries (a CUDA-graph slot may hold more)
     context_lens_t: torch.Tensor    # [n] int32
     slot_mapping: torch.Tensor      # [total_q] int64: cache slot of every new token
     block_tables: torch.Tensor      # [n, max_blocks] int32, -1 padded

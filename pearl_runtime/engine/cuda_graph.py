@@ -1,0 +1,109 @@
+"""CUDA graphs for the small steps: the draft's decode and the target's verify.
+
+A graph is captured per (batch bucket B, query bucket Q). Sequence i of a step occupies
+slot rows [i*Q, i*Q + q_len_i); the rest of a slot, and whole unused slots, are padding
+whose K/V go to a scratch block the block manager never hands out. Only the decoder body
+is captured; picking logit rows and the LM head run eagerly (their size varies).
+"""
+import logging
+import time
+
+import torch
+
+from pearl_runtime.utils.context import AttnContext, set_context
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+class GraphRunner:
+    def __init__(self, model, device, block_size: int, scratch_slot: int, max_blocks_per_seq: int,
+                 max_batch: int, q_buckets: tuple[int, ...]):
+        self.model, self.device = model, device
+        self.block_size, self.scratch_slot = block_size, scratch_slot
+        self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+        self.q_buckets = sorted(q_buckets)
+        self.max_blocks = max_blocks_per_seq
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
+        self.pool = None
+        self.hits = self.misses = 0
+
+    def _buffers(self, b: int, q: int) -> dict:
+        dev = self.device
+        return {"ids": torch.zeros(b * q, dtype=torch.int64, device=dev),
+                "positions": torch.zeros(b * q, dtype=torch.int64, device=dev),
+                "slots": torch.full((b * q,), self.scratch_slot, dtype=torch.int64, device=dev),
+                "cu": torch.arange(b + 1, dtype=torch.int32, device=dev) * q,
+                "q_lens": torch.zeros(b, dtype=torch.int32, device=dev),
+                "ctx_lens": torch.zeros(b, dtype=torch.int32, device=dev),
+                "tables": torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev)}
+
+    def _context(self, buf: dict, b: int, q: int) -> AttnContext:
+        return AttnContext(q_lens=[q] * b, context_lens=[q] * b, cu_seqlens_q=buf["cu"], q_lens_t=buf["q_lens"],
+                           context_lens_t=buf["ctx_lens"], slot_mapping=buf["slots"], block_tables=buf["tables"],
+                           max_q_len=q, max_context_len=self.max_blocks * self.block_size)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        for q in reversed(self.q_buckets):
+            for b in reversed(self.batch_buckets):
+                buf = self._buffers(b, q)
+                set_context(self._context(buf, b, q))
+                try:
+                    self.model(buf["ids"], buf["positions"])          # warm up (autotune, allocations)
+                    torch.cuda.synchronize(self.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool):
+                        buf["hidden"] = self.model(buf["ids"], buf["positions"])
+                finally:
+                    set_context(None)
+                self.pool = graph.pool()
+                self.graphs[(b, q)] = (graph, buf)
+        torch.cuda.synchronize(self.device)
+        used = (free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**20
+        log.info("cuda graphs: captured %d (batch %s x query %s) in %.1f s, %.0f MiB",
+                 len(self.graphs), self.batch_buckets, self.q_buckets, time.perf_counter() - start, used)
+
+    def bucket(self, step) -> tuple[int, int] | None:
+        n, qmax = len(step.q_lens), max(step.q_lens)
+        if len(step.block_tables[0]) > self.max_blocks:
+            return None
+        b = next((x for x in self.batch_buckets if x >= n), None)
+        q = next((x for x in self.q_buckets if x >= qmax), None)
+        if b is None or q is None or (b, q) not in self.graphs:
+            return None
+        return b, q
+
+    @torch.inference_mode()
+    def run(self, step, key: tuple[int, int]) -> torch.Tensor:
+        """Replay; returns hidden states of the step's logit rows."""
+        b, q = key
+        graph, buf = self.graphs[key]
+        n = len(step.q_lens)
+        ids = torch.zeros(b * q, dtype=torch.int64)
+        pos = torch.zeros(b * q, dtype=torch.int64)
+        slots = torch.full((b * q,), self.scratch_slot, dtype=torch.int64)
+        rows, packed = [], 0
+        for i, (ql, start) in enumerate(zip(step.q_lens, step.cu_seqlens_q)):
+            ids[i * q:i * q + ql] = torch.tensor(step.ids[start:start + ql])
+            pos[i * q:i * q + ql] = torch.tensor(step.positions[start:start + ql])
+            slots[i * q:i * q + ql] = torch.tensor(step.slots[start:start + ql])
+        # logit rows: packed index -> padded index
+        seq_of_row = torch.bucketize(torch.tensor(step.logit_rows), torch.tensor(step.cu_seqlens_q[1:]), right=True)
+        offsets = torch.tensor(step.cu_seqlens_q[:-1])[seq_of_row]
+        rows = seq_of_row * q + (torch.tensor(step.logit_rows) - offsets)
+        tables = torch.zeros(b, self.max_blocks, dtype=torch.int32)
+        for i, t in enumerate(step.block_tables):
+            tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32).clamp_min(0)
+        q_lens = torch.zeros(b, dtype=torch.int32)
+        q_lens[:n] = torch.tensor(step.q_lens, dtype=torch.int32)
+        ctx_lens = torch.zeros(b, dtype=torch.int32)
+        ctx_lens[:n] = torch.tensor(step.ctx_lens, dtype=torch.int32)
+        for name, host in (("ids", ids), ("positions", pos), ("slots", slots), ("tables", tables),
+                           ("q_lens", q_lens), ("ctx_lens", ctx_lens)):
+            buf[name].copy_(host, non_blocking=True)
+        graph.replay()
+        return buf["hidden"][rows.to(self.device)]
