@@ -27,7 +27,7 @@ class GraphRunner:
         self.max_blocks = max_blocks_per_seq
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.pool = None
-        self.hits = self.misses = 0
+        self.hits = 0   # replays, for logs and tests
 
     def _buffers(self, b: int, q: int) -> dict:
         dev = self.device
@@ -81,6 +81,7 @@ class GraphRunner:
     def run(self, step, key: tuple[int, int]) -> torch.Tensor:
         """Replay; returns hidden states of the step's logit rows."""
         b, q = key
+        self.hits += 1
         graph, buf = self.graphs[key]
         n = len(step.q_lens)
         ids = torch.zeros(b * q, dtype=torch.int64)
