@@ -8,6 +8,7 @@ is captured; picking logit rows and the LM head run eagerly (their size varies).
 import logging
 import time
 
+import numpy as np
 import torch
 
 from pearl_runtime.utils.context import AttnContext, set_context
@@ -84,27 +85,23 @@ class GraphRunner:
         self.hits += 1
         graph, buf = self.graphs[key]
         n = len(step.q_lens)
-        ids = torch.zeros(b * q, dtype=torch.int64)
-        pos = torch.zeros(b * q, dtype=torch.int64)
-        slots = torch.full((b * q,), self.scratch_slot, dtype=torch.int64)
-        rows, packed = [], 0
-        for i, (ql, start) in enumerate(zip(step.q_lens, step.cu_seqlens_q)):
-            ids[i * q:i * q + ql] = torch.tensor(step.ids[start:start + ql])
-            pos[i * q:i * q + ql] = torch.tensor(step.positions[start:start + ql])
-            slots[i * q:i * q + ql] = torch.tensor(step.slots[start:start + ql])
-        # logit rows: packed index -> padded index
-        seq_of_row = torch.bucketize(torch.tensor(step.logit_rows), torch.tensor(step.cu_seqlens_q[1:]), right=True)
-        offsets = torch.tensor(step.cu_seqlens_q[:-1])[seq_of_row]
-        rows = seq_of_row * q + (torch.tensor(step.logit_rows) - offsets)
-        tables = torch.zeros(b, self.max_blocks, dtype=torch.int32)
-        for i, t in enumerate(step.block_tables):
-            tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32).clamp_min(0)
-        q_lens = torch.zeros(b, dtype=torch.int32)
-        q_lens[:n] = torch.tensor(step.q_lens, dtype=torch.int32)
-        ctx_lens = torch.zeros(b, dtype=torch.int32)
-        ctx_lens[:n] = torch.tensor(step.ctx_lens, dtype=torch.int32)
+        q_lens = np.asarray(step.q_lens, dtype=np.int64)
+        starts = np.asarray(step.cu_seqlens_q[:-1], dtype=np.int64)
+        # packed row r of sequence i lands in padded row i*q + (r - start_i)
+        seq_of = np.repeat(np.arange(n), q_lens)
+        padded = seq_of * q + np.arange(len(step.ids)) - np.repeat(starts, q_lens)
+        ids = np.zeros(b * q, dtype=np.int64)
+        pos = np.zeros(b * q, dtype=np.int64)
+        slots = np.full(b * q, self.scratch_slot, dtype=np.int64)
+        ids[padded], pos[padded], slots[padded] = step.ids, step.positions, step.slots
+        tables = np.zeros((b, self.max_blocks), dtype=np.int32)
+        width = len(step.block_tables[0])
+        tables[:n, :width] = np.maximum(np.asarray(step.block_tables, dtype=np.int32), 0)
+        lens = np.zeros((2, b), dtype=np.int32)
+        lens[0, :n], lens[1, :n] = step.q_lens, step.ctx_lens
         for name, host in (("ids", ids), ("positions", pos), ("slots", slots), ("tables", tables),
-                           ("q_lens", q_lens), ("ctx_lens", ctx_lens)):
-            buf[name].copy_(host, non_blocking=True)
+                           ("q_lens", lens[0]), ("ctx_lens", lens[1])):
+            buf[name].copy_(torch.from_numpy(host), non_blocking=True)
         graph.replay()
-        return buf["hidden"][rows.to(self.device)]
+        rows = padded[np.asarray(step.logit_rows, dtype=np.int64)]
+        return buf["hidden"][torch.from_numpy(rows).to(self.device, non_blocking=True)]
