@@ -48,7 +48,7 @@ class GraphRunner:
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
-        free_before = torch.cuda.mem_get_info(self.device)[0]
+        reserved_before = torch.cuda.memory_reserved(self.device)
         for q in reversed(self.q_buckets):
             for b in reversed(self.batch_buckets):
                 buf = self._buffers(b, q)
@@ -64,7 +64,7 @@ class GraphRunner:
                 self.pool = graph.pool()
                 self.graphs[(b, q)] = (graph, buf)
         torch.cuda.synchronize(self.device)
-        used = (free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**20
+        used = (torch.cuda.memory_reserved(self.device) - reserved_before) / 2**20
         log.info("cuda graphs: captured %d (batch %s x query %s) in %.1f s, %.0f MiB",
                  len(self.graphs), self.batch_buckets, self.q_buckets, time.perf_counter() - start, used)
 

@@ -4,6 +4,8 @@ import math
 import torch
 from torch import nn
 
+from pearl_runtime.layers.fused import ops
+
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -31,14 +33,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    @staticmethod
-    def _rotate_half(x):
-        a, b = x.chunk(2, dim=-1)
-        return torch.cat([-b, a], dim=-1)
-
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # q: [T, H, D], k: [T, Hkv, D]
         # tables are fp32; the rotation runs in the activation dtype as in transformers
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+        return ops.rotate(q, k, cos, sin)
