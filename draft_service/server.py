@@ -10,6 +10,7 @@ import torch
 from pearl.v1 import draft_pb2, draft_pb2_grpc
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.llm_engine import load_tokenizer
+from pearl_runtime.engine.step_timer import measure_step_ms
 from pearl_runtime.rpc import params as wire_params
 from pearl_runtime.rpc import tensors
 from pearl_runtime.rpc.identity import tokenizer_hash
@@ -27,10 +28,14 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         # one model, many target streams: forwards run one at a time off the event loop
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-forward")
         self.streams = 0
+        self.step_ms = measure_step_ms(self.drafter.runner, query_len=1)
+        if self.step_ms:
+            log.info("draft step time by batch size (ms)", **{f"bs{b}": round(t, 3) for b, t in self.step_ms.items()})
 
     def _hello(self, hello: draft_pb2.Hello) -> draft_pb2.HelloReply:
         reply = draft_pb2.HelloReply(accepted=True, draft_model=self.model, tokenizer_hash=self.tok_hash,
-                                     vocab_size=self.drafter.vocab_size)
+                                     vocab_size=self.drafter.vocab_size, step_batch_sizes=list(self.step_ms),
+                                     step_ms=list(self.step_ms.values()))
         if hello.tokenizer_hash != self.tok_hash:
             reply.accepted = False
             reply.reason = (f"tokenizer mismatch: target {hello.tokenizer_hash}, draft {self.tok_hash} "

@@ -30,6 +30,7 @@ class DraftLink:
         self.connected = False
         self.generation = 0          # bumps on every (re)connect: the draft's mirror is new
         self.refusal: str | None = None
+        self.info: draft_pb2.HelloReply | None = None   # the draft's handshake answer
         self._lost = asyncio.Event()
         self._lost.set()
 
@@ -44,6 +45,7 @@ class DraftLink:
         if not msg.hello.accepted:
             raise DraftRefused(msg.hello.reason)
         self.generation += 1
+        self.info = msg.hello
         self.connected, self.refusal = True, None
         self._lost.clear()
         log.info("draft connected; speculation on", draft=self.address, draft_model=msg.hello.draft_model,

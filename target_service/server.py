@@ -20,6 +20,7 @@ from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.server import bind, new_server
 from target_service.core import DraftTokens, Request, TargetCore
 from target_service.draft_link import DraftLink
+from pearl_runtime.engine.step_timer import balanced_gamma, measure_step_ms
 
 log = structlog.get_logger()
 
@@ -50,12 +51,18 @@ class RoundStats:
 
 class TargetService:
     def __init__(self, cfg: EngineConfig, mode: str = "pearl", draft_address: str | None = None,
-                 gamma: int = 4, max_waiting: int = 1024):
+                 gamma: int | None = 4, max_waiting: int = 1024):
+        """gamma None: auto, from the measured draft and target step times (GPU), else 4."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.cfg, self.mode, self.gamma, self.max_waiting = cfg, mode, gamma, max_waiting
+        self.cfg, self.mode, self.max_waiting = cfg, mode, max_waiting
+        self.fixed_gamma = gamma
+        self.gamma = gamma or 4
+        self.gamma_by_batch: dict[int, int] = {}
         self.tokenizer = load_tokenizer(cfg.model)
         self.core = TargetCore(cfg)
+        # verify step time by batch size, at a query length of a typical verify
+        self.verify_ms = measure_step_ms(self.core.runner, query_len=4) if gamma is None else {}
         self.tok_hash = tokenizer_hash(self.tokenizer)
         self.link = None
         if mode != "ar" and draft_address:
@@ -184,13 +191,37 @@ class TargetService:
             log.info("round path", path=path, mode=self.mode)
             self._last_path = path
 
+    def _auto_gamma(self) -> None:
+        """Pick gamma per batch size so gamma draft steps take as long as one verify."""
+        info = self.link.info
+        draft_ms = dict(zip(info.step_batch_sizes, info.step_ms))
+        max_gamma = max(self.cfg.graph_query_lens) - 1 if self.cfg.graph_query_lens else 8
+        self.gamma_by_batch = {b: balanced_gamma(t, draft_ms[b], max_gamma)
+                               for b, t in self.verify_ms.items() if b in draft_ms}
+        if self.gamma_by_batch:
+            log.info("auto gamma by batch size", **{f"bs{b}": g for b, g in self.gamma_by_batch.items()},
+                     verify_ms={b: round(t, 2) for b, t in self.verify_ms.items()},
+                     draft_ms={b: round(t, 2) for b, t in draft_ms.items()})
+        else:
+            log.warning("auto gamma: no step-time measurements (CPU or no CUDA graphs); gamma stays",
+                        gamma=self.gamma)
+
+    def _gamma_for(self, batch: int) -> int:
+        if not self.gamma_by_batch:
+            return self.gamma
+        return next((g for b, g in sorted(self.gamma_by_batch.items()) if b >= batch),
+                    self.gamma_by_batch[max(self.gamma_by_batch)])
+
     def _build_round(self, reqs: list[Request]) -> draft_pb2.Round:
         if self.link.generation != self.draft_generation:   # a new draft mirror: replay everything
             self.draft_generation = self.link.generation
+            if self.fixed_gamma is None:
+                self._auto_gamma()
             for r in self.core.requests.values():
                 r.on_draft = False
             self.core.removed.clear()
         self.round_id += 1
+        self.gamma = self._gamma_for(len(reqs))
         rnd = draft_pb2.Round(round_id=self.round_id, gamma=self.gamma, removes=self.core.removed)
         self.core.removed = []
         verdicts = self.core.draft_verdicts()

@@ -17,7 +17,7 @@ from pearl_runtime.attention.base import AttentionBackend
 def _paged_attention(Q, K, V, O, block_tables, cu_q, q_lens, ctx_lens, scale,
                      stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     tile = tl.program_id(2)
@@ -41,17 +41,19 @@ def _paged_attention(Q, K, V, O, block_tables, cu_q, q_lens, ctx_lens, scale,
     n_keys = ctx - q_len + last_q + 1
     t = tl.arange(0, BLOCK_N)
     for b in range(0, tl.cdiv(n_keys, BLOCK_N)):
-        blk = tl.load(block_tables + seq * stride_bt + b).to(tl.int64)
-        kv_off = blk * stride_kb + t[:, None] * stride_kt + kvh * stride_kh + d[None, :]
-        k = tl.load(K + kv_off)
-        v = tl.load(V + kv_off)
+        # a key tile spans BLOCK_N // PAGE pages of the cache: gather each token's page
+        kpos = b * BLOCK_N + t
+        live = kpos < n_keys
+        page = tl.load(block_tables + seq * stride_bt + kpos // PAGE, mask=live, other=0).to(tl.int64)
+        kv_off = (page * stride_kb + (kpos % PAGE) * stride_kt)[:, None] + kvh * stride_kh + d[None, :]
+        k = tl.load(K + kv_off, mask=live[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=live[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scale
-        kpos = b * BLOCK_N + t
-        s = tl.where((kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < ctx), s, float("-inf"))
+        s = tl.where((kpos[None, :] <= qpos[:, None]) & live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
@@ -66,9 +68,27 @@ def _paged_attention(Q, K, V, O, block_tables, cu_q, q_lens, ctx_lens, scale,
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _store_kv(K, V, k_cache, v_cache, slots, stride_t, stride_slot, WIDTH: tl.constexpr):
+    """One program per new token: its K and V rows into their cache slot (one launch, not two)."""
+    t = tl.program_id(0)
+    slot = tl.load(slots + t)
+    i = tl.arange(0, WIDTH)
+    tl.store(k_cache + slot * stride_slot + i, tl.load(K + t * stride_t + i))
+    tl.store(v_cache + slot * stride_slot + i, tl.load(V + t * stride_t + i))
+
+
 class TritonBackend(AttentionBackend):
     name = "triton"
     BLOCK_M = 16
+    BLOCK_N = 64    # keys per tile: several pages, so short contexts take few serial steps
+
+    def store_kv(self, k, v, k_cache, v_cache, ctx):
+        width = k.shape[1] * k.shape[2]
+        if k.stride(1) != k.shape[2] or width & (width - 1):   # needs packed, power-of-two rows
+            return super().store_kv(k, v, k_cache, v_cache, ctx)
+        _store_kv[(k.shape[0],)](k, v, k_cache, v_cache, ctx.slot_mapping, k.stride(0), k_cache.stride(1),
+                                 WIDTH=width)
 
     def attend(self, q, k_cache, v_cache, ctx, scale):
         out = torch.empty_like(q)
@@ -80,7 +100,7 @@ class TritonBackend(AttentionBackend):
             q, k_cache, v_cache, out, ctx.block_tables, ctx.cu_seqlens_q, ctx.q_lens_t, ctx.context_lens_t,
             scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             ctx.block_tables.stride(0), GROUP=group, HEAD_DIM=head_dim, BLOCK_M=self.BLOCK_M,
-            BLOCK_N=block_size, IEEE=q.dtype == torch.float32)
+            BLOCK_N=max(self.BLOCK_N, block_size), PAGE=block_size, IEEE=q.dtype == torch.float32)
         return out
 
 

@@ -1,0 +1,38 @@
+"""Measure one forward step per batch size by replaying the captured CUDA graphs on dummy
+inputs (writes go to the scratch block). Auto gamma balances a PEARL round with these."""
+import time
+
+import torch
+
+
+@torch.inference_mode()
+def measure_step_ms(runner, query_len: int, context_len: int = 256, repeats: int = 10) -> dict[int, float]:
+    graphs = runner.graphs
+    if graphs is None:
+        return {}
+    q = next((x for x in graphs.q_buckets if x >= query_len), None)
+    if q is None:
+        return {}
+    out = {}
+    for b in graphs.batch_buckets:
+        graph, buf = graphs.graphs[(b, q)]
+        buf["slots"].fill_(runner.scratch_slot)
+        buf["tables"].zero_()
+        buf["q_lens"].fill_(query_len)
+        buf["ctx_lens"].fill_(context_len)
+        hidden = buf["hidden"][::q]   # one row per sequence: the LM head's share of a step
+        graph.replay()
+        runner.model.logits(hidden)
+        torch.cuda.synchronize(runner.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            graph.replay()
+            runner.model.logits(hidden)
+        torch.cuda.synchronize(runner.device)
+        out[b] = (time.perf_counter() - start) / repeats * 1e3
+    return out
+
+
+def balanced_gamma(target_ms: float, draft_ms: float, max_gamma: int) -> int:
+    """gamma draft steps should take as long as one verify: the round then wastes neither side."""
+    return max(1, min(max_gamma, round(target_ms / max(draft_ms, 1e-6))))
