@@ -32,15 +32,18 @@ class Verdict:
 
 def judge(logits: torch.Tensor, pending: list[int], pending_probs: torch.Tensor | None,
           fresh: list[int], fresh_probs: torch.Tensor | None, params: SamplingParams,
-          generator: torch.Generator | None = None) -> Verdict:
+          generator: torch.Generator | None = None, argmax: list[int] | None = None) -> Verdict:
+    """`argmax`: the rows' argmax computed by the caller for the whole batch at once (greedy)."""
     k = len(pending)
     assert logits.shape[0] == k + 1, (logits.shape, k)
     candidates = pending + fresh[:1]
     q_rows = _rows(pending_probs, fresh_probs, len(candidates))
     tokens: list[int] = []
+    if params.greedy and argmax is None:
+        argmax = logits.argmax(-1).tolist()
     for i, tok in enumerate(candidates):
         if params.greedy:
-            best = int(logits[i].argmax())
+            best = argmax[i]
             if tok == best:
                 tokens.append(tok)
                 continue
@@ -61,7 +64,7 @@ def judge(logits: torch.Tensor, pending: list[int], pending_probs: torch.Tensor 
         rest = rest[:rest.index(-1)] if -1 in rest else rest   # the draft stopped early
         rest_probs = None if fresh_probs is None else fresh_probs[1:1 + len(rest)]
         return Verdict(tokens, rest, rest_probs, k + 1, False)
-    bonus = int(logits[k].argmax()) if params.greedy else sample_from(probabilities(logits[k], params), generator)
+    bonus = argmax[k] if params.greedy else sample_from(probabilities(logits[k], params), generator)
     return Verdict(tokens + [bonus], [], None, k, False)
 
 
