@@ -38,7 +38,8 @@ def test_engine_with_graphs_matches_cpu_reference(llama_dir):
         assert_same_tokens(g, c, partial(hf_logits, hf), p, label="gpu vs cpu")
 
 
-async def _run_services(target_dir, draft_dir, mode, prompts, max_tokens, dtype):
+async def _run_services(target_dir, draft_dir, mode, prompts, max_tokens, dtype, target_device="cuda",
+                        draft_device="cuda"):
     from pearl.v1 import common_pb2, target_pb2, target_pb2_grpc
     import grpc
     import draft_service.server as ds
@@ -47,12 +48,12 @@ async def _run_services(target_dir, draft_dir, mode, prompts, max_tokens, dtype)
     tasks = []
     if mode != "ar":
         tasks.append(asyncio.create_task(ds.serve(
-            EngineConfig(model=str(draft_dir), device="cuda", dtype=dtype, num_blocks=2048, max_num_seqs=16,
+            EngineConfig(model=str(draft_dir), device=draft_device, dtype=dtype, num_blocks=2048, max_num_seqs=16,
                          graph_query_lens=(1,)), port=0, ready=lambda p: ports.__setitem__("d", p))))
         while "d" not in ports:
             await asyncio.sleep(0.05)
     tasks.append(asyncio.create_task(ts.serve(
-        EngineConfig(model=str(target_dir), device="cuda", dtype=dtype, num_blocks=2048, max_num_seqs=16),
+        EngineConfig(model=str(target_dir), device=target_device, dtype=dtype, num_blocks=2048, max_num_seqs=16),
         port=0, mode=mode, draft_address=f"127.0.0.1:{ports.get('d', 1)}", gamma=4,
         ready=lambda p: ports.__setitem__("t", p))))
     while "t" not in ports:
