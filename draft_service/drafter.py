@@ -7,8 +7,8 @@ import torch
 
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.block_manager import BlockManager
-from pearl_runtime.engine.model_runner import ModelRunner
 from pearl_runtime.engine.sequence import Sequence
+from pearl_runtime.engine.tp_group import make_runner
 from pearl_runtime.sampling import SamplingParams, probabilities, sample_from
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class DraftResult:
 
 class Drafter:
     def __init__(self, cfg: EngineConfig):
-        self.runner = ModelRunner(cfg)
+        self.runner = make_runner(cfg)   # TP group when cfg.tp_size > 1
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model_cfg.vocab_size
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)

@@ -29,7 +29,10 @@ def default_draft(target: str) -> str:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=_env("MODEL"), help="HF model directory (default: the embedded SmolLM2)")
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    p.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default=_env("DEVICE", "cpu"),
+                   help="cpu, cuda, cuda:N, or cuda:0,1,... (one GPU per tensor-parallel rank)")
+    p.add_argument("--tp", type=int, default=int(_env("TP", 1)),
+                   help="tensor-parallel ranks (processes); on GPU they take consecutive GPUs from --device")
     p.add_argument("--dtype", default=_env("DTYPE"), help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", 1.0)))
@@ -46,7 +49,7 @@ def _engine_config(args, model: str):
     return EngineConfig(model=model, dtype=dtype, device=args.device, block_size=args.block_size,
                         kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, attention_backend=args.attention,
-                        extra={"threads": args.threads})
+                        tp_size=args.tp, extra={"threads": args.threads})
 
 
 def cmd_draft(args) -> None:

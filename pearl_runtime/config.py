@@ -108,6 +108,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | reference | triton | flash-attn
     cuda_graphs: bool = True         # GPU only: graphs for small uniform steps, eager otherwise
     graph_query_lens: tuple[int, ...] = (1, 2, 4, 8)   # query buckets (draft decode: 1; verify: up to gamma+1)
+    tp_size: int = 1                 # tensor-parallel ranks, one process each (gloo on CPU, NCCL on GPU)
+    devices: list[int] | None = None   # GPU of each rank; None: consecutive from `device` ("cuda:0,1" works too)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -115,6 +117,25 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
+        if "," in self.device:   # "cuda:0,1": one GPU per rank
+            kind, _, ids = self.device.partition(":")
+            self.devices = self.devices or [int(i) for i in ids.split(",")]
+            self.device = f"{kind}:{self.devices[0]}"
+        if self.devices is not None and self.tp_size == 1:
+            self.tp_size = len(self.devices)
+        if self.tp_size < 1:
+            raise ValueError("tp_size must be >= 1")
+        if self.devices is not None and len(self.devices) != self.tp_size:
+            raise ValueError(f"tp_size={self.tp_size} needs {self.tp_size} devices, got {self.devices}")
+
+    def rank_device(self, rank: int) -> str:
+        """The device of TP rank `rank`."""
+        kind, _, index = self.device.partition(":")
+        if kind != "cuda":
+            return self.device
+        if self.devices is not None:
+            return f"cuda:{self.devices[rank]}"
+        return f"cuda:{int(index or 0) + rank}"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -10,10 +10,10 @@ import torch
 
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.block_manager import BlockManager
-from pearl_runtime.engine.model_runner import ModelRunner
 from pearl_runtime.engine.scheduler import Scheduler
 from pearl_runtime.engine.sequence import Sequence, Status
 from pearl_runtime.engine.stopping import commit
+from pearl_runtime.engine.tp_group import make_runner
 from target_service.speculation import judge
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class DraftTokens:
 
 class TargetCore:
     def __init__(self, cfg: EngineConfig):
-        self.runner = ModelRunner(cfg)
+        self.runner = make_runner(cfg)   # TP group when cfg.tp_size > 1
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = self.runner.model_cfg.eos_token_ids
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)

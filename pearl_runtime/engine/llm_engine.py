@@ -7,10 +7,10 @@ from transformers import AutoTokenizer
 
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.block_manager import BlockManager
-from pearl_runtime.engine.model_runner import ModelRunner
 from pearl_runtime.engine.scheduler import Scheduler
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.engine.stopping import commit
+from pearl_runtime.engine.tp_group import make_runner
 from pearl_runtime.errors import InvalidRequest, ModelLoadError, OutOfBlocks
 from pearl_runtime.sampling import SamplingParams, sample_batch
 
@@ -36,7 +36,7 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig, load_tok: bool = True):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model) if load_tok else None
-        self.runner = ModelRunner(cfg)
+        self.runner = make_runner(cfg)   # TP group when cfg.tp_size > 1
         # one sequence must fit in the whole cache, or preempting the others never makes room
         # for it and generation stalls: the cache size caps the context window
         capacity = self.runner.num_blocks * cfg.block_size

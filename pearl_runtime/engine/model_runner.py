@@ -11,7 +11,7 @@ from pearl_runtime.engine.cuda_graph import GraphRunner
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.models.decoder import CausalLM
 from pearl_runtime.utils.context import AttnContext, set_context
-from pearl_runtime.utils.dist import tp_size
+from pearl_runtime.utils.dist import min_over_ranks
 from pearl_runtime.utils.loader import load_weights
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class ModelRunner:
         self.model.eval()
         self.backend = select_backend(cfg.attention_backend, self.device)
         self.block_size = cfg.block_size
-        self.num_blocks = cfg.num_blocks or self._blocks_for(cfg.kv_cache_gb)
+        # every TP rank must hold the same blocks: the group takes the smallest
+        self.num_blocks = min_over_ranks(cfg.num_blocks or self._blocks_for(cfg.kv_cache_gb))
         self._allocate_kv_cache()
         self.graphs = None
         if self.device.type == "cuda" and cfg.cuda_graphs:
@@ -63,7 +64,7 @@ class ModelRunner:
 
     def _block_bytes(self) -> int:
         c = self.model_cfg
-        kv_heads = max(1, c.num_kv_heads // tp_size())
+        kv_heads = self.model.attention_layers()[0].num_kv_heads   # this rank's (padded) share
         return 2 * c.num_layers * self.block_size * kv_heads * c.head_dim * self.cfg.torch_dtype.itemsize
 
     def _blocks_for(self, gb: float) -> int:
@@ -71,7 +72,7 @@ class ModelRunner:
 
     def _allocate_kv_cache(self) -> None:
         c = self.model_cfg
-        kv_heads = max(1, c.num_kv_heads // tp_size())
+        kv_heads = self.model.attention_layers()[0].num_kv_heads   # this rank's (padded) share
         # one extra block, never handed out: padding tokens of CUDA-graph steps write there
         self.kv_cache = torch.zeros(2, c.num_layers, self.num_blocks + 1, self.block_size, kv_heads, c.head_dim,
                                     dtype=self.cfg.torch_dtype, device=self.device)

@@ -10,8 +10,9 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.vocab_size = vocab_size
+        self.tp = tp_size()
         # pad the vocabulary so every rank holds the same number of rows
-        self.rows = -(-vocab_size // tp_size())
+        self.rows = -(-vocab_size // self.tp)
         self.start = tp_rank() * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -23,7 +24,7 @@ class VocabParallelEmbedding(nn.Module):
         param.data[:part.shape[0]].copy_(part)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if tp_size() == 1:
+        if self.tp == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
         mine = (local >= 0) & (local < self.rows)
@@ -34,4 +35,6 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)
-        return all_gather_last_dim(logits)[..., :self.vocab_size]
+        if self.tp == 1:
+            return logits
+        return all_gather_last_dim(logits, self.tp)[..., :self.vocab_size]

@@ -1,15 +1,12 @@
 """Tensor-parallel linear layers. Each owns a `weight_loader` that takes the full
-checkpoint tensor and keeps its rank's shard, so loading needs no per-model code."""
+checkpoint tensor and keeps its rank's shard, so loading needs no per-model code. Sizes
+that the TP size does not divide are padded with zero rows (see layers/partition.py)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pearl_runtime.layers.partition import Shard, split_evenly
 from pearl_runtime.utils.dist import all_reduce, tp_rank, tp_size
-
-
-def _shard(t: torch.Tensor, dim: int, index: int, parts: int) -> torch.Tensor:
-    size = t.shape[dim] // parts
-    return t.narrow(dim, index * size, size)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -37,38 +34,30 @@ class ReplicatedLinear(nn.Module):
 
 
 class ColumnParallelLinear(ReplicatedLinear):
-    """Output features split over ranks; no communication."""
+    """Output features split over ranks; no communication. Several projections may be
+    stored as one (q+k+v, gate+up): each is split on its own and loaded by its shard id."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        assert out_features % tp_size() == 0, (out_features, tp_size())
-        super().__init__(in_features, out_features // tp_size(), bias)
+    def __init__(self, in_features: int, shards: list[Shard], bias: bool = False):
+        self.shards = shards
+        super().__init__(in_features, sum(s.local_size for s in shards), bias)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        _copy(param.data, _shard(loaded, 0, tp_rank(), tp_size()))
+        i = shard_id or 0
+        offset = sum(s.local_size for s in self.shards[:i])
+        part = self.shards[i]
+        _copy(param.data.narrow(0, offset, part.local_size), part.take(loaded, 0))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel projections stored as one (gate+up, q+k+v)."""
-
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
-        self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias)
-
-    def shard_offset(self, shard_id: int) -> tuple[int, int]:
-        n = tp_size()
-        return sum(self.output_sizes[:shard_id]) // n, self.output_sizes[shard_id] // n
-
-    def weight_loader(self, param, loaded, shard_id=None):
-        offset, size = self.shard_offset(shard_id)
-        _copy(param.data.narrow(0, offset, size), _shard(loaded, 0, tp_rank(), tp_size()))
+        super().__init__(in_features, [split_evenly(n, tp_size(), tp_rank()) for n in output_sizes], bias)
 
 
-class QKVParallelLinear(MergedColumnParallelLinear):
+class QKVParallelLinear(ColumnParallelLinear):
     SHARD_IDS = {"q": 0, "k": 1, "v": 2}
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool):
-        super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim,
-                                       num_kv_heads * head_dim], bias)
+    def __init__(self, hidden_size: int, q_heads: Shard, kv_heads: Shard, bias: bool):
+        super().__init__(hidden_size, [q_heads, kv_heads, kv_heads], bias)
 
     def weight_loader(self, param, loaded, shard_id=None):
         super().weight_loader(param, loaded, self.SHARD_IDS[shard_id])
@@ -77,16 +66,19 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 class RowParallelLinear(ReplicatedLinear):
     """Input features split over ranks; partial outputs summed with one all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        assert in_features % tp_size() == 0, (in_features, tp_size())
-        super().__init__(in_features // tp_size(), out_features, bias)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, shard: Shard | None = None):
+        self.shard = shard or split_evenly(in_features, tp_size(), tp_rank())
+        self.tp = tp_size()
+        super().__init__(self.shard.local_size, out_features, bias)
 
     def weight_loader(self, param, loaded, shard_id=None):
         if param.dim() == 2:
-            loaded = _shard(loaded, 1, tp_rank(), tp_size())
+            loaded = self.shard.take(loaded, 1)
         _copy(param.data, loaded)
 
     def forward(self, x):
+        y = F.linear(x, self.weight)
+        if self.tp > 1:
+            y = all_reduce(y)
         # bias is added once, after the reduction
-        y = all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias

@@ -9,20 +9,20 @@ from pearl_runtime.layers.attention import Attention
 from pearl_runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from pearl_runtime.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pearl_runtime.layers.norm import RMSNorm
+from pearl_runtime.layers.partition import shard_heads
 from pearl_runtime.layers.rotary import RotaryEmbedding
-from pearl_runtime.utils.dist import tp_size
+from pearl_runtime.utils.dist import tp_rank, tp_size
 
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
-        tp = tp_size()
-        self.num_heads = cfg.num_heads // tp
-        self.num_kv_heads = max(1, cfg.num_kv_heads // tp)
+        # this rank's heads, zero-padded where the TP size does not divide them
+        q_heads, kv_heads = shard_heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tp_size(), tp_rank())
+        self.num_heads, self.num_kv_heads = len(q_heads.sources), len(kv_heads.sources)
         self.head_dim = cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          bias=cfg.qkv_bias)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, q_heads, kv_heads, bias=cfg.qkv_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, shard=q_heads)
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
