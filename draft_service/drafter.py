@@ -85,10 +85,11 @@ class Drafter:
             if not active:
                 break
             logits = self.runner.run([seqs[i] for i in active])
+            best = logits.argmax(-1).tolist()     # one device sync per step, not one per sequence
             for row, i in enumerate(active):
                 seq = seqs[i]
                 if seq.params.greedy:
-                    tok = int(logits[row].argmax())
+                    tok = best[row]
                 else:
                     q = probabilities(logits[row], seq.params)
                     probs[i, step] = q.cpu()

@@ -106,6 +106,7 @@ class EngineConfig:
     max_model_len: int = 0           # 0: the model's max_position_embeddings
     enable_prefix_cache: bool = True
     attention_backend: str = "auto"  # auto | reference | triton | flash-attn
+    compile_ops: bool = True         # GPU only: torch.compile the elementwise ops (layers/fused.py)
     cuda_graphs: bool = True         # GPU only: graphs for small uniform steps, eager otherwise
     graph_query_lens: tuple[int, ...] = (1, 2, 4, 8)   # query buckets (draft decode: 1; verify: up to gamma+1)
     tp_size: int = 1                 # tensor-parallel ranks, one process each (gloo on CPU, NCCL on GPU)

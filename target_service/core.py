@@ -97,21 +97,26 @@ class TargetCore:
                 req.pending_probs = None if d.probs is None else d.probs[:len(toks)]
                 req.seq.token_ids.extend(toks)
 
-    def forward(self, reqs: list[Request]) -> list[torch.Tensor]:
+    def forward(self, reqs: list[Request]) -> list[tuple[torch.Tensor, list[int]]]:
         """Verify step: rows for [last committed] + pending of every request (a new request
-        feeds its whole prompt and gets one row)."""
-        logits = self.runner.run([r.seq for r in reqs], [len(r.pending) + 1 for r in reqs])
+        feeds its whole prompt and gets one row). Returns each request's logit rows and their
+        argmax, taken for the whole batch with one device sync."""
+        sizes = [len(r.pending) + 1 for r in reqs]
+        logits = self.runner.run([r.seq for r in reqs], sizes)
         self.forwards += 1
-        return list(logits.split([len(r.pending) + 1 for r in reqs]))
+        best = logits.argmax(-1).tolist()
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [(rows, best[s:s + n]) for rows, s, n in zip(logits.split(sizes), starts, sizes)]
 
-    def finish_round(self, reqs: list[Request], logits: list[torch.Tensor],
+    def finish_round(self, reqs: list[Request], logits: list[tuple[torch.Tensor, list[int]]],
                      drafts: dict[int, DraftTokens]) -> list[Request]:
         """Judge and commit every request. Returns the requests that finished."""
         done = []
-        for req, rows in zip(reqs, logits):
+        for req, (rows, best) in zip(reqs, logits):
             seq = req.seq
             d = drafts.get(seq.seq_id) or DraftTokens([])
-            verdict = judge(rows, req.pending, req.pending_probs, d.tokens, d.probs, seq.params, seq.generator)
+            verdict = judge(rows, req.pending, req.pending_probs, d.tokens, d.probs, seq.params, seq.generator,
+                            argmax=best)
             req.forwards += 1
             req.drafted += len(req.pending) + min(1, len(d.tokens))
             req.accepted += verdict.accepted

@@ -9,7 +9,9 @@ from pearl_runtime.attention import select_backend
 from pearl_runtime.config import EngineConfig, ModelConfig
 from pearl_runtime.engine.cuda_graph import GraphRunner
 from pearl_runtime.engine.sequence import Sequence
+from pearl_runtime.layers.fused import enable_compile
 from pearl_runtime.models.decoder import CausalLM
+from pearl_runtime.models.synthetic import calibrate, init_synthetic, synthetic_spec
 from pearl_runtime.utils.context import AttnContext, set_context
 from pearl_runtime.utils.dist import min_over_ranks
 from pearl_runtime.utils.loader import load_weights
@@ -46,7 +48,11 @@ class ModelRunner:
                 self.model = CausalLM(self.model_cfg)
         finally:
             torch.set_default_dtype(default_dtype)
-        load_weights(self.model, cfg.model)
+        self.synthetic = synthetic_spec(cfg.model)
+        if self.synthetic:
+            init_synthetic(self.model, self.synthetic)
+        else:
+            load_weights(self.model, cfg.model)
         self.model.eval()
         self.backend = select_backend(cfg.attention_backend, self.device)
         self.block_size = cfg.block_size
@@ -54,6 +60,10 @@ class ModelRunner:
         self.num_blocks = min_over_ranks(cfg.num_blocks or self._blocks_for(cfg.kv_cache_gb))
         self._allocate_kv_cache()
         self.graphs = None
+        if self.synthetic and self.synthetic.get("accept") is not None:
+            self.synthetic["measured_accept"] = calibrate(self, self.synthetic)
+        if self.device.type == "cuda" and cfg.compile_ops:
+            enable_compile()
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.graphs = GraphRunner(self.model, self.device, self.block_size, self.scratch_slot,
                                       max_blocks_per_seq=-(-self.max_model_len // self.block_size),
