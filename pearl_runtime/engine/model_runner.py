@@ -141,6 +141,9 @@ class ModelRunner:
             set_context(None)
         return self.model.logits(hidden[torch.tensor(step.logit_rows, device=self.device)]).float()
 
+    def close(self) -> None:
+        """Nothing to release for one process (a TP group stops its workers here)."""
+
     def run(self, seqs: list[Sequence], num_logits: list[int] | None = None) -> torch.Tensor:
         """Feed every token of each sequence that is not in the KV cache yet. Returns fp32
         logits for the last `num_logits[i]` fed positions of each sequence (default 1),
