@@ -91,30 +91,47 @@ async def _until_signal(coro) -> None:
 
 # -- the local stack ------------------------------------------------------------------------
 class Stack:
-    """draft + target + gateway as child processes; stopped together."""
+    """draft + target + gateway as child processes; stopped together. `env`: extra environment
+    per service ("draft", "target", "gateway"), e.g. CUDA MPS settings; `log_dir`: each
+    service's output goes to <log_dir>/<service>.log instead of this terminal. Optional
+    attributes of `args`: dtype, target_device, draft_device, target_argv, draft_argv
+    (extra engine flags), start_timeout_s."""
 
-    def __init__(self, args):
-        self.args, self.procs = args, []
+    def __init__(self, args, env: dict | None = None, log_dir=None):
+        self.args, self.procs, self.env, self.log_dir = args, [], env or {}, log_dir
+        self.target_address = self.draft_address = None
 
     def start(self) -> str:
         a = self.args
         model = a.model or default_model()
-        draft = a.draft_model or default_draft(model)
-        common = ["--device", a.device, "--log-level", a.log_level]
+        draft = None if a.mode == "ar" else (a.draft_model or default_draft(model))
+        common = ["--log-level", a.log_level] + (["--dtype", a.dtype] if getattr(a, "dtype", None) else [])
+        devices = {w: getattr(a, f"{w}_device", None) or a.device for w in ("target", "draft")}
         d, t, g = a.base_port, a.base_port + 1, a.base_port + 2
+        self.target_address, self.draft_address = f"127.0.0.1:{t}", f"127.0.0.1:{d}"
         if a.mode != "ar":
-            self._spawn("draft", ["--model", draft, "--port", str(d)] + common)
+            self._spawn("draft", ["--model", draft, "--port", str(d), "--device", devices["draft"]] + common
+                        + list(getattr(a, "draft_argv", [])))
         self._spawn("target", ["--model", model, "--port", str(t), "--mode", a.mode, "--gamma", str(a.gamma),
-                               "--draft", f"127.0.0.1:{d}"] + common)
+                               "--draft", f"127.0.0.1:{d}", "--device", devices["target"]] + common
+                    + list(getattr(a, "target_argv", [])))
         self._spawn("gateway", ["--model", model, "--port", str(g), "--targets", f"127.0.0.1:{t}",
                                 "--log-level", a.log_level])
         address = f"127.0.0.1:{g}"
-        self._wait_ready(address, draft_port=d if a.mode != "ar" else None)
+        self._wait_ready(address, draft_port=d if a.mode != "ar" else None,
+                         timeout_s=getattr(a, "start_timeout_s", 300))
         return address
 
     def _spawn(self, what: str, argv: list[str]) -> None:
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "pearl_runtime.cli", what] + argv,
-                                           start_new_session=True))
+        out = None
+        if self.log_dir is not None:
+            out = open(os.path.join(self.log_dir, f"{what}.log"), "a")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env.get(what, {})}
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "pearl_runtime.cli", what] + argv, env=env,
+                                           stdout=out, stderr=subprocess.STDOUT if out else None,
+                                           stdin=subprocess.DEVNULL, start_new_session=True))
+        if out is not None:
+            out.close()
 
     def _wait_ready(self, address: str, draft_port: int | None, timeout_s: float = 300) -> None:
         from gateway.client import list_models
@@ -146,7 +163,16 @@ class Stack:
 
 
 def cmd_up(args) -> None:
-    stack = Stack(args)
+    from contextlib import ExitStack
+    with ExitStack() as scope:
+        env = None
+        if args.mps:
+            from pearl_runtime.bench.mps import mps_daemon, parse_shares
+            env = scope.enter_context(mps_daemon(parse_shares(args.mps_shares)))
+        _run_up(args, Stack(args, env))
+
+
+def _run_up(args, stack: Stack) -> None:
     address = stack.start()
     print(f"pearl is up: gateway at {address} (Ctrl-C stops all three)", flush=True)
     try:
@@ -217,11 +243,22 @@ def main(argv=None) -> None:
     u.add_argument("--mode", choices=("pearl", "sd", "ar"), default="pearl")
     u.add_argument("--gamma", type=int, default=4)
     u.add_argument("--device", default="cpu")
+    u.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
+    u.add_argument("--target-device", default=None, help="default: --device")
+    u.add_argument("--draft-device", default=None, help="default: --device (the same GPU)")
+    u.add_argument("--mps", action="store_true", help="one GPU: run draft and target under CUDA MPS")
+    u.add_argument("--mps-shares", default="80,20", help="SM percentages target,draft under --mps")
     u.add_argument("--base-port", type=int, default=50050 + 10)
     u.add_argument("--log-level", default="warning")
     u.add_argument("--prompt", help="run one streamed generation, print stats, then stop")
     u.add_argument("--max-tokens", type=int, default=96)
     u.set_defaults(fn=cmd_up)
+
+    from pearl_runtime.bench.run import add_arguments as bench_arguments
+    from pearl_runtime.bench.run import main as bench_main
+    b = sub.add_parser("bench", help="ar vs sd vs PEARL: tokens/s, speedup, round split, HBM bandwidth")
+    bench_arguments(b)
+    b.set_defaults(fn=bench_main)
 
     gen = sub.add_parser("generate", help="stream a completion from a gateway")
     gen.add_argument("prompt")

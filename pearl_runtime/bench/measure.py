@@ -1,0 +1,110 @@
+"""One measurement: `bs` requests at once through the gateway, the target's round counters
+read before and after, turned into the columns of the bench table.
+
+Columns (per batch size; "a round" is one batched target forward, Metrics diff / rounds):
+- tokens_per_s: bs * max_tokens / wall, wall = first submit to the last final message.
+- mat: mean accepted tokens, per sequence: committed tokens / target forwards that
+  sequence took part in (1.0 for ar). tokens_per_round is the same over the batch.
+- accept_rate: draft tokens accepted / draft tokens judged (each round judges the pending
+  tokens plus the first fresh one in PEARL, the gamma fresh ones in sd; positions after the
+  first rejection count as judged and rejected).
+- round_ms: the target's wall time of a round, from scheduling to handing the committed
+  tokens to the gateway stream.
+- draft_ms: the draft service's time for the round as it reports it: apply the verdicts,
+  gamma draft steps, encode the batch (0 in ar).
+- target_ms: the target's forward, including the device synchronize.
+- wait_ms: pearl: time the target sat idle after its forward until the draft's batch came
+  (0 when the draft was first); sd: the whole draft round trip (send the round, receive the
+  batch), i.e. draft_ms + transport; ar: 0.
+- host_ms = round - target - wait: the target's own host work per round (scheduling, building
+  the round message, judging, committing, streaming, the hop to the forward thread) that
+  nothing overlaps. In PEARL the draft exchange runs during the forward, so its transport is
+  hidden there or shows up in wait_ms.
+- xfer_ms (sd only) = wait - draft: the round trip's transport (gRPC, serialization, the
+  draft's event loop) beyond the draft's own time. Not separable in PEARL (None).
+- ttft_ms: time to first token of each request (gateway stats): mean, p50, max.
+"""
+import asyncio
+import hashlib
+import statistics
+import time
+
+import grpc
+
+from pearl.v1 import target_pb2, target_pb2_grpc
+from pearl_runtime.rpc.server import GRPC_OPTIONS
+
+COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms",
+            "committed_tokens", "drafted_tokens", "accepted_tokens")
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+async def read_metrics(target_address: str, timeout_s: float = 10.0) -> target_pb2.TargetMetrics:
+    async with grpc.aio.insecure_channel(target_address, options=GRPC_OPTIONS) as ch:
+        return await target_pb2_grpc.TargetStub(ch).Metrics(target_pb2.MetricsRequest(), timeout=timeout_s)
+
+
+def diff(after: target_pb2.TargetMetrics, before: target_pb2.TargetMetrics) -> dict:
+    d = {k: getattr(after, k) - getattr(before, k) for k in COUNTERS}
+    d.update(path=after.path, gamma=after.gamma)
+    return d
+
+
+async def submit_batch(address: str, prompts: list[list[int]], max_tokens: int, timeout_s: float,
+                       temperature: float = 0.0) -> tuple[list, float]:
+    """All prompts at once over one channel; returns (completions, wall seconds)."""
+    from gateway.client import generate
+    async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as ch:
+        await asyncio.wait_for(ch.channel_ready(), timeout_s)
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(generate(address, token_ids=p, max_tokens=max_tokens, ignore_eos=True,
+                                               temperature=temperature, seed=i if temperature else None,
+                                               timeout_s=timeout_s, channel=ch) for i, p in enumerate(prompts)))
+        return list(done), time.perf_counter() - t0
+
+
+async def measure(gateway: str, target: str, prompts: list[list[int]], max_tokens: int, mode: str,
+                  temperature: float = 0.0, timeout_s: float = 1800.0) -> dict:
+    """One batch: Metrics, submit, wait for all, Metrics; the row of the bench table."""
+    before = await read_metrics(target)
+    completions, wall = await submit_batch(gateway, prompts, max_tokens, timeout_s, temperature)
+    m = diff(await read_metrics(target), before)
+    bs = len(prompts)
+    tokens = sum(len(c.token_ids) for c in completions)
+    short = [(i, len(c.token_ids), c.finish_reason) for i, c in enumerate(completions)
+             if len(c.token_ids) != max_tokens or c.stats.new_tokens != max_tokens]
+    if short:
+        raise BenchError(f"{mode} bs={bs}: not every request generated exactly max_tokens={max_tokens} tokens "
+                         f"(index, tokens, finish): {short[:5]}")
+    if m["committed_tokens"] != tokens:
+        raise BenchError(f"{mode} bs={bs}: the target committed {m['committed_tokens']} tokens, the clients "
+                         f"received {tokens} (another client on this target?)")
+    if mode != "ar" and m["speculative_rounds"] != m["rounds"]:
+        raise BenchError(f"{mode} bs={bs}: {m['rounds'] - m['speculative_rounds']} of {m['rounds']} rounds ran "
+                         f"without the draft (the draft link dropped; see the service logs)")
+    return row(mode, bs, max_tokens, wall, m, completions)
+
+
+def row(mode: str, bs: int, max_tokens: int, wall: float, m: dict, completions) -> dict:
+    rounds = max(1, m["rounds"])
+    per = {k: m[k] / rounds for k in ("draft_ms", "target_ms", "wait_ms", "round_ms")}
+    forwards = sum(c.stats.target_forwards for c in completions)
+    tokens = sum(c.stats.new_tokens for c in completions)
+    ttft = [c.stats.time_to_first_token_ms for c in completions]
+    return {
+        "mode": mode, "batch_size": bs, "max_tokens": max_tokens, "tokens": tokens, "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "mat": tokens / forwards if forwards else None,
+        "tokens_per_round": m["committed_tokens"] / rounds,
+        "accept_rate": m["accepted_tokens"] / m["drafted_tokens"] if m["drafted_tokens"] else None,
+        "round_ms": per["round_ms"], "draft_ms": per["draft_ms"], "target_ms": per["target_ms"],
+        "wait_ms": per["wait_ms"],
+        "host_ms": per["round_ms"] - per["target_ms"] - per["wait_ms"],
+        "xfer_ms": per["wait_ms"] - per["draft_ms"] if mode == "sd" else (0.0 if mode == "ar" else None),
+        "ttft_ms": {"mean": statistics.fmean(ttft), "p50": statistics.median(ttft), "max": max(ttft)},
+        "gamma": m["gamma"], "path": m["path"], "metrics_diff": m,
+        "outputs_sha256": hashlib.sha256(repr([c.token_ids for c in completions]).encode()).hexdigest(),
+    }

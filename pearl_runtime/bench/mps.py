@@ -1,0 +1,70 @@
+"""CUDA MPS for draft and target on one GPU: start a private control daemon, give each
+service its SM share, stop the daemon afterwards (`pearl bench --mps`, `pearl up --mps`).
+
+Without MPS two processes on one GPU time-slice: the draft's steps and the target's forward
+cannot overlap, so PEARL cannot beat sd by overlapping them (see DESIGN.md, "One GPU").
+"""
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+log = logging.getLogger("pearl.bench")
+
+CONTROL = "nvidia-cuda-mps-control"
+
+
+def parse_shares(text: str) -> tuple[int, int]:
+    """"80,20" -> (target %, draft %) of the SMs each may use."""
+    try:
+        target, draft = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mps-shares wants 'TARGET,DRAFT' percentages, got {text!r}") from None
+    if not (0 < target <= 100 and 0 < draft <= 100):
+        raise ValueError(f"--mps-shares percentages must be in 1..100, got {text!r}")
+    return target, draft
+
+
+def same_gpu(target_device: str, draft_device: str) -> bool:
+    """Whether two --device values name the same GPU ("cuda" is cuda:0)."""
+    norm = lambda d: "cuda:0" if d == "cuda" else d   # noqa: E731
+    return target_device.startswith("cuda") and norm(target_device) == norm(draft_device)
+
+
+@contextmanager
+def mps_daemon(shares: tuple[int, int]) -> Iterator[dict[str, dict[str, str]]]:
+    """Run a CUDA MPS control daemon for the duration; yields the extra environment of each
+    service ({"target": ..., "draft": ..., "gateway": ...}). Its pipe and log directories
+    are private temp dirs, so it neither joins nor disturbs a system-wide daemon."""
+    if shutil.which(CONTROL) is None:
+        raise SystemExit(f"--mps: {CONTROL} is not on PATH (it ships with the NVIDIA driver)")
+    pipe, logs = tempfile.mkdtemp(prefix="pearl-mps-pipe-"), tempfile.mkdtemp(prefix="pearl-mps-log-")
+    base = {"CUDA_MPS_PIPE_DIRECTORY": pipe, "CUDA_MPS_LOG_DIRECTORY": logs}
+    env = {**os.environ, **base}
+    done = subprocess.run([CONTROL, "-d"], env=env, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise SystemExit(f"--mps: `{CONTROL} -d` failed (rc {done.returncode}): {done.stderr.strip()}")
+    target, draft = shares
+    log.warning("CUDA MPS is ON: daemon pipe %s, SM shares target %d%% / draft %d%%", pipe, target, draft)
+    try:
+        yield {"target": {**base, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(target)},
+               "draft": {**base, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(draft)},
+               "gateway": dict(base)}
+    finally:
+        try:
+            subprocess.run([CONTROL], input="quit\n", env=env, capture_output=True, text=True, timeout=30)
+            log.warning("CUDA MPS daemon stopped")
+        except (subprocess.SubprocessError, OSError) as e:
+            log.error("could not stop the CUDA MPS daemon (pipe %s): %s", pipe, e)
+        shutil.rmtree(pipe, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def server_list(mps_env: dict[str, str]) -> list[str]:
+    """PIDs of the MPS servers the daemon runs (empty: no client has connected through it)."""
+    done = subprocess.run([CONTROL], input="get_server_list\n", env={**os.environ, **mps_env},
+                          capture_output=True, text=True, timeout=30)
+    return done.stdout.split()

@@ -1,0 +1,121 @@
+"""The round model: tokens per round and per-token time of ar, sd and PEARL, and the PEARL
+speedup it projects for draft and target on separate GPUs from one run's measurements.
+
+Inputs, all per batch size and in ms: t_ar (one ar decode step of the whole batch), t_d (one
+draft step), t_v (one target verify forward), t_x (what a round costs beyond the two models:
+the target's host work plus the draft round trip's transport), alpha (the probability that
+the target accepts a draft token, independently per position), gamma (draft tokens a round).
+
+    ar     one token a step                     time t_ar
+    sd     E_sd = (1 - a^(g+1)) / (1 - a)        time g*t_d + t_v + t_x
+    PEARL  E_pearl (below)                      time max(g*t_d, t_v) + t_x
+
+PEARL as target_service/speculation.py runs it. A sequence is in *pre-verify* (nothing
+pending) or *post-verify* (g-1 draft tokens pending from the last round). Each round the
+target judges pending + the first of the draft's g fresh tokens:
+- pre-verify judges 1 token and commits 1 (the draft token or the correction); accepted
+  (prob a), the other g-1 fresh tokens become pending: post-verify.
+- post-verify judges g tokens. The first rejection at position i commits i+1 tokens and
+  returns to pre-verify; all g accepted (prob a^g) commits g and stays in post-verify. The
+  expected commit is sum_{k<g} a^k = (1 - a^g) / (1 - a).
+The two-state chain moves P->V with prob a and V->P with prob 1 - a^g, so it spends a
+fraction pi_V = a / (a + 1 - a^g) of rounds in post-verify and
+
+    E_pearl = pi_P * 1 + pi_V * (1 - a^g) / (1 - a) = (1 - a^g) / ((1 - a) (1 + a - a^g))
+
+(a = 0: 1 token a round; a = 1: g tokens a round). `simulate_pearl` replays the same rules
+round by round as a Monte-Carlo cross-check.
+
+Speedups are per-token time ratios: speedup = t_ar / (round time / tokens per round). The
+model is conservative for PEARL in two ways: t_x is charged outside the max although the
+transport overlaps the target's forward, and t_v is the sd verify of g+1 tokens a sequence
+while a PEARL verify feeds at most g.
+"""
+import random
+
+
+def sd_tokens_per_round(alpha: float, gamma: int) -> float:
+    """Expected committed tokens of one sd round: accepted drafts plus the correction/bonus."""
+    if alpha >= 1.0:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def pearl_tokens_per_round(alpha: float, gamma: int) -> float:
+    """Expected committed tokens per PEARL round in the stationary pre/post-verify chain."""
+    if alpha >= 1.0:
+        return float(gamma)
+    post = (1.0 - alpha ** gamma) / (1.0 - alpha)      # expected commit of a post-verify round
+    to_post, to_pre = alpha, 1.0 - alpha ** gamma
+    if to_post + to_pre == 0.0:
+        return 1.0
+    pi_post = to_post / (to_post + to_pre)
+    return (1.0 - pi_post) * 1.0 + pi_post * post
+
+
+def simulate_pearl(alpha: float, gamma: int, rounds: int = 100_000, seed: int = 0) -> tuple[float, float]:
+    """Monte-Carlo of the PEARL rules at iid acceptance `alpha`: (tokens per round, accepted /
+    judged as the target's Metrics count them)."""
+    rng = random.Random(seed)
+    pending = committed = judged_total = accepted_total = 0   # pending: drafts awaiting verification
+    for _ in range(rounds):
+        judged = pending + 1                           # pending + the first fresh token
+        first_reject = next((i for i in range(judged) if rng.random() >= alpha), None)
+        judged_total += judged
+        if first_reject is None:
+            committed += judged
+            accepted_total += judged
+            pending = gamma - 1                        # the rest of this round's fresh draft
+        else:
+            committed += first_reject + 1              # accepted prefix + the correction
+            accepted_total += first_reject
+            pending = 0
+    return committed / rounds, accepted_total / judged_total
+
+
+def accept_rate(alpha: float, gamma: int, mode: str) -> float:
+    """The Metrics acceptance rate (accepted / judged draft tokens) the rules produce at iid
+    acceptance `alpha`. Tokens after a round's first rejection count as judged, so this is
+    below alpha: sd judges all gamma tokens a round and accepts sum_{k=1..g} a^k of them;
+    PEARL judges 1 (pre-verify) or g (post-verify) and accepts a or sum_{k=1..g} a^k."""
+    run = sum(alpha ** k for k in range(1, gamma + 1))     # expected accepted of g judged in a row
+    if mode == "sd":
+        return run / gamma
+    to_post, to_pre = alpha, 1.0 - alpha ** gamma
+    pi_post = to_post / (to_post + to_pre) if to_post + to_pre > 0 else 1.0
+    return ((1 - pi_post) * alpha + pi_post * run) / ((1 - pi_post) + pi_post * gamma)
+
+
+def fit_alpha(rate: float, gamma: int, mode: str) -> float:
+    """The iid acceptance whose `accept_rate` equals a measured one (bisection; the rate
+    increases with alpha). Prefill rounds and the last truncated round barely move it, unlike
+    tokens per forward."""
+    lo, hi = 0.0, 1.0
+    if rate <= accept_rate(lo, gamma, mode):
+        return 0.0
+    if rate >= accept_rate(hi, gamma, mode):
+        return 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if accept_rate(mid, gamma, mode) < rate else (lo, mid)
+    return (lo + hi) / 2
+
+
+def project(t_ar: float, t_d: float, t_v: float, t_x: float, alpha: float, gamma: int) -> dict:
+    """Round times, tokens per round and speedups over ar of sd and PEARL (separate GPUs)."""
+    sd_round = gamma * t_d + t_v + t_x
+    pearl_round = max(gamma * t_d, t_v) + t_x
+    e_sd, e_pearl = sd_tokens_per_round(alpha, gamma), pearl_tokens_per_round(alpha, gamma)
+    return {"sd_round_ms": sd_round, "pearl_round_ms": pearl_round,
+            "sd_tokens_per_round": e_sd, "pearl_tokens_per_round": e_pearl,
+            "sd_speedup": t_ar * e_sd / sd_round if sd_round > 0 else None,
+            "pearl_speedup": t_ar * e_pearl / pearl_round if pearl_round > 0 else None}
+
+
+def best_gamma(t_ar: float, t_d: float, t_v: float, t_x: float, alpha: float,
+               gammas: range = range(1, 17)) -> tuple[int, float]:
+    """The gamma with the highest projected PEARL speedup (t_v held fixed: a verify of a few
+    more tokens costs about the same while decoding is bandwidth-bound)."""
+    scored = [(project(t_ar, t_d, t_v, t_x, alpha, g)["pearl_speedup"] or 0.0, g) for g in gammas]
+    speedup, g = max(scored)
+    return g, speedup

@@ -1,0 +1,129 @@
+"""What a bench run concludes: speedups, the HBM roofline at ar bs=1, the separate-GPU
+projection, the printed tables."""
+from pearl_runtime.bench import projection, roofline
+
+
+def add_speedups(rows: list[dict], greedy: bool = True) -> None:
+    """speedup over ar at the same batch size (a wall-clock ratio: every mode generated the
+    same tokens) and whether greedy outputs equal ar's."""
+    ar = {r["batch_size"]: r for r in rows if r["mode"] == "ar"}
+    for r in rows:
+        base = ar.get(r["batch_size"])
+        r["speedup_vs_ar"] = base["wall_s"] / r["wall_s"] if base else None
+        r["outputs_match_ar"] = base["outputs_sha256"] == r["outputs_sha256"] if base and greedy else None
+
+
+def hbm(rows: list[dict], target_dir: str, dtype: str, prompt_len: int, probe: dict) -> dict | None:
+    """Achieved HBM bandwidth of ar at bs=1 (and of the HF baseline) against the measured copy
+    bandwidth. Step time = wall / max_tokens (prefill and host work included); forward-only
+    uses the target's forward time per round instead."""
+    ar1 = next((r for r in rows if r["mode"] == "ar" and r["batch_size"] == 1), None)
+    if ar1 is None:
+        return None
+    n = ar1["max_tokens"]
+    b = roofline.decode_step_bytes(target_dir, dtype, mean_context=prompt_len + n / 2)
+    step_ms = ar1["wall_s"] / n * 1e3
+    copy = probe.get("copy", {}).get("gbps")
+    out = {**b, "step_ms": step_ms, "achieved_gbps": roofline.achieved_gbps(b["total_bytes"], step_ms),
+           "forward_ms": ar1["target_ms"],
+           "forward_only_gbps": roofline.achieved_gbps(b["total_bytes"], ar1["target_ms"]),
+           "copy_gbps": copy, "prompt_tokens": prompt_len}
+    out["fraction_of_copy"] = out["achieved_gbps"] / copy if copy and out["achieved_gbps"] else None
+    hf = probe.get("hf_baseline")
+    if hf:
+        hb = roofline.decode_step_bytes(target_dir, dtype, mean_context=hf["prompt_tokens"] + hf["tokens"] / 2)
+        out["hf_baseline"] = {**hf, "achieved_gbps": roofline.achieved_gbps(hb["total_bytes"], hf["step_ms"]),
+                              "fraction_of_copy": (roofline.achieved_gbps(hb["total_bytes"], hf["step_ms"]) / copy
+                                                   if copy else None)}
+    return out
+
+
+def project(rows: list[dict], same_gpu: bool) -> list[dict]:
+    """Per batch size: the round model's PEARL speedup with draft and target on their own
+    GPUs (see projection.py). Inputs come from the sd run where there is one (there draft and
+    target run one after the other, so their times are uncontended even on one GPU), else
+    from the pearl run (contended if they shared a GPU)."""
+    by = {(r["mode"], r["batch_size"]): r for r in rows}
+    out = []
+    for bs in sorted({r["batch_size"] for r in rows}):
+        ar, src = by.get(("ar", bs)), by.get(("sd", bs)) or by.get(("pearl", bs))
+        if ar is None or src is None or not src["gamma"] or src["accept_rate"] is None:
+            continue
+        g = src["gamma"]
+        t_d, t_v = src["draft_ms"] / g, src["target_ms"]
+        if src["mode"] == "sd":
+            t_x = src["round_ms"] - src["target_ms"] - src["draft_ms"]     # host + transport
+        else:
+            t_x = src["host_ms"]                                           # transport hidden
+        alpha = projection.fit_alpha(src["accept_rate"], g, src["mode"])
+        p = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, g)
+        best_g, best = projection.best_gamma(ar["round_ms"], t_d, t_v, t_x, alpha)
+        pearl = by.get(("pearl", bs))
+        sd = by.get(("sd", bs))
+        out.append({
+            "batch_size": bs, "source": src["mode"], "contended": src["mode"] == "pearl" and same_gpu,
+            "gamma": g, "alpha": alpha, "t_ar_ms": ar["round_ms"], "t_d_ms": t_d, "t_v_ms": t_v, "t_x_ms": t_x,
+            **p,
+            # checks of the model against this run: sd's wall-clock speedup; PEARL's tokens per
+            # round at alpha (fitted to sd's acceptance, or to pearl's own without an sd run)
+            "sd_speedup_measured": sd["speedup_vs_ar"] if sd else None,
+            "pearl_mat_model": p["pearl_tokens_per_round"],
+            "pearl_mat_measured": pearl["mat"] if pearl else None,
+            "best_gamma": best_g, "pearl_speedup_best_gamma": best,
+        })
+    return out
+
+
+def _f(x, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'mode':<6}{'bs':>4}{'tok/s':>10}{'speedup':>9}{'MAT':>6}{'accept':>8}{'round':>8}{'draft':>8}"
+            f"{'target':>8}{'wait':>8}{'host':>8}{'xfer':>8}{'ttft':>8}  same")
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["batch_size"], ("ar", "sd", "pearl").index(r["mode"]))):
+        same = {True: "yes", False: "NO", None: "-"}[r.get("outputs_match_ar")]
+        lines.append(f"{r['mode']:<6}{r['batch_size']:>4}{r['tokens_per_s']:>10.1f}{_f(r.get('speedup_vs_ar')):>9}"
+                     f"{_f(r['mat']):>6}{_f(r['accept_rate']):>8}{r['round_ms']:>8.2f}{r['draft_ms']:>8.2f}"
+                     f"{r['target_ms']:>8.2f}{r['wait_ms']:>8.2f}{r['host_ms']:>8.2f}{_f(r['xfer_ms']):>8}"
+                     f"{r['ttft_ms']['mean']:>8.1f}  {same}")
+    lines.append("times in ms per round (one batched target forward); speedup = ar wall / wall at the same bs; "
+                 "same = greedy outputs identical to ar")
+    return "\n".join(lines)
+
+
+def hbm_text(h: dict | None) -> str:
+    if not h:
+        return "HBM: no ar bs=1 row"
+    gb = lambda x: _f(x, ".4g")   # noqa: E731
+    lines = [f"HBM at ar bs=1: {h['total_bytes'] / 1e9:.3g} GB a step (weights {h['weight_bytes'] / 1e9:.3g} GB with "
+             f"the full LM head and one embedding row, KV {h['kv_bytes'] / 1e9:.3g} GB at mean context "
+             f"{h['mean_context']:.0f})",
+             f"  pearl-serve  {h['step_ms']:.2f} ms/token -> {gb(h['achieved_gbps'])} GB/s "
+             f"({_f(h['fraction_of_copy'] and 100 * h['fraction_of_copy'], '.0f')}% of copy); forward only "
+             f"{h['forward_ms']:.2f} ms -> {gb(h['forward_only_gbps'])} GB/s"]
+    if h.get("hf_baseline"):
+        b = h["hf_baseline"]
+        lines.append(f"  HF generate  {b['step_ms']:.2f} ms/token -> {gb(b['achieved_gbps'])} GB/s, "
+                     f"{b['tokens_per_s']:.1f} tokens/s ({b['weights']})")
+    lines.append(f"  device copy bandwidth (read + write, best of several): {gb(h['copy_gbps'])} GB/s")
+    return "\n".join(lines)
+
+
+def projection_text(proj: list[dict]) -> str:
+    if not proj:
+        return "projection: needs ar and sd (or pearl) runs"
+    head = (f"{'bs':>4}{'src':>6}{'gamma':>6}{'alpha':>7}{'t_ar':>8}{'t_d':>8}{'t_v':>8}{'t_x':>8}"
+            f"{'sd x':>7}{'sd meas':>8}{'MAT mod':>8}{'MAT meas':>9}{'PEARL x':>9}{'best g':>7}{'at best':>8}")
+    lines = ["PROJECTED PEARL speedup over ar with draft and target on separate GPUs (round model, "
+             "benchmarks/README.md); ms", head]
+    for p in proj:
+        lines.append(f"{p['batch_size']:>4}{p['source']:>6}{p['gamma']:>6}{p['alpha']:>7.3f}{p['t_ar_ms']:>8.2f}"
+                     f"{p['t_d_ms']:>8.2f}{p['t_v_ms']:>8.2f}{p['t_x_ms']:>8.2f}{_f(p['sd_speedup']):>7}"
+                     f"{_f(p['sd_speedup_measured']):>8}{_f(p['pearl_mat_model']):>8}{_f(p['pearl_mat_measured']):>9}"
+                     f"{_f(p['pearl_speedup']):>9}{p['best_gamma']:>7}"
+                     f"{_f(p['pearl_speedup_best_gamma']):>8}" + ("  (contended inputs)" if p["contended"] else ""))
+    lines.append("sd x / PEARL x: model speedups over ar; sd meas: measured sd wall-clock speedup; MAT mod / meas: "
+                 "PEARL tokens per sequence-round, model at alpha vs measured")
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""`pearl bench`: ar vs sd vs PEARL in one run on one machine, each mode through the real
+services (draft, target, gateway as child processes, as `pearl up` starts them).
+
+Order: device probe (copy bandwidth, HF baseline) in a child process; then per mode: start
+the services, wait until the target really uses the draft, warm up every batch size, measure
+every batch size; finally the tables and the JSON.
+"""
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import random
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from pearl_runtime.bench import mps, prompts as bench_prompts, report, roofline
+from pearl_runtime.bench.measure import BenchError, measure, read_metrics, submit_batch
+
+log = logging.getLogger("pearl.bench")
+ROOT = Path(__file__).resolve().parents[2]
+MODES = ("ar", "sd", "pearl")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("models")
+    m.add_argument("--model", help="target model directory")
+    m.add_argument("--draft-model", help="draft model directory")
+    m.add_argument("--synthetic", metavar="TARGET/DRAFT",
+                   help="shape-faithful synthetic pair, e.g. qwen2.5-7b/qwen2.5-0.5b (random weights)")
+    m.add_argument("--accept", type=float, default=0.8, help="synthetic: the draft's calibrated acceptance")
+    m.add_argument("--seed", type=int, default=0, help="synthetic: weights seed")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default=None, help="device of both services (default: cuda if available, else cpu)")
+    r.add_argument("--target-device", default=None, help="default: --device")
+    r.add_argument("--draft-device", default=None, help="default: --device (the same GPU)")
+    r.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    r.add_argument("--modes", default="ar,sd,pearl")
+    r.add_argument("--batch-sizes", default="1,8,16,32,64")
+    r.add_argument("--max-tokens", type=int, default=256, help="tokens every request generates (ignore_eos)")
+    r.add_argument("--warmup-tokens", type=int, default=16)
+    r.add_argument("--prompt-len", type=int, default=None, help="cut prompts to this many tokens")
+    r.add_argument("--prompts", default=str(bench_prompts.DEFAULT_PROMPTS), help="Spec-Bench style jsonl")
+    r.add_argument("--gamma", default="4", help="draft tokens per round (passed to the target), or 'auto'")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    r.add_argument("--mps", action="store_true", help="one GPU: run draft and target under CUDA MPS")
+    r.add_argument("--mps-shares", default="80,20", help="SM percentages target,draft under --mps")
+    r.add_argument("--hf-baseline", action="store_true", help="also time HF transformers generate at bs=1")
+    r.add_argument("--kv-cache-gb", type=float, default=None, help="per service (default: sized for the run)")
+    r.add_argument("--target-args", default="", help="extra `pearl target` flags, e.g. '--attention triton'")
+    r.add_argument("--draft-args", default="", help="extra `pearl draft` flags")
+    r.add_argument("--start-timeout", type=float, default=900.0, help="seconds for services to come up")
+    r.add_argument("--draft-timeout", type=float, default=300.0, help="seconds for the target to start using the draft")
+    r.add_argument("--threads", type=int, default=1, help="CPU threads per service (CPU runs)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<date>_<gpu>_<pair>.json)")
+    o.add_argument("--label", default="")
+
+
+# -- setup -------------------------------------------------------------------------------------
+def resolve_models(args) -> tuple[str, str | None, str, dict | None]:
+    """(target dir, draft dir, pair name, synthetic spec)."""
+    if args.synthetic:
+        if args.model or args.draft_model:
+            raise SystemExit("give either --synthetic or --model/--draft-model")
+        target, _, draft = args.synthetic.partition("/")
+        if not draft:
+            raise SystemExit("--synthetic wants TARGET/DRAFT, e.g. qwen2.5-7b/qwen2.5-0.5b")
+        from pearl_runtime.models.synthetic import prepare_synthetic_pair
+        t, d = prepare_synthetic_pair(target, draft, args.accept, args.seed)
+        return str(t), str(d), f"{target}_{draft}", {"target": target, "draft": draft, "accept": args.accept,
+                                                     "seed": args.seed, "weights": "random, shape-faithful"}
+    if not args.model:
+        raise SystemExit("give --model (and --draft-model for sd/pearl) or --synthetic TARGET/DRAFT")
+    target = str(Path(args.model).resolve())
+    draft = str(Path(args.draft_model).resolve()) if args.draft_model else None
+    pair = Path(target).name + (f"_{Path(draft).name}" if draft else "")
+    return target, draft, pair, None
+
+
+def free_base_port(tries: int = 200) -> int:
+    """A port p with p, p+1, p+2 free on loopback."""
+    for _ in range(tries):
+        base = random.randrange(20000, 60000)
+        socks = []
+        try:
+            for p in range(base, base + 3):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise BenchError("no three consecutive free loopback ports")
+
+
+def run_probe(device: str, dtype: str, target_dir: str, prompt_ids: list[int], max_tokens: int,
+              hf: bool) -> dict:
+    """Machine info, copy bandwidth and the HF baseline, in a child process (frees its memory)."""
+    with tempfile.TemporaryDirectory(prefix="pearl-bench-probe-") as tmp:
+        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps({"device": device, "dtype": dtype, "prompt_ids": prompt_ids,
+                                   "max_tokens": max_tokens, "hf_model": target_dir if hf else None,
+                                   "copy_mib": 1024 if device.startswith("cuda") else 64}))
+        log.info("probing the device%s", " and timing the HF baseline" if hf else "")
+        done = subprocess.run([sys.executable, "-m", "pearl_runtime.bench.probe", str(req), str(res)], cwd=ROOT)
+        if done.returncode != 0:
+            raise BenchError(f"the device probe failed (rc {done.returncode}); see its output above")
+        return json.loads(res.read_text())
+
+
+def default_out(probe: dict, pair: str, mps_on: bool, device: str) -> Path:
+    gpu = probe["machine"].get("gpu") or ("cpu" if device == "cpu" else device)
+    gpu = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+    return ROOT / "benchmarks" / "results" / f"{stamp}_{gpu}_{pair}{'_mps' if mps_on else ''}.json"
+
+
+# -- one mode ------------------------------------------------------------------------------------
+def stack_args(args, mode: str, target_dir: str, draft_dir: str | None, device: str, dtype: str,
+               kv: dict[str, float], max_bs: int) -> argparse.Namespace:
+    def engine(which: str, extra: str) -> list[str]:
+        argv = ["--kv-cache-gb", f"{kv[which]:.3f}", "--max-num-seqs", str(max(max_bs, 1))]
+        if device == "cpu":
+            argv += ["--threads", str(args.threads)]
+        return argv + shlex.split(extra)
+    return argparse.Namespace(
+        model=target_dir, draft_model=draft_dir, mode=mode, gamma=args.gamma, device=device, dtype=dtype,
+        target_device=args.target_device or device, draft_device=args.draft_device or device,
+        base_port=free_base_port(), log_level="info", start_timeout_s=args.start_timeout,
+        target_argv=engine("target", args.target_args), draft_argv=engine("draft", args.draft_args))
+
+
+def log_tails(log_dir: Path, n: int = 30) -> str:
+    parts = []
+    for f in sorted(log_dir.glob("*.log")):
+        lines = f.read_text(errors="replace").splitlines()[-n:]
+        parts.append(f"--- {f} (last {len(lines)} lines)\n" + "\n".join(lines))
+    return "\n".join(parts)
+
+
+async def wait_serving(stack, gateway: str, mode: str, prompt: list[int], timeout_s: float) -> None:
+    """Until one request goes through the gateway and the target answers Metrics (a target
+    still loading or capturing graphs makes the gateway park or refuse requests)."""
+    import grpc
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        if any(p.poll() is not None for p in stack.procs):
+            raise BenchError(f"{mode}: a service exited during start-up")
+        try:
+            await read_metrics(stack.target_address)
+            await submit_batch(gateway, [prompt], 1, 60.0)
+            return
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as e:
+            if loop.time() > deadline:
+                raise BenchError(f"{mode}: services not serving after {timeout_s:.0f}s: {e}") from e
+            await asyncio.sleep(1.0)
+
+
+async def wait_for_draft(stack, gateway: str, mode: str, prompt: list[int], timeout_s: float) -> None:
+    """Until a request's rounds take the `mode` path (the target dialed the draft and uses it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        if any(p.poll() is not None for p in stack.procs):
+            raise BenchError(f"{mode}: a service exited while waiting for the draft")
+        await submit_batch(gateway, [prompt], 4, timeout_s)
+        m = await read_metrics(stack.target_address)
+        if m.path == mode:
+            return
+        if loop.time() > deadline:
+            raise BenchError(f"{mode}: the target never used the draft in {timeout_s:.0f}s (last round path "
+                             f"{m.path!r}); the draft did not connect or was refused (see draft.log/target.log). "
+                             f"No fallback: a {mode} row measured in ar would be meaningless.")
+        await asyncio.sleep(0.5)
+
+
+async def until_ready(stack, gateway: str, mode: str, prompt: list[int], args) -> None:
+    await wait_serving(stack, gateway, mode, prompt, args.start_timeout)
+    if mode != "ar":
+        await wait_for_draft(stack, gateway, mode, prompt, args.draft_timeout)
+        log.info("%s: the target uses the draft", mode)
+
+
+async def run_session(stack, gateway: str, mode: str, prompts: list[list[int]], args, batch_sizes) -> list[dict]:
+    for bs in batch_sizes:            # CUDA graphs, Triton autotune, allocator: outside the measurement
+        await submit_batch(gateway, bench_prompts.take(prompts, bs), args.warmup_tokens, args.start_timeout,
+                           args.temperature)
+    rows = []
+    for bs in batch_sizes:
+        r = await measure(gateway, stack.target_address, bench_prompts.take(prompts, bs), args.max_tokens, mode,
+                          args.temperature)
+        log.info("%s bs=%d: %.1f tokens/s, MAT %.2f, round %.2f ms", mode, bs, r["tokens_per_s"], r["mat"] or 0,
+                 r["round_ms"])
+        rows.append(r)
+    return rows
+
+
+def run_mode(args, mode: str, ns: argparse.Namespace, env: dict | None, log_dir: Path, prompts, batch_sizes,
+             mps_info: dict | None) -> list[dict]:
+    from pearl_runtime.cli import Stack
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(ns, env=env, log_dir=str(log_dir))
+    log.info("%s: starting services (logs in %s)", mode, log_dir)
+    try:
+        gateway = stack.start()
+        asyncio.run(until_ready(stack, gateway, mode, prompts[0], args))
+        if mps_info is not None:      # the services hold CUDA contexts now: an MPS server must run
+            servers = mps.server_list(env["target"])
+            mps_info.setdefault("servers", {})[mode] = servers
+            if not servers:
+                raise BenchError(f"{mode}: --mps is on but the MPS daemon runs no server: the services did not "
+                                 "connect through it")
+        return asyncio.run(run_session(stack, gateway, mode, prompts, args, batch_sizes))
+    except (SystemExit, Exception) as e:
+        raise BenchError(f"{mode} failed: {e}\n{log_tails(log_dir)}") from e
+    finally:
+        stack.stop()
+
+
+# -- main ----------------------------------------------------------------------------------------
+def main(args) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import torch
+    from pearl_runtime.config import ModelConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    modes = [m for m in args.modes.split(",") if m]
+    if bad := [m for m in modes if m not in MODES]:
+        raise SystemExit(f"--modes: unknown {bad}; choose from {MODES}")
+    modes.sort(key=MODES.index)
+    batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b})
+    target_dir, draft_dir, pair, synthetic = resolve_models(args)
+    if draft_dir is None and any(m != "ar" for m in modes):
+        raise SystemExit("sd and pearl need --draft-model (or --synthetic)")
+    tdev, ddev = args.target_device or device, args.draft_device or device
+    one_gpu = mps.same_gpu(tdev, ddev)
+    if args.mps and not one_gpu:
+        log.warning("--mps with draft and target on different devices (%s, %s): MPS only matters on one GPU",
+                    tdev, ddev)
+    if one_gpu and not args.mps and any(m != "ar" for m in modes):
+        log.warning("draft and target share %s WITHOUT MPS: they time-slice the GPU and cannot overlap, so "
+                    "PEARL's draft/verify overlap cannot show here (use --mps, or --draft-device cuda:1)", tdev)
+
+    vocab = ModelConfig.from_dir(target_dir).vocab_size
+    texts = bench_prompts.load_turns(args.prompts)[:max(batch_sizes)]
+    prompts = bench_prompts.tokenize(texts, target_dir, vocab, args.prompt_len)
+    longest = max(len(p) for p in prompts)
+    kv = {"target": args.kv_cache_gb or roofline.kv_cache_gb(target_dir, dtype, max(batch_sizes),
+                                                             longest + args.max_tokens + 64)}
+    if draft_dir:
+        kv["draft"] = args.kv_cache_gb or roofline.kv_cache_gb(draft_dir, dtype, max(batch_sizes),
+                                                               longest + args.max_tokens + 64)
+
+    probe = run_probe(tdev, dtype, target_dir, prompts[0], args.max_tokens, args.hf_baseline)
+    out = Path(args.out) if args.out else default_out(probe, pair, args.mps, device)
+    logs = out.with_suffix(".logs")
+    rows: list[dict] = []
+    mps_info = None
+    with ExitStack() as scope:
+        env = None
+        if args.mps:
+            shares = mps.parse_shares(args.mps_shares)
+            env = scope.enter_context(mps.mps_daemon(shares))
+            mps_info = {"on": True, "shares": {"target": shares[0], "draft": shares[1]},
+                        "pipe": env["target"]["CUDA_MPS_PIPE_DIRECTORY"]}
+        for mode in modes:
+            ns = stack_args(args, mode, target_dir, draft_dir, device, dtype, kv, max(batch_sizes))
+            rows += run_mode(args, mode, ns, env, logs / mode, prompts, batch_sizes, mps_info)
+
+    report.add_speedups(rows, greedy=args.temperature == 0)
+    hbm = report.hbm(rows, target_dir, dtype, len(prompts[0]), probe)
+    proj = report.project(rows, same_gpu=one_gpu and not args.mps)
+    result = {
+        "schema": "pearl-bench/1", "label": args.label, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": sys.argv, "git_commit": _git_commit(),
+        "machine": probe["machine"], "copy_bandwidth": probe["copy"],
+        "config": {"target_model": target_dir, "draft_model": draft_dir, "pair": pair, "synthetic": synthetic,
+                   "device": device, "target_device": tdev, "draft_device": ddev, "one_gpu": one_gpu,
+                   "dtype": dtype, "modes": modes, "batch_sizes": batch_sizes, "max_tokens": args.max_tokens,
+                   "warmup_tokens": args.warmup_tokens, "gamma": args.gamma, "temperature": args.temperature,
+                   "kv_cache_gb": kv, "target_args": args.target_args, "draft_args": args.draft_args,
+                   "mps": mps_info or {"on": False}},
+        "prompts": {"path": str(args.prompts), "count": len(prompts), "prompt_len_cut": args.prompt_len,
+                    "tokens": [len(p) for p in prompts]},
+        "runs": rows, "hbm": hbm, "projection": proj, "logs": str(logs),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    note = (f"synthetic pair {synthetic['target']} -> {synthetic['draft']} (random weights, acceptance calibrated "
+            f"to {synthetic['accept']})" if synthetic else f"{target_dir} -> {draft_dir}")
+    print(f"\npearl bench: {note}; {probe['machine'].get('gpu') or device}, {dtype}, max_tokens {args.max_tokens}"
+          f", gamma {args.gamma}, MPS {'on ' + args.mps_shares if args.mps else 'off'}"
+          f"{', one GPU shared' if one_gpu else ''}")
+    print(report.table(rows))
+    print()
+    print(report.hbm_text(hbm))
+    print()
+    print(report.projection_text(proj))
+    print(f"\nwrote {out}")
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,200 @@
+"""`pearl bench` on CPU with tiny models (ar, sd, pearl end to end) and the round model."""
+import json
+
+import pytest
+
+from pearl_runtime.bench import mps, projection, roofline
+from pearl_runtime.bench.measure import BenchError
+
+GAMMA = 4
+MAX_TOKENS = 8
+BATCH_SIZES = (1, 2)
+
+
+# -- the round model ---------------------------------------------------------------------------
+def test_pearl_all_accepted_commits_gamma_a_round():
+    for g in (1, 2, 4, 8):
+        assert projection.pearl_tokens_per_round(1.0, g) == g
+        assert projection.simulate_pearl(1.0, g, rounds=1000)[0] == pytest.approx(g, abs=1e-2)
+
+
+def test_nothing_accepted_commits_one_token_a_round():
+    for g in (1, 4, 8):
+        assert projection.pearl_tokens_per_round(0.0, g) == 1.0
+        assert projection.sd_tokens_per_round(0.0, g) == 1.0
+        assert projection.simulate_pearl(0.0, g, rounds=1000) == (1.0, 0.0)
+
+
+def test_sd_formula_is_the_expected_accepted_prefix_plus_one():
+    for alpha in (0.1, 0.5, 0.8, 0.99):
+        for g in (1, 3, 4, 8):
+            # P(first rejection after k accepted) = a^k (1-a) for k < g; all g accepted: a^g, +1 bonus
+            brute = sum((k + 1) * alpha ** k * (1 - alpha) for k in range(g)) + (g + 1) * alpha ** g
+            assert projection.sd_tokens_per_round(alpha, g) == pytest.approx(brute)
+    assert projection.sd_tokens_per_round(1.0, 4) == 5.0
+
+
+@pytest.mark.parametrize("gamma", [2, 4, 8])
+def test_markov_matches_monte_carlo(gamma):
+    for alpha in (0.3, 0.7, 0.9):
+        tokens, rate = projection.simulate_pearl(alpha, gamma, rounds=200_000, seed=gamma)
+        assert projection.pearl_tokens_per_round(alpha, gamma) == pytest.approx(tokens, rel=0.01)
+        assert projection.accept_rate(alpha, gamma, "pearl") == pytest.approx(rate, rel=0.01)
+
+
+def test_monotonic_in_alpha():
+    grid = [i / 50 for i in range(51)]
+    for g in (1, 4, 8):
+        for f in (projection.pearl_tokens_per_round, projection.sd_tokens_per_round):
+            values = [f(a, g) for a in grid]
+            assert all(b >= a for a, b in zip(values, values[1:]))
+        for mode in ("sd", "pearl"):
+            rates = [projection.accept_rate(a, g, mode) for a in grid]
+            assert all(b >= a for a, b in zip(rates, rates[1:]))
+
+
+def test_fit_alpha_inverts_accept_rate():
+    for mode in ("sd", "pearl"):
+        for alpha in (0.05, 0.5, 0.8, 0.97):
+            assert projection.fit_alpha(projection.accept_rate(alpha, GAMMA, mode), GAMMA, mode) == \
+                pytest.approx(alpha, abs=1e-6)
+
+
+def test_projection_balanced_rounds():
+    # gamma draft steps take exactly one verify: PEARL's round is half of sd's
+    p = projection.project(t_ar=10.0, t_d=2.5, t_v=10.0, t_x=0.0, alpha=1.0, gamma=4)
+    assert p["sd_round_ms"] == 20.0 and p["pearl_round_ms"] == 10.0
+    assert p["sd_speedup"] == pytest.approx(10 * 5 / 20) and p["pearl_speedup"] == pytest.approx(10 * 4 / 10)
+    g, best = projection.best_gamma(10.0, 2.5, 10.0, 0.0, 1.0)
+    assert g >= 4 and best >= p["pearl_speedup"]
+
+
+def test_mps_helpers():
+    assert mps.parse_shares("80,20") == (80, 20)
+    with pytest.raises(ValueError):
+        mps.parse_shares("80")
+    assert mps.same_gpu("cuda", "cuda:0") and not mps.same_gpu("cuda:0", "cuda:1") and not mps.same_gpu("cpu", "cpu")
+
+
+def test_weight_bytes_count_every_parameter_but_the_embedding_table(llama_dir, qwen2_dir, hf_model):
+    for d in (llama_dir, qwen2_dir):
+        model = hf_model(d)
+        total = sum(p.numel() for p in model.parameters())
+        emb = model.model.embed_tokens.weight
+        w = roofline.weight_bytes_per_step(d, "bfloat16")
+        assert w["params_read"] == total - emb.numel() + emb.shape[1]
+        assert w["bytes"] == 2 * w["params_read"]
+
+
+def test_synthetic_pair_resolves_through_prepare_synthetic_pair(monkeypatch, llama_dir, draft_factory):
+    import argparse
+
+    from pearl_runtime.bench.run import resolve_models
+    from pearl_runtime.models import synthetic
+    calls = []
+
+    def fake(target, draft, accept, seed=0):
+        calls.append((target, draft, accept, seed))
+        return llama_dir, draft_factory(llama_dir, "copy")
+    monkeypatch.setattr(synthetic, "prepare_synthetic_pair", fake)
+    args = argparse.Namespace(synthetic="qwen2.5-7b/qwen2.5-0.5b", accept=0.7, seed=3, model=None, draft_model=None)
+    t, d, pair, spec = resolve_models(args)
+    assert calls == [("qwen2.5-7b", "qwen2.5-0.5b", 0.7, 3)] and t == str(llama_dir)
+    assert pair == "qwen2.5-7b_qwen2.5-0.5b" and spec["accept"] == 0.7
+
+
+def test_hf_baseline_builds_random_weights_when_the_directory_has_none(tmp_path, llama_dir):
+    import shutil
+
+    from pearl_runtime.bench.probe import hf_baseline
+    for f in llama_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, tmp_path / f.name)
+    b = hf_baseline(str(tmp_path), "cpu", "float32", [1, 2, 3], 4)
+    assert b["weights"].startswith("random") and b["tokens"] == 4 and b["tokens_per_s"] > 0
+
+
+# -- end to end ----------------------------------------------------------------------------------
+def _bench(tmp_path, target, draft, *extra):
+    from pearl_runtime.cli import main
+    out = tmp_path / "result.json"
+    main(["bench", "--model", str(target), "--draft-model", str(draft), "--device", "cpu",
+          "--batch-sizes", ",".join(map(str, BATCH_SIZES)), "--max-tokens", str(MAX_TOKENS), "--prompt-len", "24",
+          "--gamma", str(GAMMA), "--warmup-tokens", "4", "--out", str(out), "--kv-cache-gb", "0.05", *extra])
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def bench_run(llama_dir, draft_factory, tmp_path_factory):
+    """One bench run for the module: (the JSON, what it printed)."""
+    import contextlib
+    import io
+    tmp = tmp_path_factory.mktemp("bench")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = _bench(tmp, llama_dir, draft_factory(llama_dir, "copy"), "--hf-baseline", "--label", "ci")
+    return result, printed.getvalue()
+
+
+def test_bench_end_to_end(bench_run):
+    r = bench_run[0]
+    assert r["schema"] == "pearl-bench/1" and r["label"] == "ci"
+    for key in ("machine", "copy_bandwidth", "config", "prompts", "runs", "hbm", "projection", "git_commit"):
+        assert key in r
+    assert r["machine"]["torch"] and r["copy_bandwidth"]["gbps"] > 0
+    runs = {(x["mode"], x["batch_size"]): x for x in r["runs"]}
+    assert set(runs) == {(m, bs) for m in ("ar", "sd", "pearl") for bs in BATCH_SIZES}
+    for (mode, bs), x in runs.items():
+        # an identical token budget in every mode
+        assert x["tokens"] == bs * MAX_TOKENS == x["metrics_diff"]["committed_tokens"]
+        assert x["outputs_match_ar"] is True, (mode, bs)       # greedy is lossless
+        assert x["path"] == mode
+        for key in ("tokens_per_s", "speedup_vs_ar", "mat", "round_ms", "draft_ms", "target_ms", "wait_ms",
+                    "host_ms", "xfer_ms", "accept_rate", "ttft_ms", "gamma"):
+            assert key in x
+        if mode == "ar":
+            assert x["mat"] == 1.0 and x["accept_rate"] is None and x["draft_ms"] == 0.0
+        else:
+            assert x["metrics_diff"]["speculative_rounds"] == x["metrics_diff"]["rounds"]
+            assert x["accept_rate"] == 1.0 and x["mat"] > 1.0 and x["draft_ms"] > 0   # the draft is a copy
+    h = r["hbm"]
+    assert h["achieved_gbps"] > 0 and h["copy_gbps"] > 0 and h["hf_baseline"]["tokens_per_s"] > 0
+    assert [p["batch_size"] for p in r["projection"]] == list(BATCH_SIZES)
+    assert all(p["source"] == "sd" and p["alpha"] == 1.0 for p in r["projection"])
+
+
+def test_bench_prints_the_tables(bench_run):
+    lines = bench_run[1].splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["mode", "bs", "tok/s", "speedup"])
+    rows = [line.split()[:2] for line in lines[header + 2:header + 2 + 6]]
+    assert rows == [[m, str(bs)] for bs in BATCH_SIZES for m in ("ar", "sd", "pearl")]
+    assert "HBM at ar bs=1" in bench_run[1] and "HF generate" in bench_run[1]
+    assert "PROJECTED PEARL speedup" in bench_run[1]
+
+
+def test_bench_fails_loudly_when_the_draft_never_connects(tmp_path, llama_dir, tiny_model_factory):
+    other_vocab = tiny_model_factory("llama", vocab=576)      # the target refuses its handshake
+    with pytest.raises(BenchError, match="never used the draft"):
+        _bench(tmp_path, llama_dir, other_vocab, "--modes", "sd", "--batch-sizes", "1", "--draft-timeout", "3")
+
+
+def test_bench_mps_plumbing_with_a_stand_in_control_daemon(tmp_path, llama_dir, monkeypatch):
+    """No GPU here: a stand-in `nvidia-cuda-mps-control` records how the bench drives it."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / mps.CONTROL
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/sh
+if [ "$1" = "-d" ]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" >> {calls}; exit 0; fi
+read cmd; echo "$cmd" >> {calls}
+[ "$cmd" = "get_server_list" ] && echo 4242
+exit 0
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    r = _bench(tmp_path, llama_dir, llama_dir, "--modes", "ar", "--batch-sizes", "1", "--mps",
+               "--mps-shares", "70,30")
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("start ") and lines[1:] == ["get_server_list", "quit"]
+    m = r["config"]["mps"]
+    assert m["on"] and m["shares"] == {"target": 70, "draft": 30} and m["servers"] == {"ar": ["4242"]}
+    assert lines[0].split()[1] == m["pipe"]
