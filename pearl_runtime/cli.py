@@ -66,7 +66,8 @@ def cmd_target(args) -> None:
     setup_logging("target", args.log_level)
     model = args.model or default_model()
     draft = None if args.mode == "ar" else args.draft
-    run_async(_until_signal(serve(_engine_config(args, model), args.host, args.port, args.mode, draft, args.gamma)))
+    gamma = None if str(args.gamma) == "auto" else int(args.gamma)
+    run_async(_until_signal(serve(_engine_config(args, model), args.host, args.port, args.mode, draft, gamma)))
 
 
 def cmd_gateway(args) -> None:
@@ -225,7 +226,8 @@ def main(argv=None) -> None:
     t.add_argument("--port", type=int, default=int(_env("TARGET_PORT", 50051)))
     t.add_argument("--mode", choices=("pearl", "sd", "ar"), default=_env("MODE", "pearl"))
     t.add_argument("--draft", default=_env("DRAFT_ADDRESS", "127.0.0.1:50052"), help="draft service address")
-    t.add_argument("--gamma", type=int, default=int(_env("GAMMA", 4)))
+    t.add_argument("--gamma", default=_env("GAMMA", "auto"),
+                   help="draft tokens per round, or 'auto': balance measured draft and verify step times (GPU)")
     t.set_defaults(fn=cmd_target)
 
     g = sub.add_parser("gateway", help="run the gateway")
