@@ -69,13 +69,13 @@ def _paged_attention(Q, K, V, O, block_tables, cu_q, q_lens, ctx_lens, scale,
 
 
 @triton.jit
-def _store_kv(K, V, k_cache, v_cache, slots, stride_t, stride_slot, WIDTH: tl.constexpr):
+def _store_kv(K, V, k_cache, v_cache, slots, stride_k, stride_v, stride_slot, WIDTH: tl.constexpr):
     """One program per new token: its K and V rows into their cache slot (one launch, not two)."""
     t = tl.program_id(0)
     slot = tl.load(slots + t)
     i = tl.arange(0, WIDTH)
-    tl.store(k_cache + slot * stride_slot + i, tl.load(K + t * stride_t + i))
-    tl.store(v_cache + slot * stride_slot + i, tl.load(V + t * stride_t + i))
+    tl.store(k_cache + slot * stride_slot + i, tl.load(K + t * stride_k + i))
+    tl.store(v_cache + slot * stride_slot + i, tl.load(V + t * stride_v + i))
 
 
 class TritonBackend(AttentionBackend):
@@ -85,10 +85,12 @@ class TritonBackend(AttentionBackend):
 
     def store_kv(self, k, v, k_cache, v_cache, ctx):
         width = k.shape[1] * k.shape[2]
-        if k.stride(1) != k.shape[2] or width & (width - 1):   # needs packed, power-of-two rows
+        packed = k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2] and k.stride(2) == v.stride(2) == 1
+        if not packed or width & (width - 1):   # rows must be packed and a power of two wide
             return super().store_kv(k, v, k_cache, v_cache, ctx)
-        _store_kv[(k.shape[0],)](k, v, k_cache, v_cache, ctx.slot_mapping, k.stride(0), k_cache.stride(1),
-                                 WIDTH=width)
+        # k is a fresh tensor after rotary, v a view into the fused qkv output: own strides
+        _store_kv[(k.shape[0],)](k, v, k_cache, v_cache, ctx.slot_mapping, k.stride(0), v.stride(0),
+                                 k_cache.stride(1), WIDTH=width)
 
     def attend(self, q, k_cache, v_cache, ctx, scale):
         out = torch.empty_like(q)

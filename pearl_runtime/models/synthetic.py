@@ -36,7 +36,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 def _config(name: str, vocab: int) -> dict:
     arch, hidden, layers, heads, kv, inter, _, extra = SHAPES[name]
-    cfg = {"architectures": [arch], "hidden_size": hidden, "num_hidden_layers": layers,
+    cfg = {"architectures": [arch], "model_type": "llama" if arch == "LlamaForCausalLM" else "qwen2",
+           "hidden_size": hidden, "num_hidden_layers": layers,
            "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter,
            "vocab_size": vocab, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
            "tie_word_embeddings": False, "eos_token_id": 0, "bos_token_id": 0, "torch_dtype": "bfloat16"}
@@ -173,7 +174,11 @@ def calibrate(runner, spec: dict, seqs: int = 8, length: int = 128) -> float:
             lo = mid
         else:
             hi = mid
-    measured = agreement(10 ** ((lo + hi) / 2))
+    silent = agreement(0.0)
+    if silent < 0.99:   # with its layers silent the target must follow pi: else the build is broken
+        raise RuntimeError(f"synthetic target with silent layers agrees with its head map on only "
+                           f"{silent:.3f} of tokens; the model or the attention path is broken")
+    measured = agreement(10 ** ((lo + hi) / 2))    # leaves the weights at the calibrated scale
     del originals
     log.info("synthetic target calibrated: requested acceptance %.3f, measured %.3f on calibration "
              "contexts (output-projection scale %.4g)", target, measured, 10 ** ((lo + hi) / 2))

@@ -50,3 +50,22 @@ def test_triton_matches_reference(dtype, tol, heads, kv_heads, head_dim, block_s
     out = TritonBackend().attend(q, kc, vc, ctx, scale).float()
     diff = (out - ref).abs().max().item()
     assert diff < tol, f"max abs diff {diff:.3g} (tolerance {tol})"
+
+
+def test_triton_store_kv_matches_reference():
+    """K rows packed (after rotary), V a strided view into the fused qkv output, as in the model."""
+    from pearl_runtime.attention.base import AttentionBackend
+    from pearl_runtime.attention.gpu import TritonBackend
+    dev = torch.device("cuda")
+    t, hq, hkv, d = 37, 28, 4, 128
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, dtype=torch.bfloat16)
+    _, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    k = k.reshape(t, hkv, d).clone()
+    v = v.view(t, hkv, d)
+    q, kc, vc, ctx = _case([t], [t], hq, hkv, d, 16, torch.bfloat16)
+    ctx.slot_mapping = torch.randperm(kc.shape[0] * 16, device=dev)[:t]
+    ref_k, ref_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    AttentionBackend().store_kv(k, v, ref_k, ref_v, ctx)
+    out_k, out_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    TritonBackend().store_kv(k, v, out_k, out_v, ctx)
+    assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
