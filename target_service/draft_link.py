@@ -64,7 +64,8 @@ class DraftLink:
                 log.error("draft refused the handshake; serving ar", draft=self.address, reason=str(e))
                 await self._close()
                 await asyncio.sleep(refused_backoff_s)
-            except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, OSError) as e:
+            except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, OSError,
+                    asyncio.InvalidStateError) as e:
                 log.debug("draft unreachable", draft=self.address, error=str(e)[:200], retry_s=delay)
                 await self._close()
                 await asyncio.sleep(delay)
@@ -78,7 +79,10 @@ class DraftLink:
             if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "batch" or msg.batch.round_id != rnd.round_id:
                 raise ConnectionError("draft stream ended or answered out of order")
             return msg.batch
-        except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, grpc.aio.UsageError) as e:
+        # InvalidStateError: the call already ended (the draft died while this target was idle);
+        # grpc.aio raises it from write() instead of an AioRpcError
+        except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, grpc.aio.UsageError,
+                asyncio.InvalidStateError) as e:
             log.warning("draft link lost; falling back to ar", draft=self.address, error=str(e)[:200])
             await self.mark_down()
             return None
