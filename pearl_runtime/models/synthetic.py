@@ -160,26 +160,29 @@ def calibrate(runner, spec: dict, seqs: int = 8, length: int = 128) -> float:
                      block_tables=[list(range(i * blocks_per, (i + 1) * blocks_per)) for i in range(seqs)],
                      logit_rows=list(range(seqs * length)))
 
+    current = 1.0
+
     def agreement(scale: float) -> float:
-        for w, base in zip(_out_projections(model), originals):
-            w.copy_(base * scale)
+        # rescale in place: a copy of the out-projections would cost 20 GB on a 32B model
+        nonlocal current
+        for w in _out_projections(model):
+            w.mul_(scale / current)
+        current = scale
         pred = runner.execute(step).argmax(-1).view(seqs, length)
         return (pred == want).float().mean().item()
 
-    originals = [w.clone() for w in _out_projections(model)]
     lo, hi, target = -4.0, 2.0, spec["accept"]             # log10 of the scale
+    silent = agreement(1e-6)
+    if silent < 0.99:   # with its layers silent the target must follow pi: else the build is broken
+        raise RuntimeError(f"synthetic target with silent layers agrees with its head map on only "
+                           f"{silent:.3f} of tokens; the model or the attention path is broken")
     for _ in range(14):
         mid = (lo + hi) / 2
         if agreement(10 ** mid) > target:
             lo = mid
         else:
             hi = mid
-    silent = agreement(0.0)
-    if silent < 0.99:   # with its layers silent the target must follow pi: else the build is broken
-        raise RuntimeError(f"synthetic target with silent layers agrees with its head map on only "
-                           f"{silent:.3f} of tokens; the model or the attention path is broken")
     measured = agreement(10 ** ((lo + hi) / 2))    # leaves the weights at the calibrated scale
-    del originals
     log.info("synthetic target calibrated: requested acceptance %.3f, measured %.3f on calibration "
              "contexts (output-projection scale %.4g)", target, measured, 10 ** ((lo + hi) / 2))
     return measured
