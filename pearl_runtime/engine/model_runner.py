@@ -37,6 +37,8 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda":   # Triton launches on the current device, not the tensors'
+            torch.cuda.set_device(self.device)
         model_cfg = ModelConfig.from_dir(cfg.model, cfg.torch_dtype)
         self.max_model_len = min(cfg.max_model_len or model_cfg.max_position_embeddings,
                                  model_cfg.max_position_embeddings)
