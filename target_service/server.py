@@ -132,7 +132,11 @@ class TargetService:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            await self.round()
+            try:
+                await self.round()
+            except Exception as e:   # a bug must not stop the loop and hang every stream
+                log.exception("round failed; failing the requests in it")
+                self._fail_running(f"internal error in the target's round: {type(e).__name__}: {e}")
 
     async def round(self) -> None:
         loop = asyncio.get_running_loop()
@@ -177,6 +181,18 @@ class TargetService:
             s.committed_tokens += len(r.seq) - n
             s.drafted_tokens += r.drafted - drafted
             s.accepted_tokens += r.accepted - accepted
+
+    def _fail_running(self, message: str) -> None:
+        for seq in list(self.core.scheduler.running):
+            req = self.core.requests.get(seq.seq_id)
+            if req is None:
+                self.core.scheduler.finish(seq)
+                continue
+            req.sink.requests.pop(req.request_id, None)
+            self.core.cancel(req)
+            req.sink.out.put_nowait(target_pb2.TargetOut(tokens=target_pb2.TokenBatch(updates=[
+                target_pb2.SeqUpdate(request_id=req.request_id, error=message,
+                                     error_code=grpc.StatusCode.INTERNAL.value[0])])))
 
     def _timed_forward(self, reqs):
         t = time.perf_counter()

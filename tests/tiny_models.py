@@ -218,6 +218,8 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
                           eos_token_id=None, pad_token_id=model.config.pad_token_id,
                           bos_token_id=None)
     ids = torch.tensor([prompt_ids])
+    # a checkpoint's own generation_config.json would put its EOS back into the merged config
+    model.generation_config.eos_token_id = None
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
     return out[0, len(prompt_ids):].tolist()

@@ -1,0 +1,43 @@
+"""A failing round reports INTERNAL for its requests and the loop keeps serving."""
+import asyncio
+
+import grpc
+
+from pearl.v1 import common_pb2, target_pb2
+from pearl_runtime.config import EngineConfig
+from target_service.server import GatewayStream, TargetService
+
+
+def test_round_exception_fails_requests_and_loop_survives(llama_dir):
+    async def main():
+        service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=256), mode="ar")
+        loop_task = asyncio.create_task(service.run())
+        stream = GatewayStream()
+        real_forward = service.core.forward
+        calls = {"n": 0}
+
+        def flaky(reqs):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("injected")
+            return real_forward(reqs)
+
+        service.core.forward = flaky
+        params = common_pb2.SamplingParams(max_tokens=5, ignore_eos=True)
+        service.submit(stream, target_pb2.Submission(request_id="a", prompt_ids=[5, 6, 7], params=params))
+        first = await asyncio.wait_for(stream.out.get(), 30)
+        upd = first.tokens.updates[0]
+        assert upd.request_id == "a" and "injected" in upd.error
+        assert upd.error_code == grpc.StatusCode.INTERNAL.value[0]
+        service.submit(stream, target_pb2.Submission(request_id="b", prompt_ids=[5, 6, 7], params=params))
+        tokens = []
+        while True:
+            msg = await asyncio.wait_for(stream.out.get(), 30)
+            u = msg.tokens.updates[0]
+            tokens += list(u.token_ids)
+            if u.finish_reason:
+                break
+        assert len(tokens) == 5
+        loop_task.cancel()
+
+    asyncio.run(main())
