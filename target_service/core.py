@@ -11,7 +11,7 @@ import torch
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.block_manager import BlockManager
 from pearl_runtime.engine.scheduler import Scheduler
-from pearl_runtime.engine.sequence import Sequence, Status
+from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.engine.stopping import commit
 from pearl_runtime.engine.tp_group import make_runner
 from target_service.speculation import judge

@@ -11,6 +11,7 @@ import torch
 
 from pearl.v1 import common_pb2, draft_pb2, target_pb2, target_pb2_grpc
 from pearl_runtime.config import EngineConfig
+from pearl_runtime.engine.admission import check_prompt
 from pearl_runtime.engine.llm_engine import load_tokenizer
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.errors import InvalidRequest, OutOfBlocks
@@ -108,16 +109,8 @@ class TargetService:
     def _admit(self, stream: GatewayStream, item: target_pb2.Submission) -> Request:
         params = wire_params.from_proto(item.params, item.stop_token_ids)
         prompt = list(item.prompt_ids)
-        if not prompt:
-            raise InvalidRequest("prompt_ids", "is empty")
-        if len(prompt) >= self.core.max_model_len:
-            raise InvalidRequest("prompt_ids", f"has {len(prompt)} tokens; the context window is "
-                                               f"{self.core.max_model_len}")
-        vocab = self.core.runner.model_cfg.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise InvalidRequest("prompt_ids", f"a token id is outside the vocabulary [0, {vocab})")
-        if self.core.blocks.blocks_needed(len(prompt) + 1 + self.gamma) > len(self.core.blocks.blocks):
-            raise OutOfBlocks(f"prompt of {len(prompt)} tokens does not fit the KV cache")
+        check_prompt(prompt, self.core.max_model_len, self.core.runner.model_cfg.vocab_size, self.core.blocks,
+                     field="prompt_ids", headroom=1 + 2 * self.gamma)
         req = Request(item.request_id, Sequence(prompt, params), sink=stream)
         self.core.add(req)
         return req

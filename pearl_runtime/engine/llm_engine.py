@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer
 
 from pearl_runtime.config import EngineConfig
+from pearl_runtime.engine.admission import check_prompt
 from pearl_runtime.engine.block_manager import BlockManager
 from pearl_runtime.engine.scheduler import Scheduler
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.engine.stopping import commit
 from pearl_runtime.engine.tp_group import make_runner
-from pearl_runtime.errors import InvalidRequest, ModelLoadError, OutOfBlocks
+from pearl_runtime.errors import ModelLoadError
 from pearl_runtime.sampling import SamplingParams, sample_batch
 
 log = logging.getLogger(__name__)
@@ -49,18 +50,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise InvalidRequest("prompt", "is empty")
-        if len(prompt_ids) >= self.max_model_len:
-            raise InvalidRequest("prompt", f"has {len(prompt_ids)} tokens; the context window is "
-                                           f"{self.max_model_len} and must leave room for one new token")
-        vocab = self.runner.model_cfg.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if self.blocks.blocks_needed(len(prompt_ids) + 1) > len(self.blocks.blocks):
-            raise OutOfBlocks(f"prompt of {len(prompt_ids)} tokens needs more KV blocks than the cache has "
-                              f"({len(self.blocks.blocks)} blocks of {self.blocks.block_size})")
+        check_prompt(prompt_ids, self.max_model_len, self.runner.model_cfg.vocab_size, self.blocks)
 
     def add(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
         self.check_prompt(prompt_ids)

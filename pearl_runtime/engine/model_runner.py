@@ -56,7 +56,7 @@ class ModelRunner:
         else:
             load_weights(self.model, cfg.model)
         self.model.eval()
-        self.backend = select_backend(cfg.attention_backend, self.device)
+        self.backend = select_backend(cfg.attention_backend, self.device, cfg.block_size)
         self.block_size = cfg.block_size
         # every TP rank must hold the same blocks: the group takes the smallest
         self.num_blocks = min_over_ranks(cfg.num_blocks or self._blocks_for(cfg.kv_cache_gb))

@@ -5,7 +5,6 @@ The embedded demo's draft is the target with every linear weight re-quantized to
 greedy agreement on SmolLM2-135M-Instruct. It is not cheaper to run than the target; it
 exists to exercise the whole PEARL pipeline on real weights. (Truncating the target to its
 first layers agrees on under 25% of tokens for this model, so we do not use that.)"""
-import json
 import shutil
 from pathlib import Path
 

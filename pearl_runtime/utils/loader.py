@@ -3,7 +3,6 @@ with errors that name the tensor and the file."""
 import json
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from torch import nn
 

@@ -1,7 +1,6 @@
 """The default model converts from the packaged GGUF into a HF dir that transformers loads unchanged."""
 import json
 import time
-from pathlib import Path
 
 import pytest
 
