@@ -139,7 +139,7 @@ class TargetConnection:
             return
         if u.finish_reason is not None:
             del self.flights[u.request_id]
-        flight.deliver(u.token_ids, u.finish_reason, u.target_forwards, self.info.mode)
+        flight.deliver(u.token_ids, u.finish_reason, u.target_forwards, u.path or self.info.mode)
 
     async def _write(self, call) -> None:
         while True:

@@ -40,14 +40,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await abort(context, e)
 
         detok = Detokenizer(self._tokenizer, job.stop)
-        ttft_ms, new_tokens, forwards, mode, reason = 0.0, 0, 0, info.mode, None
+        ttft_ms, new_tokens, forwards, paths, reason = 0.0, 0, 0, [], None
         try:
             async with self._router.open(job) as flight:
                 async for p in flight:
                     if not new_tokens and p.token_ids:
                         ttft_ms = (time.perf_counter() - t0) * 1e3
                     new_tokens += len(p.token_ids)
-                    forwards, mode = p.target_forwards, p.mode or mode
+                    forwards = p.target_forwards
+                    if p.mode and p.mode not in paths:
+                        paths.append(p.mode)    # e.g. pearl, then ar while the draft was down
                     text = detok.push(p.token_ids)
                     if p.finish_reason is not None:
                         text += detok.finish()
@@ -62,7 +64,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await abort(context, e)
 
         total_ms = (time.perf_counter() - t0) * 1e3
-        stats = Stats.measure(len(job.prompt_ids), new_tokens, forwards, ttft_ms, total_ms, mode)
+        stats = Stats.measure(len(job.prompt_ids), new_tokens, forwards, ttft_ms, total_ms,
+                              "+".join(paths) or info.mode)
         log.debug("request done", request_id=job.request_id, finish=reason, new_tokens=new_tokens,
                   target_forwards=forwards, total_ms=round(total_ms, 1))
         yield wire.final(job.request_id, detok.text, reason, stats)

@@ -83,12 +83,13 @@ class Update:
     finish_reason: str | None
     target_forwards: int
     error: Relayed | None
+    path: str = ""          # pearl | sd | ar: the round's real path (ar while a draft is down)
 
 
 def update_from_proto(msg: target_pb2.SeqUpdate) -> Update:
     error = Relayed(code_from_int(msg.error_code), msg.error) if msg.error else None
     return Update(msg.request_id, list(msg.token_ids), finish_from_proto(msg.finish_reason),
-                  msg.target_forwards, error)
+                  msg.target_forwards, error, msg.path)
 
 
 def delta(request_id: str, text: str, token_ids: list[int]) -> gateway_pb2.GenerateResponse:

@@ -255,7 +255,8 @@ class TargetService:
         for r in reqs:
             if not r.new_tokens and not r.finished:
                 continue
-            upd = target_pb2.SeqUpdate(request_id=r.request_id, token_ids=r.new_tokens, target_forwards=r.forwards)
+            upd = target_pb2.SeqUpdate(request_id=r.request_id, token_ids=r.new_tokens, target_forwards=r.forwards,
+                                       path=self._last_path or "")
             if r.finished:
                 upd.finish_reason = FINISH[r.seq.finish_reason]
                 r.sink.requests.pop(r.request_id, None)

@@ -94,20 +94,22 @@ class TargetIn(_message.Message):
     def __init__(self, submit: _Optional[_Union[SubmitBatch, _Mapping]] = ..., cancel: _Optional[_Union[CancelBatch, _Mapping]] = ...) -> None: ...
 
 class SeqUpdate(_message.Message):
-    __slots__ = ("request_id", "token_ids", "finish_reason", "target_forwards", "error", "error_code")
+    __slots__ = ("request_id", "token_ids", "finish_reason", "target_forwards", "error", "error_code", "path")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TARGET_FORWARDS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: _common_pb2.FinishReason
     target_forwards: int
     error: str
     error_code: int
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., target_forwards: _Optional[int] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ...) -> None: ...
+    path: str
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., target_forwards: _Optional[int] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class TokenBatch(_message.Message):
     __slots__ = ("updates",)

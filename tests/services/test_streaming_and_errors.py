@@ -202,6 +202,7 @@ def test_mismatched_draft_is_refused_and_the_target_serves_ar(mismatched_stacks,
     for c, ref in zip(done, reference(prompts, max_tokens)):
         assert c.token_ids == ref
         assert c.stats.target_forwards == c.stats.new_tokens        # autoregressive: one token a forward
+        assert c.stats.mode == "ar"                                  # the path taken, not the configured mode
     m = target_metrics(target)
     assert m.speculative_rounds == 0 and m.drafted_tokens == 0 and m.path == "ar" and m.rounds > 0
     assert draft.alive() and target.alive()
@@ -304,6 +305,9 @@ def test_draft_killed_mid_run_falls_back_to_ar_then_pearl_resumes(restart_stack,
             assert got.finish_reason == "length"
     for got in b:
         assert got.stats.target_forwards == got.stats.new_tokens    # draft down: ar, one token per forward
+        assert got.stats.mode == "ar"
+    assert any("ar" in got.stats.mode.split("+") and "pearl" in got.stats.mode.split("+") for got in a1), \
+        [got.stats.mode for got in a1]                               # across the kill: both paths
     c_total = sum(x.stats.new_tokens for x in c) / sum(x.stats.target_forwards for x in c)
     a2_after = a2_rec.tokens_per_delta(marks["swapped"] + 0.05)
     a2_before = a2_rec.tokens_per_delta(0.0)
