@@ -268,6 +268,32 @@ def main(args) -> None:
     logs = out.with_suffix(".logs")
     rows: list[dict] = []
     mps_info = None
+
+    def describe(complete: bool) -> dict:
+        report.add_speedups(rows, greedy=args.temperature == 0)
+        modes_done = {r["mode"] for r in rows}
+        return {
+            "schema": "pearl-bench/1", "label": args.label, "complete": complete,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": sys.argv, "git_commit": _git_commit(),
+            "machine": probe["machine"], "copy_bandwidth": probe["copy"],
+            "hf_baseline": probe.get("hf_baseline"),
+            "config": {"target_model": target_dir, "draft_model": draft_dir, "pair": pair, "synthetic": synthetic,
+                       "device": device, "target_device": tdev, "draft_device": ddev, "one_gpu": one_gpu,
+                       "dtype": dtype, "modes": modes, "batch_sizes": batch_sizes, "max_tokens": args.max_tokens,
+                       "warmup_tokens": args.warmup_tokens, "gamma": args.gamma, "temperature": args.temperature,
+                       "kv_cache_gb": kv, "target_args": args.target_args, "draft_args": args.draft_args,
+                       "mps": mps_info or {"on": False}},
+            "prompts": {"path": str(args.prompts), "count": len(prompts), "prompt_len_cut": args.prompt_len,
+                        "tokens": [len(p) for p in prompts]},
+            "runs": rows,
+            "hbm": report.hbm(rows, target_dir, dtype, len(prompts[0]), probe) if complete else None,
+            "projection": (report.project(rows, same_gpu=one_gpu and not args.mps)
+                           if complete and modes_done & {"sd", "pearl"} else None),
+            "logs": str(logs),
+        }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as scope:
         env = None
         if args.mps:
@@ -278,25 +304,10 @@ def main(args) -> None:
         for mode in modes:
             ns = stack_args(args, mode, target_dir, draft_dir, device, dtype, kv, max(batch_sizes))
             rows += run_mode(args, mode, ns, env, logs / mode, prompts, batch_sizes, mps_info)
+            # written after every mode: a run cut short by a time limit keeps what it measured
+            out.write_text(json.dumps(describe(complete=False), indent=2))
 
-    report.add_speedups(rows, greedy=args.temperature == 0)
-    hbm = report.hbm(rows, target_dir, dtype, len(prompts[0]), probe)
-    proj = report.project(rows, same_gpu=one_gpu and not args.mps)
-    result = {
-        "schema": "pearl-bench/1", "label": args.label, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": sys.argv, "git_commit": _git_commit(),
-        "machine": probe["machine"], "copy_bandwidth": probe["copy"],
-        "config": {"target_model": target_dir, "draft_model": draft_dir, "pair": pair, "synthetic": synthetic,
-                   "device": device, "target_device": tdev, "draft_device": ddev, "one_gpu": one_gpu,
-                   "dtype": dtype, "modes": modes, "batch_sizes": batch_sizes, "max_tokens": args.max_tokens,
-                   "warmup_tokens": args.warmup_tokens, "gamma": args.gamma, "temperature": args.temperature,
-                   "kv_cache_gb": kv, "target_args": args.target_args, "draft_args": args.draft_args,
-                   "mps": mps_info or {"on": False}},
-        "prompts": {"path": str(args.prompts), "count": len(prompts), "prompt_len_cut": args.prompt_len,
-                    "tokens": [len(p) for p in prompts]},
-        "runs": rows, "hbm": hbm, "projection": proj, "logs": str(logs),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
+    result = describe(complete=True)
     out.write_text(json.dumps(result, indent=2))
     note = (f"synthetic pair {synthetic['target']} -> {synthetic['draft']} (random weights, acceptance calibrated "
             f"to {synthetic['accept']})" if synthetic else f"{target_dir} -> {draft_dir}")
@@ -305,9 +316,10 @@ def main(args) -> None:
           f"{', one GPU shared' if one_gpu else ''}")
     print(report.table(rows))
     print()
-    print(report.hbm_text(hbm))
-    print()
-    print(report.projection_text(proj))
+    print(report.hbm_text(result["hbm"]))
+    if result["projection"]:
+        print()
+        print(report.projection_text(result["projection"]))
     print(f"\nwrote {out}")
 
 

@@ -138,7 +138,7 @@ def bench_run(llama_dir, draft_factory, tmp_path_factory):
 
 def test_bench_end_to_end(bench_run):
     r = bench_run[0]
-    assert r["schema"] == "pearl-bench/1" and r["label"] == "ci"
+    assert r["schema"] == "pearl-bench/1" and r["label"] == "ci" and r["complete"] is True
     for key in ("machine", "copy_bandwidth", "config", "prompts", "runs", "hbm", "projection", "git_commit"):
         assert key in r
     assert r["machine"]["torch"] and r["copy_bandwidth"]["gbps"] > 0
