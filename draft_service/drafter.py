@@ -81,7 +81,11 @@ class Drafter:
         probs = torch.zeros(len(seqs), gamma, self.vocab_size) if sampled else None
         active = list(range(len(seqs)))
         for step in range(gamma):
-            active = [i for i in active if self._ready(seqs[i])]
+            ready = [i for i in active if self._ready(seqs[i])]
+            if len(ready) < len(active):   # those sequences get no more draft tokens this round
+                log.warning("draft KV cache or window full: %d sequence(s) stop drafting at step %d",
+                            len(active) - len(ready), step)
+            active = ready
             if not active:
                 break
             logits = self.runner.run([seqs[i] for i in active])

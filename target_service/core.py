@@ -4,6 +4,7 @@ A request's sequence holds its committed tokens C; all of C but the last token a
 KV cache between rounds. `pending` holds draft tokens awaiting verification (post-verify).
 """
 import logging
+from itertools import accumulate
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +106,7 @@ class TargetCore:
         logits = self.runner.run([r.seq for r in reqs], sizes)
         self.forwards += 1
         best = logits.argmax(-1).tolist()
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        starts = accumulate(sizes, initial=0)
         return [(rows, best[s:s + n]) for rows, s, n in zip(logits.split(sizes), starts, sizes)]
 
     def finish_round(self, reqs: list[Request], logits: list[tuple[torch.Tensor, list[int]]],

@@ -6,11 +6,15 @@ K/V tile load. Query j of a sequence sits at position ctx_len - q_len + j and se
 to it. Queries are read from `cu_seqlens_q[i]` with `q_lens[i]` real tokens; the rest of a
 padded CUDA-graph slot is skipped.
 """
+import logging
+
 import torch
 import triton
 import triton.language as tl
 
 from pearl_runtime.attention.base import AttentionBackend
+
+log = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -82,11 +86,15 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     BLOCK_M = 16
     BLOCK_N = 64    # keys per tile: several pages, so short contexts take few serial steps
+    _logged_store_fallback = False
 
     def store_kv(self, k, v, k_cache, v_cache, ctx):
         width = k.shape[1] * k.shape[2]
         packed = k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2] and k.stride(2) == v.stride(2) == 1
         if not packed or width & (width - 1):   # rows must be packed and a power of two wide
+            if not self._logged_store_fallback:
+                log.info("KV store: torch index_copy (rows of %d values are not a packed power of two)", width)
+                self._logged_store_fallback = True
             return super().store_kv(k, v, k_cache, v_cache, ctx)
         # k is a fresh tensor after rotary, v a view into the fused qkv output: own strides
         _store_kv[(k.shape[0],)](k, v, k_cache, v_cache, ctx.slot_mapping, k.stride(0), v.stride(0),
