@@ -212,7 +212,7 @@ def cmd_models(args) -> None:
         print(default_draft(path))
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pearl", description="PEARL speculative decoding as gRPC services")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -273,7 +273,11 @@ def main(argv=None) -> None:
     m.add_argument("action", choices=("prepare",))
     m.set_defaults(fn=cmd_models)
 
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     args.fn(args)
 
 

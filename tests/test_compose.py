@@ -1,0 +1,26 @@
+"""compose.yaml stays in step with the CLI: every service's command parses, and the wiring
+between services (ports, the draft and target addresses) is consistent."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pearl_runtime.cli import build_parser
+
+COMPOSE = yaml.safe_load((Path(__file__).parent.parent / "compose.yaml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_command_parses(name):
+    args = build_parser().parse_args(SERVICES[name]["command"])
+    assert args.cmd == SERVICES[name]["command"][0]
+
+
+def test_wiring():
+    parse = build_parser().parse_args
+    draft, target, gateway = (parse(SERVICES[n]["command"]) for n in ("draft", "target", "gateway"))
+    assert target.draft == f"draft:{draft.port}"
+    assert gateway.targets == f"target:{target.port}"
+    assert SERVICES["gateway"]["ports"][0].endswith(f":{gateway.port}")
+    assert all(SERVICES[n]["environment"]["PEARL_HOST"] == "0.0.0.0" for n in ("draft", "target", "gateway"))
