@@ -11,6 +11,7 @@ import structlog
 from pearl.v1 import gateway_pb2, gateway_pb2_grpc
 from pearl_runtime.errors import PearlError
 from pearl_runtime.rpc.identity import tokenizer_hash
+from pearl_runtime.rpc.security import authorize, server_credentials
 from pearl_runtime.rpc.server import bind, new_server, run_async, setup_logging
 from pearl_runtime.rpc.status import abort
 
@@ -24,12 +25,14 @@ log = structlog.get_logger(__name__)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, router: TargetRouter, tokenizer):
+    def __init__(self, router: TargetRouter, tokenizer, auth_token: str | None = None):
         self._router = router
         self._tokenizer = tokenizer
+        self._token = auth_token
 
     async def Generate(self, request, context):
         t0 = time.perf_counter()
+        await authorize(context, self._token)
         try:
             info = await self._router.info()
             # tokenization runs on the loop: a fast tokenizer shared across threads can fail
@@ -71,6 +74,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         yield wire.final(job.request_id, detok.text, reason, stats)
 
     async def ListModels(self, request, context):
+        await authorize(context, self._token)
         try:
             info = await self._router.info()
         except PearlError as e:
@@ -97,7 +101,8 @@ class RunningGateway:
 async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[str] | str = (),
                         model_dir: str | None = None, *, tokenizer=None, coalesce_ms: float = 2.0,
                         max_in_flight: int = 1024, park_timeout_s: float = 30.0,
-                        max_resubmits: int = 5) -> RunningGateway:
+                        max_resubmits: int = 5, tls_cert: str | None = None, tls_key: str | None = None,
+                        auth_token: str | None = None) -> RunningGateway:
     """Start a gateway over `targets` (host:port each, or one comma-separated string); port 0
     picks a free one. The tokenizer
     comes from `model_dir` (the target's model directory) unless given."""
@@ -113,10 +118,15 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
                           tokenizer_hash=tokenizer_hash(tokenizer))
     await router.start()
     server = new_server()
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(router, tokenizer), server)
-    port = bind(server, host, port)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(router, tokenizer, auth_token), server)
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    port = bind(server, host, port, server_credentials(tls_cert, tls_key) if tls_cert else None)
     await server.start()
-    log.info("gateway listening", address=f"{host}:{port}", targets=list(targets))
+    log.info("gateway listening", address=f"{host}:{port}", targets=list(targets), tls=bool(tls_cert),
+             auth=bool(auth_token))
+    if host not in ("127.0.0.1", "localhost", "::1") and not (tls_cert and auth_token):
+        log.warning("gateway reachable beyond loopback without TLS and a bearer token", host=host)
     return RunningGateway(server, router, host, port)
 
 

@@ -73,7 +73,8 @@ def cmd_target(args) -> None:
 def cmd_gateway(args) -> None:
     from gateway.server import run
     run(host=args.host, port=args.port, targets=args.targets.split(","), model_dir=args.model or default_model(),
-        coalesce_ms=args.coalesce_ms, log_level=args.log_level)
+        coalesce_ms=args.coalesce_ms, log_level=args.log_level, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        auth_token=args.auth_token)
 
 
 async def _until_signal(coro) -> None:
@@ -187,14 +188,14 @@ def _run_up(args, stack: Stack) -> None:
         stack.stop()
 
 
-def _print_generation(address: str, prompt: str, max_tokens: int, raw: bool = False) -> None:
+def _print_generation(address: str, prompt: str, max_tokens: int, raw: bool = False, **security) -> None:
     from gateway.client import generate
 
     def on_delta(text, _ids):
         print(text, end="", flush=True)
 
     kw = {"prompt": prompt} if raw else {"chat": [("user", prompt)]}
-    done = asyncio.run(generate(address, max_tokens=max_tokens, on_delta=on_delta, **kw))
+    done = asyncio.run(generate(address, max_tokens=max_tokens, on_delta=on_delta, **kw, **security))
     s = done.stats
     print(f"\n-- prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | "
           f"mean accepted tokens {s.mean_accepted_tokens:.2f} | {s.tokens_per_s:.1f} tokens/s | "
@@ -202,7 +203,8 @@ def _print_generation(address: str, prompt: str, max_tokens: int, raw: bool = Fa
 
 
 def cmd_generate(args) -> None:
-    _print_generation(args.address, args.prompt, args.max_tokens, raw=args.raw)
+    _print_generation(args.address, args.prompt, args.max_tokens, raw=args.raw, auth_token=args.auth_token,
+                      tls_ca=args.tls_ca, tls_server_name=args.tls_server_name)
 
 
 def cmd_models(args) -> None:
@@ -236,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=int(_env("GATEWAY_PORT", 50050)))
     g.add_argument("--targets", default=_env("TARGETS", "127.0.0.1:50051"), help="comma-separated addresses")
     g.add_argument("--coalesce-ms", type=float, default=2.0)
+    g.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate: serve over TLS")
+    g.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert")
+    g.add_argument("--auth-token", default=_env("AUTH_TOKEN"),
+                   help="require 'authorization: Bearer <token>' on every call")
     g.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     g.set_defaults(fn=cmd_gateway)
 
@@ -267,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", default=_env("GATEWAY", "127.0.0.1:50050"))
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
+    gen.add_argument("--auth-token", default=_env("AUTH_TOKEN"), help="bearer token the gateway expects")
+    gen.add_argument("--tls-ca", default=_env("TLS_CA"), help="PEM certificate to trust: connect over TLS")
+    gen.add_argument("--tls-server-name", default=_env("TLS_SERVER_NAME"),
+                     help="name the certificate is issued for, when the address differs")
     gen.set_defaults(fn=cmd_generate)
 
     m = sub.add_parser("models", help="prepare the embedded default model (and its derived draft)")
