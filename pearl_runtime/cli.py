@@ -1,5 +1,6 @@
 """The `pearl` command: services, the local stack, a streaming client, model preparation."""
 import argparse
+import dataclasses
 import asyncio
 import os
 import signal
@@ -57,7 +58,10 @@ def cmd_draft(args) -> None:
     from pearl_runtime.rpc.server import run_async, setup_logging
     setup_logging("draft", args.log_level)
     model = args.model or default_draft(default_model())
-    run_async(_until_signal(serve(_engine_config(args, model), args.host, args.port)))
+    # the draft's steps feed one token (two after a bonus token): graphs for longer queries
+    # would only cost start-up time
+    cfg = dataclasses.replace(_engine_config(args, model), graph_query_lens=(1, 2))
+    run_async(_until_signal(serve(cfg, args.host, args.port)))
 
 
 def cmd_target(args) -> None:
