@@ -251,12 +251,14 @@ def reference(model_dir, prompts, max_tokens):
     return eng.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
 
 
-def run_core(model_dir, prompts, max_tokens, refs, gamma, mode, corrupt=0.0, seed=0):
+def run_core(model_dir, prompts, max_tokens, refs, gamma, mode, corrupt=0.0, seed=0, num_blocks=256, core_hook=None):
     """Drive TargetCore like TargetService does, with a draft that proposes the reference
     continuation (corrupted with probability `corrupt` per token). Returns (completions,
     forwards per request)."""
     rng = random.Random(seed)
-    core = TargetCore(EngineConfig(model=str(model_dir), num_blocks=256))
+    core = TargetCore(EngineConfig(model=str(model_dir), num_blocks=num_blocks))
+    if core_hook:
+        core_hook(core)
     reqs = []
     for i, (p, m) in enumerate(zip(prompts, max_tokens)):
         req = Request(f"r{i}", Sequence(p, SamplingParams(max_tokens=m, ignore_eos=True)))
@@ -326,3 +328,24 @@ def test_core_rounds_with_a_wrong_draft_stay_lossless(core_case, mode, corrupt):
     assert all(f <= m for f, m in zip(forwards, max_tokens))     # never worse than ar
     if corrupt == 1.0:
         assert forwards == max_tokens                              # every draft token rejected
+
+
+@pytest.mark.parametrize("mode", ["pearl", "sd"])
+def test_core_rounds_preempted_by_a_full_cache_stay_lossless(core_case, mode):
+    """A cache too small for every sequence at once: the scheduler preempts (dropping pending
+    draft tokens) and recomputes later; the output is still the reference."""
+    d = core_case[0]
+    rng = random.Random(5)
+    prompts = [[rng.randrange(400) for _ in range(20)] for _ in range(3)]
+    max_tokens = [40, 40, 40]           # 60 tokens = 4 blocks each; 8 blocks hold two at the end
+    refs = reference(d, prompts, max_tokens)
+    preempted = []
+
+    def count_preemptions(core):
+        original = core.scheduler.preempt
+        core.scheduler.preempt = lambda seq: (preempted.append(seq.seq_id), original(seq))[1]
+
+    outs, _ = run_core(d, prompts, max_tokens, refs, 4, mode, corrupt=0.3, seed=3, num_blocks=8,
+                       core_hook=count_preemptions)
+    assert outs == refs
+    assert preempted, "the cache was never full: the test did not exercise preemption"
