@@ -67,5 +67,5 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     out = logits.argmax(-1).tolist()
     for i, p in enumerate(params):
         if not p.greedy:
-            out[i] = sample_from(probabilities(logits[i], p), generators[i])
+            out[i] = sample(logits[i], p, generators[i])
     return out

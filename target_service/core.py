@@ -54,7 +54,6 @@ class TargetCore:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs)
         self.requests: dict[int, Request] = {}     # by seq_id
         self.removed: list[int] = []               # seq ids the draft must forget
-        self.forwards = 0
 
     # -- admission and cancellation -------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -104,7 +103,6 @@ class TargetCore:
         argmax, taken for the whole batch with one device sync."""
         sizes = [len(r.pending) + 1 for r in reqs]
         logits = self.runner.run([r.seq for r in reqs], sizes)
-        self.forwards += 1
         best = logits.argmax(-1).tolist()
         starts = accumulate(sizes, initial=0)
         return [(rows, best[s:s + n]) for rows, s, n in zip(logits.split(sizes), starts, sizes)]

@@ -29,7 +29,6 @@ class DraftLink:
         self.call = None
         self.connected = False
         self.generation = 0          # bumps on every (re)connect: the draft's mirror is new
-        self.refusal: str | None = None
         self.info: draft_pb2.HelloReply | None = None   # the draft's handshake answer
         self._lost = asyncio.Event()
         self._lost.set()
@@ -46,7 +45,7 @@ class DraftLink:
             raise DraftRefused(msg.hello.reason)
         self.generation += 1
         self.info = msg.hello
-        self.connected, self.refusal = True, None
+        self.connected = True
         self._lost.clear()
         log.info("draft connected; speculation on", draft=self.address, draft_model=msg.hello.draft_model,
                  generation=self.generation)
@@ -60,7 +59,6 @@ class DraftLink:
                 await self._connect()
                 delay = backoff_s
             except DraftRefused as e:
-                self.refusal = str(e)
                 log.error("draft refused the handshake; serving ar", draft=self.address, reason=str(e))
                 await self._close()
                 await asyncio.sleep(refused_backoff_s)

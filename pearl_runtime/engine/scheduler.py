@@ -19,20 +19,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, extra_tokens: int = 0) -> list[Sequence]:
-        """Sequences to feed this step. Each running sequence needs room in the cache for
-        its tokens plus `extra_tokens` (speculative tokens to verify); when the cache is full
-        the newest sequence is preempted and recomputed later."""
+    def schedule(self) -> list[Sequence]:
+        """Sequences to feed this step. Each running sequence needs room in the cache for all
+        its tokens (a speculating target appends its pending draft tokens first); when the
+        cache is full the newest sequence is preempted and recomputed later."""
         for seq in list(self.running):
-            while seq in self.running and not self.blocks.ensure_capacity(seq, len(seq) + extra_tokens):
+            while seq in self.running and not self.blocks.ensure_capacity(seq, len(seq)):
                 self.preempt(self.running[-1])
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.blocks.blocks_needed(len(seq) + extra_tokens) > self.blocks.num_free:
+            if self.blocks.blocks_needed(len(seq)) > self.blocks.num_free:
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq)
-            self.blocks.ensure_capacity(seq, len(seq) + extra_tokens)
+            self.blocks.allocate(seq)          # blocks for every token, cached prefix reused
             seq.status = Status.RUNNING
             self.running.append(seq)
         return list(self.running)

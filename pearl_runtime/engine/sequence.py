@@ -39,11 +39,6 @@ class Sequence:
         return len(self.token_ids)
 
     @property
-    def num_new_tokens(self) -> int:
-        """Tokens the next forward must feed: everything not yet in the KV cache."""
-        return len(self.token_ids) - self.num_kv
-
-    @property
     def completion_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 

@@ -22,10 +22,6 @@ class AttnContext:
     max_q_len: int
     max_context_len: int
 
-    @property
-    def is_uniform_decode(self) -> bool:
-        return self.max_q_len == 1
-
 
 # thread-local: a test process may run a draft and a target forward at the same time
 _local = threading.local()
