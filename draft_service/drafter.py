@@ -1,6 +1,7 @@
 """Drafting over mirrors of the target's sequences. A mirror's state is a pure function of
 what its target said (adds, removes, verdicts), so a restarted draft is rebuilt by replay."""
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,8 @@ class Drafter:
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.model_cfg.vocab_size
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
+        self.paths = Counter()   # rounds drafted by each path, for logs and tests
+        self._last_path = None
 
     def close(self, mirror: Mirror) -> None:
         for seq in mirror.seqs.values():
@@ -63,19 +66,32 @@ class Drafter:
                 seq.generator = torch.Generator().manual_seed((params.seed * 0x9E3779B1 + 1) % 2**63)
             mirror.seqs[sid] = seq
 
-    def _ready(self, seq: Sequence) -> bool:
-        """Room in the cache and the window for one more token."""
-        if len(seq) >= self.max_model_len:
+    def _ready(self, seq: Sequence, steps: int = 1) -> bool:
+        """Room in the cache and the window for `steps` more draft tokens."""
+        if len(seq) + steps > self.max_model_len:
             return False
         if not seq.block_table:
             if not self.blocks.can_allocate(seq):
                 return False
             self.blocks.allocate(seq)
-        return self.blocks.ensure_capacity(seq, len(seq))
+        return self.blocks.ensure_capacity(seq, len(seq) + steps - 1)
+
+    def _path(self, name: str) -> None:
+        self.paths[name] += 1
+        if name != self._last_path:
+            log.info("draft path: %s", name)
+            self._last_path = name
 
     def draft(self, mirror: Mirror, gamma: int) -> DraftResult:
         seq_ids = list(mirror.seqs)
         seqs = [mirror.seqs[s] for s in seq_ids]
+        # all greedy and room for every token: the steps chain on the device, one sync a round
+        if (seqs and self.runner.chains_on_device and all(s.params.greedy for s in seqs)
+                and all(self._ready(s, gamma) for s in seqs)):
+            self._path("chained")
+            out = self.runner.greedy_chain(seqs, gamma)
+            return DraftResult(seq_ids, torch.tensor(out, dtype=torch.int32), None)
+        self._path("stepwise")
         tokens = torch.full((len(seqs), gamma), -1, dtype=torch.int32)
         sampled = any(not s.params.greedy for s in seqs)
         probs = torch.zeros(len(seqs), gamma, self.vocab_size) if sampled else None

@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--prompt-len", type=int, default=None, help="cut prompts to this many tokens")
     r.add_argument("--prompts", default=str(bench_prompts.DEFAULT_PROMPTS), help="Spec-Bench style jsonl")
     r.add_argument("--gamma", default="4", help="draft tokens per round (passed to the target), or 'auto'")
+    r.add_argument("--pearl-gamma", default=None,
+                   help="gamma of the pearl mode only (default: --gamma); 'auto' balances its round")
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     r.add_argument("--mps", action="store_true", help="one GPU: run draft and target under CUDA MPS")
     r.add_argument("--mps-shares", default="80,20", help="SM percentages target,draft under --mps")
@@ -134,7 +136,7 @@ def stack_args(args, mode: str, target_dir: str, draft_dir: str | None, device: 
             argv += ["--threads", str(args.threads)]
         return argv + shlex.split(extra)
     return argparse.Namespace(
-        model=target_dir, draft_model=draft_dir, mode=mode, gamma=args.gamma, device=device, dtype=dtype,
+        model=target_dir, draft_model=draft_dir, mode=mode, gamma=(args.pearl_gamma or args.gamma) if mode == "pearl" else args.gamma, device=device, dtype=dtype,
         target_device=args.target_device or device, draft_device=args.draft_device or device,
         base_port=free_base_port(), log_level="info", start_timeout_s=args.start_timeout,
         target_argv=engine("target", args.target_args), draft_argv=engine("draft", args.draft_args))
@@ -281,7 +283,7 @@ def main(args) -> None:
             "config": {"target_model": target_dir, "draft_model": draft_dir, "pair": pair, "synthetic": synthetic,
                        "device": device, "target_device": tdev, "draft_device": ddev, "one_gpu": one_gpu,
                        "dtype": dtype, "modes": modes, "batch_sizes": batch_sizes, "max_tokens": args.max_tokens,
-                       "warmup_tokens": args.warmup_tokens, "gamma": args.gamma, "temperature": args.temperature,
+                       "warmup_tokens": args.warmup_tokens, "gamma": args.gamma, "pearl_gamma": args.pearl_gamma or args.gamma, "temperature": args.temperature,
                        "kv_cache_gb": kv, "target_args": args.target_args, "draft_args": args.draft_args,
                        "mps": mps_info or {"on": False}},
             "prompts": {"path": str(args.prompts), "count": len(prompts), "prompt_len_cut": args.prompt_len,
@@ -312,7 +314,7 @@ def main(args) -> None:
     note = (f"synthetic pair {synthetic['target']} -> {synthetic['draft']} (random weights, acceptance calibrated "
             f"to {synthetic['accept']})" if synthetic else f"{target_dir} -> {draft_dir}")
     print(f"\npearl bench: {note}; {probe['machine'].get('gpu') or device}, {dtype}, max_tokens {args.max_tokens}"
-          f", gamma {args.gamma}, MPS {'on ' + args.mps_shares if args.mps else 'off'}"
+          f", gamma {args.gamma} (pearl {args.pearl_gamma or args.gamma}), MPS {'on ' + args.mps_shares if args.mps else 'off'}"
           f"{', one GPU shared' if one_gpu else ''}")
     print(report.table(rows))
     print()

@@ -129,12 +129,15 @@ class ModelRunner:
             max_q_len=max(step.q_lens), max_context_len=max(step.ctx_lens))
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """The tensor work of one forward (every TP rank runs this with the same StepInput)."""
+    def execute(self, step: StepInput, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor work of one forward (every TP rank runs this with the same StepInput).
+        `ids`, a device tensor, replaces step.ids: a chained step feeds the last step's output
+        without a round trip through the host."""
         if self.graphs is not None and (key := self.graphs.bucket(step)) is not None:
-            return self.model.logits(self.graphs.run(step, key)).float()
+            return self.model.logits(self.graphs.run(step, key, ids)).float()
         ctx = self.context(step)
-        ids = torch.tensor(step.ids, dtype=torch.int64, device=self.device)
+        if ids is None:
+            ids = torch.tensor(step.ids, dtype=torch.int64, device=self.device)
         positions = torch.tensor(step.positions, dtype=torch.int64, device=self.device)
         set_context(ctx)
         try:
@@ -145,6 +148,33 @@ class ModelRunner:
 
     def close(self) -> None:
         """Nothing to release for one process (a TP group stops its workers here)."""
+
+    # a TP group broadcasts each StepInput from the host, so it cannot feed device tensors
+    chains_on_device = True
+
+    @torch.inference_mode()
+    def greedy_chain(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
+        """`steps` greedy decode steps with a single device sync, at the end: step k > 0 takes
+        step k-1's argmax straight from the device, so the host prepares step k while the
+        device still runs step k-1 (on a GPU the draft's small steps are otherwise bound by
+        host work and syncs). The caller has made cache room for `steps` - 1 more tokens.
+        Appends the tokens to each sequence; the last one is not fed, as after `run`."""
+        first = self.prepare(seqs)
+        tokens = [self.execute(first).argmax(-1)]
+        base = [len(s) for s in seqs]
+        bs, n = self.block_size, len(seqs)
+        for k in range(1, steps):
+            pos = [b + k - 1 for b in base]     # the token step k-1 produced
+            step = StepInput(ids=[0] * n, positions=pos,
+                             slots=[s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)],
+                             q_lens=[1] * n, ctx_lens=[p + 1 for p in pos], cu_seqlens_q=list(range(n + 1)),
+                             block_tables=first.block_tables, logit_rows=list(range(n)))
+            tokens.append(self.execute(step, tokens[-1]).argmax(-1))
+        out = torch.stack(tokens, 1).tolist()
+        for seq, new in zip(seqs, out):
+            seq.token_ids.extend(new)
+            seq.num_kv = len(seq) - 1
+        return out
 
     def run(self, seqs: list[Sequence], num_logits: list[int] | None = None) -> torch.Tensor:
         """Feed every token of each sequence that is not in the KV cache yet. Returns fp32

@@ -90,6 +90,7 @@ def _receive(conn) -> tuple[str, str | None]:
 
 
 class TPModelRunner(ModelRunner):
+    chains_on_device = False   # workers get host StepInputs only
     """Rank 0 of a TP group of cfg.tp_size processes; a drop-in ModelRunner. Close it with
     close() (also run at exit). One group per process: it owns the default process group."""
 

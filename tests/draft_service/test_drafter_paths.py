@@ -1,0 +1,75 @@
+"""The drafter's two paths give the same greedy drafts: `chained` (gamma steps on the device,
+one sync a round) and `stepwise` (a host round trip each step, the path for sampled drafts
+and TP groups). Rounds replay verdicts, so rollbacks and 2-token first steps are covered."""
+import random
+
+import pytest
+
+from draft_service.drafter import Drafter, Mirror
+from pearl_runtime.config import EngineConfig
+from pearl_runtime.sampling import SamplingParams
+
+GAMMA = 4
+
+
+def drafter(model_dir, chained: bool) -> Drafter:
+    d = Drafter(EngineConfig(model=str(model_dir), block_size=4, num_blocks=400))
+    d.runner.chains_on_device = chained
+    return d
+
+
+def play(d: Drafter, prompts, rounds: int, seed: int) -> list[list[list[int]]]:
+    """Draft `rounds` rounds; between rounds a seeded 'target' accepts a random prefix of each
+    draft and corrects the next token, as verdicts do."""
+    rng = random.Random(seed)
+    mirror = Mirror()
+    d.apply(mirror, [(i, p, SamplingParams()) for i, p in enumerate(prompts)], [], [])
+    committed = {i: list(p) for i, p in enumerate(prompts)}
+    seen = []
+    for _ in range(rounds):
+        result = d.draft(mirror, GAMMA)
+        drafts = result.tokens.tolist()
+        seen.append(drafts)
+        verdicts = []
+        for sid, toks in zip(result.seq_ids, drafts):
+            keep = rng.randrange(GAMMA + 1)
+            committed[sid] += toks[:keep] + [rng.randrange(400)]
+            verdicts.append((sid, len(committed[sid]), committed[sid][-1]))
+        d.apply(mirror, [], [], verdicts)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_chained_drafts_equal_stepwise(tiny_model_factory, arch):
+    model = tiny_model_factory(arch)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(400) for _ in range(n)] for n in (1, 5, 17, 40)]
+    chained, stepwise = drafter(model, True), drafter(model, False)
+    a = play(chained, prompts, rounds=6, seed=3)
+    b = play(stepwise, prompts, rounds=6, seed=3)
+    assert chained.paths == {"chained": 6} and stepwise.paths == {"stepwise": 6}
+    for r, (x, y) in enumerate(zip(a, b)):
+        assert x == y, f"round {r}: chained {x} != stepwise {y}"
+    assert all(t >= 0 for rnd in a for row in rnd for t in row)
+
+
+def test_sampled_sequence_takes_stepwise_path(tiny_model_factory):
+    d = drafter(tiny_model_factory("llama"), True)
+    mirror = Mirror()
+    d.apply(mirror, [(0, [1, 2, 3], SamplingParams()),
+                     (1, [4, 5], SamplingParams(temperature=0.8, seed=1))], [], [])
+    result = d.draft(mirror, GAMMA)
+    assert d.paths == {"stepwise": 1}
+    assert result.probs is not None and result.probs.shape[:2] == (2, GAMMA)
+
+
+def test_window_end_falls_back_to_stepwise(tiny_model_factory):
+    """Near the end of the window not all gamma tokens fit: the stepwise path drafts what fits."""
+    model = tiny_model_factory("llama")
+    d = Drafter(EngineConfig(model=str(model), block_size=4, num_blocks=400, max_model_len=12))
+    mirror = Mirror()
+    d.apply(mirror, [(0, list(range(1, 10)), SamplingParams())], [], [])
+    result = d.draft(mirror, GAMMA)
+    assert d.paths == {"stepwise": 1}
+    row = result.tokens[0].tolist()
+    assert all(t >= 0 for t in row[:3]) and row[3] == -1   # 9 + 3 tokens fill the window of 12
