@@ -15,14 +15,17 @@ from pearl_runtime.engine.model_runner import ModelRunner
 from pearl_runtime.models.synthetic import prepare_synthetic_pair
 logging.basicConfig(level=logging.WARNING)
 out = {"sms": torch.cuda.get_device_properties(0).multi_processor_count}
-a = torch.randn(1024, 896, device="cuda"); b = torch.randn(896, 4096, device="cuda")
-ref = a @ b
-out["gemm_bf16_rel_err"] = ((a.bfloat16() @ b.bfloat16()).float() - ref).abs().max().item() / ref.abs().max().item()
+for m, k, n in ((1, 3584, 4608), (16, 3584, 18944), (1024, 896, 4096), (4096, 4096, 4096)):
+    a = torch.randn(m, k, device="cuda"); b = torch.randn(k, n, device="cuda")
+    ref = a.double() @ b.double()
+    for dt in (torch.bfloat16, torch.float32):
+        err = ((a.to(dt) @ b.to(dt)).double() - ref).abs().max().item() / ref.abs().max().item()
+        out[f"gemm_{m}x{k}x{n}_{str(dt)[6:]}"] = round(err, 4)
 g = torch.Generator(device="cuda").manual_seed(0)
 out["randn_sum"] = torch.randn(1 << 20, generator=g, device="cuda").sum().item()
 out["randperm_head"] = torch.randperm(151936, generator=torch.Generator(device="cuda").manual_seed(0), device="cuda")[:4].tolist()
 tdir, _ = prepare_synthetic_pair("qwen2.5-0.5b", "qwen2.5-0.5b", 0.8)
-for backend in ("reference", "triton"):
+for backend in ("triton",):
     try:
         r = ModelRunner(EngineConfig(model=str(tdir), device="cuda", dtype="bfloat16", kv_cache_gb=1,
                                      attention_backend=backend, cuda_graphs=False, compile_ops=False))
@@ -46,6 +49,6 @@ def child(extra_env: dict) -> dict:
 if __name__ == "__main__":
     from pearl_runtime.bench.mps import mps_daemon
     print("no MPS:", child({}), flush=True)
-    for share in (100, 80, 20):
-        with mps_daemon((share, share)) as env:
-            print(f"MPS {share}%:", child(env["target"]), flush=True)
+    with mps_daemon((100, 100)) as env:
+        for share in sys.argv[1:] or ("100", "90", "80", "70", "50", "20"):
+            print(f"MPS {share}%:", child({**env["target"], "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": share}), flush=True)

@@ -79,9 +79,9 @@ class GraphRunner:
         return b, q
 
     @torch.inference_mode()
-    def run(self, step, key: tuple[int, int], ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay; returns hidden states of the step's logit rows. `ids` (on the device)
-        replaces step.ids."""
+    def run(self, step, key: tuple[int, int], device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay; returns hidden states of the step's logit rows. `device_ids` (on the
+        device) replaces step.ids."""
         b, q = key
         self.hits += 1
         graph, buf = self.graphs[key]
@@ -103,8 +103,8 @@ class GraphRunner:
         for name, host in (("ids", ids), ("positions", pos), ("slots", slots), ("tables", tables),
                            ("q_lens", lens[0]), ("ctx_lens", lens[1])):
             buf[name].copy_(torch.from_numpy(host), non_blocking=True)
-        if ids is not None:
-            buf["ids"][torch.from_numpy(padded).to(self.device, non_blocking=True)] = ids
+        if device_ids is not None:
+            buf["ids"][torch.from_numpy(padded).to(self.device, non_blocking=True)] = device_ids
         graph.replay()
         rows = padded[np.asarray(step.logit_rows, dtype=np.int64)]
         return buf["hidden"][torch.from_numpy(rows).to(self.device, non_blocking=True)]

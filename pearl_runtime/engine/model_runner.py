@@ -8,6 +8,7 @@ import torch
 from pearl_runtime.attention import select_backend
 from pearl_runtime.config import EngineConfig, ModelConfig
 from pearl_runtime.engine.cuda_graph import GraphRunner
+from pearl_runtime.engine.gemm_check import check_gemms, needs_check
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.layers.fused import enable_compile
 from pearl_runtime.models.decoder import CausalLM
@@ -38,11 +39,18 @@ class ModelRunner:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda":   # Triton launches on the current device, not the tensors'
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         model_cfg = ModelConfig.from_dir(cfg.model, cfg.torch_dtype)
         self.max_model_len = min(cfg.max_model_len or model_cfg.max_position_embeddings,
                                  model_cfg.max_position_embeddings)
         self.model_cfg = dataclasses.replace(model_cfg, max_position_embeddings=self.max_model_len)
+        if self.device.type == "cuda" and needs_check():
+            c = model_cfg
+            check_gemms(self.device, cfg.torch_dtype,
+                        [(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
+                         (c.hidden_size, 2 * c.intermediate_size), (c.intermediate_size, c.hidden_size)])
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(cfg.torch_dtype)
         try:

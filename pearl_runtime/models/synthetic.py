@@ -114,10 +114,11 @@ def init_synthetic(model, spec: dict) -> None:
             p.normal_(0.0, 0.02, generator=gen)
     emb, head = model.model.embed_tokens, model.lm_head
     vocab, hidden = emb.vocab_size, emb.weight.shape[1]
-    # the permutation and the full embedding come from the seed alone: every rank and both
-    # models of a pair rebuild the same ones
-    shared = torch.Generator(device=dev).manual_seed(spec["seed"])
-    perm = torch.randperm(vocab, generator=shared, device=dev)
+    # the permutation comes from the seed alone, on the CPU: CUDA random streams depend on
+    # the SM count a process sees, which CUDA MPS shares change, and the draft and the
+    # target must rebuild the same permutation. The full embedding only has to agree across
+    # the TP ranks of one model, which see the same GPUs.
+    perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(spec["seed"])).to(dev)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(vocab, device=dev)
     full = torch.randn(vocab, hidden, generator=gen, device=dev, dtype=torch.float32)
