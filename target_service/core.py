@@ -107,6 +107,36 @@ class TargetCore:
         starts = accumulate(sizes, initial=0)
         return [(rows, best[s:s + n]) for rows, s, n in zip(logits.split(sizes), starts, sizes)]
 
+    def chain_length(self, reqs: list[Request], limit: int) -> int:
+        """ar with every request greedy: how many decode steps this round may chain on the
+        device, with one host sync for all of them (1: chaining does not apply). Never past a
+        request's max_tokens or the window; EOS may still end one early (the rest is dropped)."""
+        if limit <= 1 or not self.runner.chains_on_device or any(not r.seq.params.greedy or r.pending for r in reqs):
+            return 1
+        k = min([limit] + [r.seq.params.max_tokens - r.seq.num_completion_tokens for r in reqs]
+                + [self.max_model_len - len(r.seq) for r in reqs])
+        if k <= 1 or not all(self.blocks.ensure_capacity(r.seq, len(r.seq) + k - 1) for r in reqs):
+            return 1
+        return k
+
+    def chain_round(self, reqs: list[Request], steps: int) -> list[Request]:
+        """`steps` chained greedy decode steps (ar); commits each request's tokens up to its
+        end. Returns the requests that finished."""
+        out = self.runner.greedy_chain([r.seq for r in reqs], steps)
+        done = []
+        for req, toks in zip(reqs, out):
+            seq = req.seq
+            del seq.token_ids[len(seq) - steps:]
+            committed = commit(seq, toks, self.eos_ids, self.max_model_len)
+            req.new_tokens += committed
+            req.forwards += len(committed)   # the forwards that made its tokens
+            self.blocks.truncate(seq, min(seq.num_kv, len(seq) - 1))
+            if req.finished:
+                self.scheduler.finish(seq)
+                self._forget(req)
+                done.append(req)
+        return done
+
     def finish_round(self, reqs: list[Request], logits: list[tuple[torch.Tensor, list[int]]],
                      drafts: dict[int, DraftTokens]) -> list[Request]:
         """Judge and commit every request. Returns the requests that finished."""

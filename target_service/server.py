@@ -52,11 +52,15 @@ class RoundStats:
 
 class TargetService:
     def __init__(self, cfg: EngineConfig, mode: str = "pearl", draft_address: str | None = None,
-                 gamma: int | None = 4, max_waiting: int = 1024):
-        """gamma None: auto, from the measured draft and target step times (GPU), else 4."""
+                 gamma: int | None = 4, max_waiting: int = 1024, ar_steps: int = 4):
+        """gamma None: auto, from the measured draft and target step times (GPU), else 4.
+        ar_steps: ar mode chains up to this many greedy decode steps a round on the device
+        (one host sync for all; tokens stream in bursts of that many)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.cfg, self.mode, self.max_waiting = cfg, mode, max_waiting
+        if ar_steps < 1:
+            raise ValueError(f"ar_steps must be >= 1, got {ar_steps}")
+        self.cfg, self.mode, self.max_waiting, self.ar_steps = cfg, mode, max_waiting, ar_steps
         self.fixed_gamma = gamma
         self.gamma = gamma or 4
         self.gamma_by_batch: dict[int, int] = {}
@@ -77,6 +81,7 @@ class TargetService:
         self.stats = RoundStats()
         self.draft_generation = 0
         self._last_path = None
+        self._chain_logged = False
 
     # -- inputs from gateway streams --------------------------------------------------------
     def submit(self, stream: GatewayStream, item: target_pb2.Submission) -> None:
@@ -138,6 +143,21 @@ class TargetService:
         if not reqs:
             await asyncio.sleep(0.001)
             return
+        if self.mode == "ar" and (steps := self.core.chain_length(reqs, self.ar_steps)) > 1:
+            self._log_path("ar")
+            if not self._chain_logged:
+                log.info("ar rounds chain greedy decode steps on the device (one sync a round)",
+                         max_steps=self.ar_steps)
+                self._chain_logged = True
+            before = [len(r.seq) for r in reqs]
+            target_ms = await loop.run_in_executor(self.executor, self._timed_chain, reqs, steps)
+            self._publish(reqs)
+            s = self.stats
+            s.rounds += steps   # a round in the counters is one target forward
+            s.target_ms += target_ms
+            s.round_ms += (time.perf_counter() - t0) * 1e3
+            s.committed_tokens += sum(len(r.seq) - n for r, n in zip(reqs, before))
+            return
         speculate = self.link is not None and self.link.connected
         self._log_path("pearl" if speculate and self.mode == "pearl" else "sd" if speculate else "ar")
         drafts: dict[int, DraftTokens] = {}
@@ -193,6 +213,11 @@ class TargetService:
         # forward() ends in a device sync (argmax to host): the time is the GPU's
         done = time.perf_counter()
         return logits, (done - t) * 1e3, done
+
+    def _timed_chain(self, reqs, steps):
+        t = time.perf_counter()
+        self.core.chain_round(reqs, steps)   # ends in a device sync (the tokens to host)
+        return (time.perf_counter() - t) * 1e3
 
     def _log_path(self, path: str) -> None:
         if path != self._last_path:
@@ -314,10 +339,10 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
 
 
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, mode: str = "pearl",
-                draft_address: str | None = None, gamma: int = 4, ready=None) -> None:
+                draft_address: str | None = None, gamma: int = 4, ready=None, ar_steps: int = 4) -> None:
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
-    service = TargetService(cfg, mode, draft_address, gamma)
+    service = TargetService(cfg, mode, draft_address, gamma, ar_steps=ar_steps)
     server = new_server()
     target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(service), server)
     bound = bind(server, host, port)

@@ -2,27 +2,29 @@
 import asyncio
 
 import grpc
+import pytest
 
 from pearl.v1 import common_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
 from target_service.server import GatewayStream, TargetService
 
 
-def test_round_exception_fails_requests_and_loop_survives(llama_dir):
+@pytest.mark.parametrize("ar_steps,step_fn", [(1, "forward"), (4, "chain_round")])
+def test_round_exception_fails_requests_and_loop_survives(llama_dir, ar_steps, step_fn):
     async def main():
-        service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=256), mode="ar")
+        service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=256), mode="ar", ar_steps=ar_steps)
         loop_task = asyncio.create_task(service.run())
         stream = GatewayStream()
-        real_forward = service.core.forward
+        real_step = getattr(service.core, step_fn)
         calls = {"n": 0}
 
-        def flaky(reqs):
+        def flaky(*args):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("injected")
-            return real_forward(reqs)
+            return real_step(*args)
 
-        service.core.forward = flaky
+        setattr(service.core, step_fn, flaky)
         params = common_pb2.SamplingParams(max_tokens=5, ignore_eos=True)
         service.submit(stream, target_pb2.Submission(request_id="a", prompt_ids=[5, 6, 7], params=params))
         first = await asyncio.wait_for(stream.out.get(), 30)
