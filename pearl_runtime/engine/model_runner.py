@@ -141,6 +141,10 @@ class ModelRunner:
         """The tensor work of one forward (every TP rank runs this with the same StepInput).
         `ids`, a device tensor, replaces step.ids: a chained step feeds the last step's output
         without a round trip through the host."""
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            # the current device is per thread, and services run forwards on worker threads:
+            # Triton kernels, events and streams follow it, not the tensors
+            torch.cuda.set_device(self.device)
         if self.graphs is not None and (key := self.graphs.bucket(step)) is not None:
             return self.model.logits(self.graphs.run(step, key, ids)).float()
         ctx = self.context(step)
