@@ -81,6 +81,15 @@ def _worker(cfg: EngineConfig, rank: int, port: int, conn, parent: int) -> None:
         raise
 
 
+def _abort_group() -> None:
+    """Leave an NCCL group whose peers are gone, without waiting for them."""
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+        _abort_process_group()
+    except Exception as e:   # a private API: if it moved, the process exits with the group open
+        log.warning("could not abort the NCCL group (%s); it stays open until the process exits", e)
+
+
 def _receive(conn) -> tuple[str, str | None]:
     """A worker's next report: ("ready", None), ("error", traceback) or ("gone", None)."""
     try:
@@ -176,16 +185,24 @@ class TPModelRunner(ModelRunner):
             return
         self.closed = True
         atexit.unregister(self.close)
+        stopped = False
         if self.ready and self._dead_worker() is None:
             try:
                 dist.broadcast_object_list([None], src=0)
+                stopped = True
             except Exception:   # a worker died meanwhile: terminated below
                 pass
+        if dist.is_initialized():
+            if stopped or dist.get_backend() != "nccl":
+                # NCCL's teardown waits for every rank: leave together with the workers, which
+                # destroy the group as soon as they see the None step (seen hanging on 2 H100s
+                # when rank 0 waited for the workers to exit first)
+                dist.destroy_process_group()
+            else:
+                _abort_group()
         for proc, conn in self.workers:
             proc.join(timeout=10 if self.ready else 0)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
             conn.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
