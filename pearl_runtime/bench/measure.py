@@ -107,4 +107,5 @@ def row(mode: str, bs: int, max_tokens: int, wall: float, m: dict, completions) 
         "ttft_ms": {"mean": statistics.fmean(ttft), "p50": statistics.median(ttft), "max": max(ttft)},
         "gamma": m["gamma"], "path": m["path"], "metrics_diff": m,
         "outputs_sha256": hashlib.sha256(repr([c.token_ids for c in completions]).encode()).hexdigest(),
+        "_outputs": [list(c.token_ids) for c in completions],   # kept in memory, not in the JSON
     }

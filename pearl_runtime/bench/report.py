@@ -11,6 +11,21 @@ def add_speedups(rows: list[dict], greedy: bool = True) -> None:
         base = ar.get(r["batch_size"])
         r["speedup_vs_ar"] = base["wall_s"] / r["wall_s"] if base else None
         r["outputs_match_ar"] = base["outputs_sha256"] == r["outputs_sha256"] if base and greedy else None
+        if r["outputs_match_ar"] is False and "_outputs" in base and "_outputs" in r:
+            r["divergence"] = divergence(base["_outputs"], r["_outputs"])
+
+
+def divergence(ref: list[list[int]], got: list[list[int]]) -> dict:
+    """Where greedy outputs part from ar's: how many requests differ, and the first differing
+    token index of each (bf16 near-ties flip a token, then the continuations differ)."""
+    firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+              for x, y in zip(ref, got) if x != y]
+    return {"requests": len(ref), "differing": len(firsts), "first_index": sorted(firsts)}
+
+
+def public(rows: list[dict]) -> list[dict]:
+    """Rows for the JSON: without the raw outputs."""
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
 
 def hbm(rows: list[dict], target_dir: str, dtype: str, prompt_len: int, probe: dict) -> dict | None:
@@ -84,6 +99,9 @@ def table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["batch_size"], ("ar", "sd", "pearl").index(r["mode"]))):
         same = {True: "yes", False: "NO", None: "-"}[r.get("outputs_match_ar")]
+        if "divergence" in r:   # "NO 2/16@37": 2 of 16 requests differ, the earliest at token 37
+            d = r["divergence"]
+            same = f"NO {d['differing']}/{d['requests']}@{d['first_index'][0]}"
         lines.append(f"{r['mode']:<6}{r['batch_size']:>4}{r['tokens_per_s']:>10.1f}{_f(r.get('speedup_vs_ar')):>9}"
                      f"{_f(r['mat']):>6}{_f(r['accept_rate']):>8}{r['round_ms']:>8.2f}{r['draft_ms']:>8.2f}"
                      f"{r['target_ms']:>8.2f}{r['wait_ms']:>8.2f}{r['host_ms']:>8.2f}{_f(r['xfer_ms']):>8}"

@@ -288,7 +288,7 @@ def main(args) -> None:
                        "mps": mps_info or {"on": False}},
             "prompts": {"path": str(args.prompts), "count": len(prompts), "prompt_len_cut": args.prompt_len,
                         "tokens": [len(p) for p in prompts]},
-            "runs": rows,
+            "runs": report.public(rows),
             "hbm": report.hbm(rows, target_dir, dtype, len(prompts[0]), probe) if complete else None,
             "projection": (report.project(rows, same_gpu=one_gpu and not args.mps)
                            if complete and modes_done & {"sd", "pearl"} else None),

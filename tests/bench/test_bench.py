@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pearl_runtime.bench import mps, projection, roofline
+from pearl_runtime.bench import mps, projection, report, roofline
 from pearl_runtime.bench.measure import BenchError
 
 GAMMA = 4
@@ -67,6 +67,19 @@ def test_projection_balanced_rounds():
     assert p["sd_speedup"] == pytest.approx(10 * 5 / 20) and p["pearl_speedup"] == pytest.approx(10 * 4 / 10)
     g, best = projection.best_gamma(10.0, 2.5, 10.0, 0.0, 1.0)
     assert g >= 4 and best >= p["pearl_speedup"]
+
+
+def test_divergence_reports_where_outputs_part():
+    ar = [{"mode": "ar", "batch_size": 2, "wall_s": 1.0, "outputs_sha256": "a", "_outputs": [[1, 2, 3], [4, 5, 6]]}]
+    sd = {"mode": "sd", "batch_size": 2, "wall_s": 0.5, "outputs_sha256": "b", "_outputs": [[1, 2, 3], [4, 9, 6]]}
+    rows = ar + [sd]
+    report.add_speedups(rows)
+    assert sd["outputs_match_ar"] is False and sd["speedup_vs_ar"] == 2.0
+    assert sd["divergence"] == {"requests": 2, "differing": 1, "first_index": [1]}
+    assert "NO 1/2@1" in report.table([{**r, "mat": None, "accept_rate": None, "round_ms": 0, "draft_ms": 0,
+                                       "target_ms": 0, "wait_ms": 0, "host_ms": 0, "xfer_ms": None,
+                                       "ttft_ms": {"mean": 0}, "tokens_per_s": 1} for r in rows])
+    assert all("_outputs" not in r for r in report.public(rows))
 
 
 def test_mps_helpers():
@@ -145,6 +158,7 @@ def test_bench_end_to_end(bench_run):
     runs = {(x["mode"], x["batch_size"]): x for x in r["runs"]}
     assert set(runs) == {(m, bs) for m in ("ar", "sd", "pearl") for bs in BATCH_SIZES}
     for (mode, bs), x in runs.items():
+        assert not any(k.startswith("_") for k in x), "raw outputs stay out of the JSON"
         # an identical token budget in every mode
         assert x["tokens"] == bs * MAX_TOKENS == x["metrics_diff"]["committed_tokens"]
         assert x["outputs_match_ar"] is True, (mode, bs)       # greedy is lossless
