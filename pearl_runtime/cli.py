@@ -72,7 +72,7 @@ def cmd_target(args) -> None:
     draft = None if args.mode == "ar" else args.draft
     gamma = None if str(args.gamma) == "auto" else int(args.gamma)
     run_async(_until_signal(serve(_engine_config(args, model), args.host, args.port, args.mode, draft, gamma,
-                                  ar_steps=args.ar_steps)))
+                                  ar_steps=args.ar_steps, max_gamma=args.max_gamma)))
 
 
 def cmd_gateway(args) -> None:
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--draft", default=_env("DRAFT_ADDRESS", "127.0.0.1:50052"), help="draft service address")
     t.add_argument("--gamma", default=_env("GAMMA", "auto"),
                    help="draft tokens per round, or 'auto': balance measured draft and verify step times (GPU)")
+    t.add_argument("--max-gamma", type=int, default=int(_env("MAX_GAMMA", 16)),
+                   help="ceiling of auto gamma (verifies longer than the largest graph bucket run eagerly)")
     t.add_argument("--ar-steps", type=int, default=int(_env("AR_STEPS", 4)),
                    help="ar mode: greedy decode steps chained on the device per round (1: one step, one sync)")
     t.set_defaults(fn=cmd_target)

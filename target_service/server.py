@@ -21,7 +21,7 @@ from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.server import bind, new_server
 from target_service.core import DraftTokens, Request, TargetCore
 from target_service.draft_link import DraftLink
-from pearl_runtime.engine.step_timer import balanced_gamma, measure_step_ms
+from pearl_runtime.engine.step_timer import balanced_gamma, measure_step_ms, sd_gamma
 
 log = structlog.get_logger()
 
@@ -52,7 +52,7 @@ class RoundStats:
 
 class TargetService:
     def __init__(self, cfg: EngineConfig, mode: str = "pearl", draft_address: str | None = None,
-                 gamma: int | None = 4, max_waiting: int = 1024, ar_steps: int = 4):
+                 gamma: int | None = 4, max_waiting: int = 1024, ar_steps: int = 4, max_gamma: int = 16):
         """gamma None: auto, from the measured draft and target step times (GPU), else 4.
         ar_steps: ar mode chains up to this many greedy decode steps a round on the device
         (one host sync for all; tokens stream in bursts of that many)."""
@@ -60,7 +60,10 @@ class TargetService:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if ar_steps < 1:
             raise ValueError(f"ar_steps must be >= 1, got {ar_steps}")
+        if max_gamma < 1:
+            raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
         self.cfg, self.mode, self.max_waiting, self.ar_steps = cfg, mode, max_waiting, ar_steps
+        self.max_gamma = max_gamma   # auto gamma's ceiling; verifies past the graph buckets run eagerly
         self.fixed_gamma = gamma
         self.gamma = gamma or 4
         self.gamma_by_batch: dict[int, int] = {}
@@ -228,11 +231,12 @@ class TargetService:
         """Pick gamma per batch size so gamma draft steps take as long as one verify."""
         info = self.link.info
         draft_ms = dict(zip(info.step_batch_sizes, info.step_ms))
-        max_gamma = max(self.cfg.graph_query_lens) - 1 if self.cfg.graph_query_lens else 8
-        self.gamma_by_batch = {b: balanced_gamma(t, draft_ms[b], max_gamma)
+        rule = balanced_gamma if self.mode == "pearl" else sd_gamma
+        self.gamma_by_batch = {b: rule(t, draft_ms[b], self.max_gamma)
                                for b, t in self.verify_ms.items() if b in draft_ms}
         if self.gamma_by_batch:
-            log.info("auto gamma by batch size", **{f"bs{b}": g for b, g in self.gamma_by_batch.items()},
+            log.info("auto gamma by batch size", rule=rule.__name__,
+                     **{f"bs{b}": g for b, g in self.gamma_by_batch.items()},
                      verify_ms={b: round(t, 2) for b, t in self.verify_ms.items()},
                      draft_ms={b: round(t, 2) for b, t in draft_ms.items()})
         else:
@@ -339,10 +343,11 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
 
 
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, mode: str = "pearl",
-                draft_address: str | None = None, gamma: int = 4, ready=None, ar_steps: int = 4) -> None:
+                draft_address: str | None = None, gamma: int = 4, ready=None, ar_steps: int = 4,
+                max_gamma: int = 16) -> None:
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
-    service = TargetService(cfg, mode, draft_address, gamma, ar_steps=ar_steps)
+    service = TargetService(cfg, mode, draft_address, gamma, ar_steps=ar_steps, max_gamma=max_gamma)
     server = new_server()
     target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(service), server)
     bound = bind(server, host, port)

@@ -34,5 +34,17 @@ def measure_step_ms(runner, query_len: int, context_len: int = 256, repeats: int
 
 
 def balanced_gamma(target_ms: float, draft_ms: float, max_gamma: int) -> int:
-    """gamma draft steps should take as long as one verify: the round then wastes neither side."""
+    """PEARL: gamma draft steps should take as long as one verify, so the overlapped round
+    wastes neither side."""
     return max(1, min(max_gamma, round(target_ms / max(draft_ms, 1e-6))))
+
+
+SD_PRIOR_ALPHA = 0.8   # acceptance assumed before any is measured
+
+
+def sd_gamma(target_ms: float, draft_ms: float, max_gamma: int, alpha: float = SD_PRIOR_ALPHA) -> int:
+    """sd: draft and verify take turns, so the best gamma maximizes expected tokens per ms,
+    sum(alpha^i, i <= g) / (g * draft + verify); a cheap draft earns a longer gamma."""
+    def rate(g: int) -> float:
+        return sum(alpha ** i for i in range(g + 1)) / (g * draft_ms + target_ms)
+    return max(range(1, max_gamma + 1), key=rate)
