@@ -46,18 +46,17 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                             f"draft {self.drafter.vocab_size}")
         return reply
 
-    def _round(self, mirror: Mirror, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch:
+    def _round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None) -> draft_pb2.DraftBatch:
         start = time.perf_counter()
         adds = [(a.seq_id, list(a.token_ids), wire_params.from_proto(a.params)) for a in rnd.adds]
         verdicts = tensors.decode(rnd.verdicts).tolist() if not tensors.is_empty(rnd.verdicts) else []
         self.drafter.apply(mirror, adds, list(rnd.removes), verdicts)
-        result = self.drafter.draft(mirror, rnd.gamma)
-        batch = draft_pb2.DraftBatch(round_id=rnd.round_id, seq_ids=result.seq_ids,
-                                     tokens=tensors.encode(result.tokens))
-        if result.probs is not None:
-            batch.probs.CopyFrom(tensors.encode(result.probs))
-        batch.draft_ms = (time.perf_counter() - start) * 1e3
-        return batch
+
+        def early(result):   # runs on the forward thread, mid-round
+            on_early(_batch(rnd.round_id, result, start, early=True))
+
+        result = self.drafter.draft(mirror, rnd.gamma, rnd.early, early if on_early else None)
+        return _batch(rnd.round_id, result, start)
 
     async def Speculate(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await anext(aiter(request_iterator), None)
@@ -76,12 +75,34 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != "round":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a Round after the Hello")
-                batch = await loop.run_in_executor(self.executor, self._round, mirror, msg.round)
+                if msg.round.early and msg.round.early < msg.round.gamma:
+                    # the early part goes out while the rest of the round is still drafting
+                    parts: asyncio.Queue = asyncio.Queue()
+                    send = lambda b: loop.call_soon_threadsafe(parts.put_nowait, b)   # noqa: E731
+                    work = loop.run_in_executor(self.executor, self._round, mirror, msg.round, send)
+                    first = asyncio.ensure_future(parts.get())
+                    await asyncio.wait({first, work}, return_when=asyncio.FIRST_COMPLETED)
+                    if not first.done() and work.exception() is not None:
+                        first.cancel()   # the round failed before its early part: raise its error
+                        await work
+                    yield draft_pb2.FromDraft(batch=await first)
+                    batch = await work
+                else:
+                    batch = await loop.run_in_executor(self.executor, self._round, mirror, msg.round)
                 yield draft_pb2.FromDraft(batch=batch)
         finally:
             await loop.run_in_executor(self.executor, self.drafter.close, mirror)
             self.streams -= 1
             log.info("target disconnected", target=first.hello.target_id, streams=self.streams)
+
+
+def _batch(round_id: int, result, start: float, early: bool = False) -> draft_pb2.DraftBatch:
+    batch = draft_pb2.DraftBatch(round_id=round_id, seq_ids=result.seq_ids, tokens=tensors.encode(result.tokens),
+                                 early=early)
+    if result.probs is not None:
+        batch.probs.CopyFrom(tensors.encode(result.probs))
+    batch.draft_ms = (time.perf_counter() - start) * 1e3
+    return batch
 
 
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, ready=None) -> None:

@@ -64,6 +64,14 @@ def cmd_draft(args) -> None:
     run_async(_until_signal(serve(cfg, args.host, args.port)))
 
 
+def _head_start(text: str) -> int:
+    if text == "auto":
+        return -1
+    if not text.isdigit():
+        raise SystemExit(f"--head-start wants 'auto' or a number of tokens >= 0, got {text!r}")
+    return int(text)
+
+
 def cmd_target(args) -> None:
     from pearl_runtime.rpc.server import run_async, setup_logging
     from target_service.server import serve
@@ -72,7 +80,8 @@ def cmd_target(args) -> None:
     draft = None if args.mode == "ar" else args.draft
     gamma = None if str(args.gamma) == "auto" else int(args.gamma)
     run_async(_until_signal(serve(_engine_config(args, model), args.host, args.port, args.mode, draft, gamma,
-                                  ar_steps=args.ar_steps, max_gamma=args.max_gamma)))
+                                  ar_steps=args.ar_steps, max_gamma=args.max_gamma,
+                                  head_start=_head_start(args.head_start))))
 
 
 def cmd_gateway(args) -> None:
@@ -235,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--draft", default=_env("DRAFT_ADDRESS", "127.0.0.1:50052"), help="draft service address")
     t.add_argument("--gamma", default=_env("GAMMA", "auto"),
                    help="draft tokens per round, or 'auto': balance measured draft and verify step times (GPU)")
+    t.add_argument("--head-start", default=_env("HEAD_START", "auto"),
+                   help="pearl: draft tokens to wait for when every sequence is in pre-verify, verified "
+                        "with the first fresh one ('auto': gamma // 2; 0: plain PEARL, one token)")
     t.add_argument("--max-gamma", type=int, default=int(_env("MAX_GAMMA", 16)),
                    help="ceiling of auto gamma (verifies longer than the largest graph bucket run eagerly)")
     t.add_argument("--ar-steps", type=int, default=int(_env("AR_STEPS", 4)),

@@ -70,20 +70,35 @@ class DraftLink:
                 delay = min(delay * 2, max_backoff_s)
 
     async def exchange(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
-        """Send one Round, wait for its DraftBatch. None (and the link marked down) on failure."""
+        """Send one Round and wait for its DraftBatch, or for its early part when the round asks
+        for one (then `rest` reads the whole batch). None (and the link marked down) on failure."""
         try:
             await self.call.write(draft_pb2.ToDraft(round=rnd))
-            msg = await asyncio.wait_for(self.call.read(), timeout=self.round_timeout_s)
-            if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "batch" or msg.batch.round_id != rnd.round_id:
-                raise ConnectionError("draft stream ended or answered out of order")
-            return msg.batch
         # InvalidStateError: the call already ended (the draft died while this target was idle);
         # grpc.aio raises it from write() instead of an AioRpcError
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, AttributeError) as e:
+            return await self._lost_with(e)
+        return await self._read(rnd.round_id, early=rnd.early > 0)
+
+    async def rest(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
+        """The whole batch of a round whose early part `exchange` returned."""
+        return await self._read(rnd.round_id, early=False)
+
+    async def _read(self, round_id: int, early: bool) -> draft_pb2.DraftBatch | None:
+        try:
+            msg = await asyncio.wait_for(self.call.read(), timeout=self.round_timeout_s)
+            if (msg is grpc.aio.EOF or msg.WhichOneof("kind") != "batch" or msg.batch.round_id != round_id
+                    or msg.batch.early != early):
+                raise ConnectionError("draft stream ended or answered out of order")
+            return msg.batch
         except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, grpc.aio.UsageError,
-                asyncio.InvalidStateError) as e:
-            log.warning("draft link lost; falling back to ar", draft=self.address, error=str(e)[:200])
-            await self.mark_down()
-            return None
+                asyncio.InvalidStateError, AttributeError) as e:
+            return await self._lost_with(e)
+
+    async def _lost_with(self, error: Exception) -> None:
+        log.warning("draft link lost; falling back to ar", draft=self.address, error=str(error)[:200])
+        await self.mark_down()
+        return None
 
     async def mark_down(self) -> None:
         self.connected = False

@@ -48,11 +48,13 @@ class RoundStats:
     committed_tokens: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    head_start_rounds: int = 0
 
 
 class TargetService:
     def __init__(self, cfg: EngineConfig, mode: str = "pearl", draft_address: str | None = None,
-                 gamma: int | None = 4, max_waiting: int = 1024, ar_steps: int = 4, max_gamma: int = 16):
+                 gamma: int | None = 4, max_waiting: int = 1024, ar_steps: int = 4, max_gamma: int = 16,
+                 head_start: int = -1):
         """gamma None: auto, from the measured draft and target step times (GPU), else 4.
         ar_steps: ar mode chains up to this many greedy decode steps a round on the device
         (one host sync for all; tokens stream in bursts of that many)."""
@@ -64,6 +66,7 @@ class TargetService:
             raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
         self.cfg, self.mode, self.max_waiting, self.ar_steps = cfg, mode, max_waiting, ar_steps
         self.max_gamma = max_gamma   # auto gamma's ceiling; verifies past the graph buckets run eagerly
+        self.head_start = head_start   # pearl: -1 auto (gamma // 2), 0 off, n: n draft tokens
         self.fixed_gamma = gamma
         self.gamma = gamma or 4
         self.gamma_by_batch: dict[int, int] = {}
@@ -168,13 +171,28 @@ class TargetService:
         if speculate:
             rnd = self._build_round(reqs)
             if self.mode == "pearl":
+                head = None
+                if early := self._head_start(reqs):
+                    # every sequence is in pre-verify: wait for the draft's first `early` tokens and
+                    # verify them with the first fresh one, while it drafts gamma more
+                    rnd.early, rnd.gamma = early, rnd.gamma + early
+                    sent = time.perf_counter()
+                    head = await self.link.exchange(rnd)
+                    wait_ms = (time.perf_counter() - sent) * 1e3   # the target idles meanwhile
+                    self.stats.head_start_rounds += 1
+                    if head is not None:
+                        self.core.attach(reqs, self._parse(head))
                 # the heart of PEARL: verify while the draft drafts the next gamma tokens
                 forward = loop.run_in_executor(self.executor, self._timed_forward, reqs)
-                batch = await self.link.exchange(rnd)
+                if not early:
+                    batch = await self.link.exchange(rnd)
+                else:
+                    batch = await self.link.rest(rnd) if head is not None else None
                 arrived = time.perf_counter()
                 logits, target_ms, fwd_done = await forward
-                wait_ms = max(0.0, arrived - fwd_done) * 1e3
-                drafts = self._parse(batch)
+                wait_ms += max(0.0, arrived - fwd_done) * 1e3
+                # fresh tokens continue after what each sequence took from the early part
+                drafts = self._parse(batch, skip={r.seq.seq_id: len(r.pending) for r in reqs} if early else None)
             else:
                 sent = time.perf_counter()
                 batch = await self.link.exchange(rnd)
@@ -272,12 +290,25 @@ class TargetService:
         return rnd
 
     @staticmethod
-    def _parse(batch) -> dict[int, DraftTokens]:
+    def _parse(batch, skip: dict[int, int] | None = None) -> dict[int, DraftTokens]:
+        """A DraftBatch by seq id; `skip` drops each sequence's first tokens (already pending)."""
         if batch is None:
             return {}
         toks = tensors.decode(batch.tokens).tolist()
         probs = None if tensors.is_empty(batch.probs) else tensors.decode(batch.probs)
-        return {sid: DraftTokens(toks[i], None if probs is None else probs[i]) for i, sid in enumerate(batch.seq_ids)}
+        out = {}
+        for i, sid in enumerate(batch.seq_ids):
+            k = skip.get(sid, 0) if skip else 0
+            out[sid] = DraftTokens(toks[i][k:], None if probs is None else probs[i][k:])
+        return out
+
+    def _head_start(self, reqs: list[Request]) -> int:
+        """Draft tokens PEARL waits for before a round where every sequence is in pre-verify
+        (after a rejection, or new): verifying `early` + 1 tokens costs `early` draft steps,
+        where plain PEARL spends the whole forward on one token. 0: plain PEARL."""
+        if self.head_start == 0 or any(r.pending for r in reqs):
+            return 0
+        return self.head_start if self.head_start > 0 else max(1, self.gamma // 2)
 
     def _publish(self, reqs: list[Request]) -> None:
         by_stream: dict[int, tuple[GatewayStream, list]] = {}
@@ -315,7 +346,7 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
             rounds=s.rounds, speculative_rounds=s.speculative_rounds, draft_ms=s.draft_ms, target_ms=s.target_ms,
             wait_ms=s.wait_ms, round_ms=s.round_ms, committed_tokens=s.committed_tokens,
             drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens,
-            path=self.service._last_path or "", gamma=self.service.gamma)
+            path=self.service._last_path or "", gamma=self.service.gamma, head_start_rounds=s.head_start_rounds)
 
     async def Serve(self, request_iterator, context):
         stream = GatewayStream()
@@ -344,10 +375,11 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
 
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, mode: str = "pearl",
                 draft_address: str | None = None, gamma: int = 4, ready=None, ar_steps: int = 4,
-                max_gamma: int = 16) -> None:
+                max_gamma: int = 16, head_start: int = -1) -> None:
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
-    service = TargetService(cfg, mode, draft_address, gamma, ar_steps=ar_steps, max_gamma=max_gamma)
+    service = TargetService(cfg, mode, draft_address, gamma, ar_steps=ar_steps, max_gamma=max_gamma,
+                             head_start=head_start)
     server = new_server()
     target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(service), server)
     bound = bind(server, host, port)

@@ -50,18 +50,20 @@ class SeqAdd(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("round_id", "gamma", "adds", "removes", "verdicts")
+    __slots__ = ("round_id", "gamma", "adds", "removes", "verdicts", "early")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     ADDS_FIELD_NUMBER: _ClassVar[int]
     REMOVES_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    EARLY_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     gamma: int
     adds: _containers.RepeatedCompositeFieldContainer[SeqAdd]
     removes: _containers.RepeatedScalarFieldContainer[int]
     verdicts: _common_pb2.Tensor
-    def __init__(self, round_id: _Optional[int] = ..., gamma: _Optional[int] = ..., adds: _Optional[_Iterable[_Union[SeqAdd, _Mapping]]] = ..., removes: _Optional[_Iterable[int]] = ..., verdicts: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    early: int
+    def __init__(self, round_id: _Optional[int] = ..., gamma: _Optional[int] = ..., adds: _Optional[_Iterable[_Union[SeqAdd, _Mapping]]] = ..., removes: _Optional[_Iterable[int]] = ..., verdicts: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., early: _Optional[int] = ...) -> None: ...
 
 class ToDraft(_message.Message):
     __slots__ = ("hello", "round")
@@ -72,18 +74,20 @@ class ToDraft(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., round: _Optional[_Union[Round, _Mapping]] = ...) -> None: ...
 
 class DraftBatch(_message.Message):
-    __slots__ = ("round_id", "seq_ids", "tokens", "probs", "draft_ms")
+    __slots__ = ("round_id", "seq_ids", "tokens", "probs", "draft_ms", "early")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    EARLY_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     tokens: _common_pb2.Tensor
     probs: _common_pb2.Tensor
     draft_ms: float
-    def __init__(self, round_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., draft_ms: _Optional[float] = ...) -> None: ...
+    early: bool
+    def __init__(self, round_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., draft_ms: _Optional[float] = ..., early: _Optional[bool] = ...) -> None: ...
 
 class FromDraft(_message.Message):
     __slots__ = ("hello", "batch")

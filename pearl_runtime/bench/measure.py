@@ -35,7 +35,7 @@ from pearl.v1 import target_pb2, target_pb2_grpc
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 
 COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms",
-            "committed_tokens", "drafted_tokens", "accepted_tokens")
+            "committed_tokens", "drafted_tokens", "accepted_tokens", "head_start_rounds")
 
 
 class BenchError(RuntimeError):

@@ -26,6 +26,14 @@ fraction pi_V = a / (a + 1 - a^g) of rounds in post-verify and
 (a = 0: 1 token a round; a = 1: g tokens a round). `simulate_pearl` replays the same rules
 round by round as a Monte-Carlo cross-check.
 
+With a head start of w tokens (the target's default, w = g // 2), a pre-verify round first
+waits w draft steps and judges w + 1 tokens: it commits sum_{k<=w} a^k and moves to
+post-verify with prob a^(w+1), so
+
+    E_pearl(w) = (1 - a^g) / ((1 - a) (1 + a^(w+1) - a^g))
+
+and the average round grows by pi_P * w * t_d, pi_P = (1 - a^g) / (1 + a^(w+1) - a^g).
+
 Speedups are per-token time ratios: speedup = t_ar / (round time / tokens per round). The
 model is conservative for PEARL in two ways: t_x is charged outside the max although the
 transport overlaps the target's forward, and t_v is the sd verify of g+1 tokens a sequence
@@ -41,25 +49,31 @@ def sd_tokens_per_round(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def pearl_tokens_per_round(alpha: float, gamma: int) -> float:
+def _pre_verify_share(alpha: float, gamma: int, head_start: int) -> float:
+    """pi_P: the stationary share of pre-verify rounds (P->V with a^(w+1), V->P with 1 - a^g)."""
+    to_post, to_pre = alpha ** (head_start + 1), 1.0 - alpha ** gamma
+    return to_pre / (to_post + to_pre) if to_post + to_pre > 0 else 0.0
+
+
+def pearl_tokens_per_round(alpha: float, gamma: int, head_start: int = 0) -> float:
     """Expected committed tokens per PEARL round in the stationary pre/post-verify chain."""
     if alpha >= 1.0:
         return float(gamma)
-    post = (1.0 - alpha ** gamma) / (1.0 - alpha)      # expected commit of a post-verify round
-    to_post, to_pre = alpha, 1.0 - alpha ** gamma
-    if to_post + to_pre == 0.0:
-        return 1.0
-    pi_post = to_post / (to_post + to_pre)
-    return (1.0 - pi_post) * 1.0 + pi_post * post
+    pre = (1.0 - alpha ** (head_start + 1)) / (1.0 - alpha)   # a pre-verify round judges w + 1
+    post = (1.0 - alpha ** gamma) / (1.0 - alpha)             # a post-verify round judges g
+    pi_pre = _pre_verify_share(alpha, gamma, head_start)
+    return pi_pre * pre + (1.0 - pi_pre) * post
 
 
-def simulate_pearl(alpha: float, gamma: int, rounds: int = 100_000, seed: int = 0) -> tuple[float, float]:
+def simulate_pearl(alpha: float, gamma: int, rounds: int = 100_000, seed: int = 0,
+                   head_start: int = 0) -> tuple[float, float]:
     """Monte-Carlo of the PEARL rules at iid acceptance `alpha`: (tokens per round, accepted /
     judged as the target's Metrics count them)."""
     rng = random.Random(seed)
     pending = committed = judged_total = accepted_total = 0   # pending: drafts awaiting verification
     for _ in range(rounds):
-        judged = pending + 1                           # pending + the first fresh token
+        # pending + the first fresh token; in pre-verify the early tokens are the pending ones
+        judged = (pending or head_start) + 1
         first_reject = next((i for i in range(judged) if rng.random() >= alpha), None)
         judged_total += judged
         if first_reject is None:
@@ -73,49 +87,57 @@ def simulate_pearl(alpha: float, gamma: int, rounds: int = 100_000, seed: int = 
     return committed / rounds, accepted_total / judged_total
 
 
-def accept_rate(alpha: float, gamma: int, mode: str) -> float:
+def accept_rate(alpha: float, gamma: int, mode: str, head_start: int = 0) -> float:
     """The Metrics acceptance rate (accepted / judged draft tokens) the rules produce at iid
     acceptance `alpha`. Tokens after a round's first rejection count as judged, so this is
     below alpha: sd judges all gamma tokens a round and accepts sum_{k=1..g} a^k of them;
-    PEARL judges 1 (pre-verify) or g (post-verify) and accepts a or sum_{k=1..g} a^k."""
-    run = sum(alpha ** k for k in range(1, gamma + 1))     # expected accepted of g judged in a row
+    PEARL judges w + 1 (pre-verify) or g (post-verify) and accepts the same kind of sums."""
+    def run(n: int) -> float:   # expected accepted of n judged in a row
+        return sum(alpha ** k for k in range(1, n + 1))
     if mode == "sd":
-        return run / gamma
-    to_post, to_pre = alpha, 1.0 - alpha ** gamma
-    pi_post = to_post / (to_post + to_pre) if to_post + to_pre > 0 else 1.0
-    return ((1 - pi_post) * alpha + pi_post * run) / ((1 - pi_post) + pi_post * gamma)
+        return run(gamma) / gamma
+    pi_pre = _pre_verify_share(alpha, gamma, head_start)
+    return ((pi_pre * run(head_start + 1) + (1 - pi_pre) * run(gamma))
+            / (pi_pre * (head_start + 1) + (1 - pi_pre) * gamma))
 
 
-def fit_alpha(rate: float, gamma: int, mode: str) -> float:
+def fit_alpha(rate: float, gamma: int, mode: str, head_start: int = 0) -> float:
     """The iid acceptance whose `accept_rate` equals a measured one (bisection; the rate
     increases with alpha). Prefill rounds and the last truncated round barely move it, unlike
     tokens per forward."""
     lo, hi = 0.0, 1.0
-    if rate <= accept_rate(lo, gamma, mode):
+    if rate <= accept_rate(lo, gamma, mode, head_start):
         return 0.0
-    if rate >= accept_rate(hi, gamma, mode):
+    if rate >= accept_rate(hi, gamma, mode, head_start):
         return 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if accept_rate(mid, gamma, mode) < rate else (lo, mid)
+        lo, hi = (mid, hi) if accept_rate(mid, gamma, mode, head_start) < rate else (lo, mid)
     return (lo + hi) / 2
 
 
-def project(t_ar: float, t_d: float, t_v: float, t_x: float, alpha: float, gamma: int) -> dict:
+def project(t_ar: float, t_d: float, t_v: float, t_x: float, alpha: float, gamma: int,
+            head_start: int = 0) -> dict:
     """Round times, tokens per round and speedups over ar of sd and PEARL (separate GPUs)."""
     sd_round = gamma * t_d + t_v + t_x
-    pearl_round = max(gamma * t_d, t_v) + t_x
-    e_sd, e_pearl = sd_tokens_per_round(alpha, gamma), pearl_tokens_per_round(alpha, gamma)
+    pearl_round = max(gamma * t_d, t_v) + t_x + _pre_verify_share(alpha, gamma, head_start) * head_start * t_d
+    e_sd, e_pearl = sd_tokens_per_round(alpha, gamma), pearl_tokens_per_round(alpha, gamma, head_start)
     return {"sd_round_ms": sd_round, "pearl_round_ms": pearl_round,
             "sd_tokens_per_round": e_sd, "pearl_tokens_per_round": e_pearl,
             "sd_speedup": t_ar * e_sd / sd_round if sd_round > 0 else None,
             "pearl_speedup": t_ar * e_pearl / pearl_round if pearl_round > 0 else None}
 
 
+def head_start_for(gamma: int, setting: int = -1) -> int:
+    """The target's rule: -1 (auto) waits gamma // 2 tokens, else the setting (0: plain PEARL)."""
+    return max(1, gamma // 2) if setting < 0 else setting
+
+
 def best_gamma(t_ar: float, t_d: float, t_v: float, t_x: float, alpha: float,
-               gammas: range = range(1, 17)) -> tuple[int, float]:
+               gammas: range = range(1, 17), head_start: int = -1) -> tuple[int, float]:
     """The gamma with the highest projected PEARL speedup (t_v held fixed: a verify of a few
     more tokens costs about the same while decoding is bandwidth-bound)."""
-    scored = [(project(t_ar, t_d, t_v, t_x, alpha, g)["pearl_speedup"] or 0.0, g) for g in gammas]
+    scored = [(project(t_ar, t_d, t_v, t_x, alpha, g, head_start_for(g, head_start))["pearl_speedup"] or 0.0, g)
+              for g in gammas]
     speedup, g = max(scored)
     return g, speedup

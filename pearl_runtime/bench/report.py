@@ -53,7 +53,7 @@ def hbm(rows: list[dict], target_dir: str, dtype: str, prompt_len: int, probe: d
     return out
 
 
-def project(rows: list[dict], same_gpu: bool) -> list[dict]:
+def project(rows: list[dict], same_gpu: bool, head_start: int = -1) -> list[dict]:
     """Per batch size: the round model's PEARL speedup with draft and target on their own
     GPUs (see projection.py). Inputs come from the sd run where there is one (there draft and
     target run one after the other, so their times are uncontended even on one GPU), else
@@ -70,11 +70,14 @@ def project(rows: list[dict], same_gpu: bool) -> list[dict]:
             t_x = src["round_ms"] - src["target_ms"] - src["draft_ms"]     # host + transport
         else:
             t_x = src["host_ms"]                                           # transport hidden
-        alpha = projection.fit_alpha(src["accept_rate"], g, src["mode"])
-        p = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, g)
-        best_g, best = projection.best_gamma(ar["round_ms"], t_d, t_v, t_x, alpha)
+        w = projection.head_start_for(g, head_start)   # the target's head start at this gamma
+        alpha = projection.fit_alpha(src["accept_rate"], g, src["mode"], w if src["mode"] == "pearl" else 0)
+        p = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, g, w)
+        best_g, best = projection.best_gamma(ar["round_ms"], t_d, t_v, t_x, alpha, head_start=head_start)
         pearl = by.get(("pearl", bs))
         sd = by.get(("sd", bs))
+        pg = pearl["gamma"] if pearl and pearl["gamma"] else g   # pearl may run its own gamma
+        mat_model = projection.pearl_tokens_per_round(alpha, pg, projection.head_start_for(pg, head_start))
         out.append({
             "batch_size": bs, "source": src["mode"], "contended": src["mode"] == "pearl" and same_gpu,
             "gamma": g, "alpha": alpha, "t_ar_ms": ar["round_ms"], "t_d_ms": t_d, "t_v_ms": t_v, "t_x_ms": t_x,
@@ -82,7 +85,7 @@ def project(rows: list[dict], same_gpu: bool) -> list[dict]:
             # checks of the model against this run: sd's wall-clock speedup; PEARL's tokens per
             # round at alpha (fitted to sd's acceptance, or to pearl's own without an sd run)
             "sd_speedup_measured": sd["speedup_vs_ar"] if sd else None,
-            "pearl_mat_model": p["pearl_tokens_per_round"],
+            "head_start": w, "pearl_mat_model": mat_model,
             "pearl_mat_measured": pearl["mat"] if pearl else None,
             "best_gamma": best_g, "pearl_speedup_best_gamma": best,
         })
@@ -132,16 +135,18 @@ def hbm_text(h: dict | None) -> str:
 def projection_text(proj: list[dict]) -> str:
     if not proj:
         return "projection: needs ar and sd (or pearl) runs"
-    head = (f"{'bs':>4}{'src':>6}{'gamma':>6}{'alpha':>7}{'t_ar':>8}{'t_d':>8}{'t_v':>8}{'t_x':>8}"
+    head = (f"{'bs':>4}{'src':>6}{'gamma':>6}{'w':>3}{'alpha':>7}{'t_ar':>8}{'t_d':>8}{'t_v':>8}{'t_x':>8}"
             f"{'sd x':>7}{'sd meas':>8}{'MAT mod':>8}{'MAT meas':>9}{'PEARL x':>9}{'best g':>7}{'at best':>8}")
     lines = ["PROJECTED PEARL speedup over ar with draft and target on separate GPUs (round model, "
              "benchmarks/README.md); ms", head]
     for p in proj:
-        lines.append(f"{p['batch_size']:>4}{p['source']:>6}{p['gamma']:>6}{p['alpha']:>7.3f}{p['t_ar_ms']:>8.2f}"
+        lines.append(f"{p['batch_size']:>4}{p['source']:>6}{p['gamma']:>6}{p['head_start']:>3}{p['alpha']:>7.3f}"
+                     f"{p['t_ar_ms']:>8.2f}"
                      f"{p['t_d_ms']:>8.2f}{p['t_v_ms']:>8.2f}{p['t_x_ms']:>8.2f}{_f(p['sd_speedup']):>7}"
                      f"{_f(p['sd_speedup_measured']):>8}{_f(p['pearl_mat_model']):>8}{_f(p['pearl_mat_measured']):>9}"
                      f"{_f(p['pearl_speedup']):>9}{p['best_gamma']:>7}"
                      f"{_f(p['pearl_speedup_best_gamma']):>8}" + ("  (contended inputs)" if p["contended"] else ""))
-    lines.append("sd x / PEARL x: model speedups over ar; sd meas: measured sd wall-clock speedup; MAT mod / meas: "
-                 "PEARL tokens per sequence-round, model at alpha vs measured")
+    lines.append("w: PEARL's head start (draft tokens waited for in pre-verify); sd x / PEARL x: model speedups "
+                 "over ar; sd meas: measured sd wall-clock speedup; MAT mod / meas: PEARL tokens per "
+                 "sequence-round, model at alpha vs measured")
     return "\n".join(lines)

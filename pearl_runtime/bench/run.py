@@ -28,6 +28,15 @@ ROOT = Path(__file__).resolve().parents[2]
 MODES = ("ar", "sd", "pearl")
 
 
+def _head_start_setting(target_args: str) -> int:
+    """The pearl target's --head-start as the projection needs it (-1: auto)."""
+    args = shlex.split(target_args)
+    if "--head-start" in args[:-1]:
+        value = args[args.index("--head-start") + 1]
+        return -1 if value == "auto" else int(value)
+    return -1
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("models")
     m.add_argument("--model", help="target model directory")
@@ -290,7 +299,8 @@ def main(args) -> None:
                         "tokens": [len(p) for p in prompts]},
             "runs": report.public(rows),
             "hbm": report.hbm(rows, target_dir, dtype, len(prompts[0]), probe) if complete else None,
-            "projection": (report.project(rows, same_gpu=one_gpu and not args.mps)
+            "projection": (report.project(rows, same_gpu=one_gpu and not args.mps,
+                                          head_start=_head_start_setting(args.target_args))
                            if complete and modes_done & {"sd", "pearl"} else None),
             "logs": str(logs),
         }

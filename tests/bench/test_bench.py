@@ -34,12 +34,27 @@ def test_sd_formula_is_the_expected_accepted_prefix_plus_one():
     assert projection.sd_tokens_per_round(1.0, 4) == 5.0
 
 
-@pytest.mark.parametrize("gamma", [2, 4, 8])
-def test_markov_matches_monte_carlo(gamma):
+@pytest.mark.parametrize("gamma,head_start", [(2, 0), (4, 0), (8, 0), (4, 2), (8, 4), (8, 1)])
+def test_markov_matches_monte_carlo(gamma, head_start):
     for alpha in (0.3, 0.7, 0.9):
-        tokens, rate = projection.simulate_pearl(alpha, gamma, rounds=200_000, seed=gamma)
-        assert projection.pearl_tokens_per_round(alpha, gamma) == pytest.approx(tokens, rel=0.01)
-        assert projection.accept_rate(alpha, gamma, "pearl") == pytest.approx(rate, rel=0.01)
+        tokens, rate = projection.simulate_pearl(alpha, gamma, rounds=200_000, seed=gamma, head_start=head_start)
+        assert projection.pearl_tokens_per_round(alpha, gamma, head_start) == pytest.approx(tokens, rel=0.01)
+        assert projection.accept_rate(alpha, gamma, "pearl", head_start) == pytest.approx(rate, rel=0.01)
+
+
+def test_head_start_closed_form_and_gain():
+    for alpha in (0.3, 0.8, 0.95):
+        for g, w in ((4, 0), (4, 2), (16, 8)):
+            closed = (1 - alpha ** g) / ((1 - alpha) * (1 + alpha ** (w + 1) - alpha ** g))
+            assert projection.pearl_tokens_per_round(alpha, g, w) == pytest.approx(closed)
+        # waiting for w tokens in pre-verify commits more per round than plain PEARL
+        assert projection.pearl_tokens_per_round(alpha, 8, 4) > projection.pearl_tokens_per_round(alpha, 8, 0)
+    # and costs its draft steps: the projected round grows by pi_P * w * t_d
+    plain = projection.project(10.0, 1.0, 10.0, 0.0, 0.8, 8, 0)
+    head = projection.project(10.0, 1.0, 10.0, 0.0, 0.8, 8, 4)
+    assert head["pearl_round_ms"] > plain["pearl_round_ms"]
+    assert projection.head_start_for(8) == 4 and projection.head_start_for(1) == 1
+    assert projection.head_start_for(8, 0) == 0
 
 
 def test_monotonic_in_alpha():
@@ -54,9 +69,9 @@ def test_monotonic_in_alpha():
 
 
 def test_fit_alpha_inverts_accept_rate():
-    for mode in ("sd", "pearl"):
+    for mode, w in (("sd", 0), ("pearl", 0), ("pearl", 2)):
         for alpha in (0.05, 0.5, 0.8, 0.97):
-            assert projection.fit_alpha(projection.accept_rate(alpha, GAMMA, mode), GAMMA, mode) == \
+            assert projection.fit_alpha(projection.accept_rate(alpha, GAMMA, mode, w), GAMMA, mode, w) == \
                 pytest.approx(alpha, abs=1e-6)
 
 

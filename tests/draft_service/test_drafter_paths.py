@@ -73,3 +73,32 @@ def test_window_end_falls_back_to_stepwise(tiny_model_factory):
     assert d.paths == {"stepwise": 1}
     row = result.tokens[0].tolist()
     assert all(t >= 0 for t in row[:3]) and row[3] == -1   # 9 + 3 tokens fill the window of 12
+
+
+@pytest.mark.parametrize("chained,temperature", [(True, 0.0), (False, 0.0), (False, 0.8)])
+def test_early_part_is_the_head_of_the_round(tiny_model_factory, chained, temperature):
+    """With early=2 the callback gets, once and before the round ends, exactly the first two
+    columns of what the round returns (probabilities too, for sampled sequences)."""
+    d = drafter(tiny_model_factory("llama"), chained)
+    mirror = Mirror()
+    params = SamplingParams(temperature=temperature, seed=5) if temperature else SamplingParams()
+    d.apply(mirror, [(0, [1, 2, 3], params), (1, [7, 8, 9, 10, 11], params)], [], [])
+    seen = []
+    result = d.draft(mirror, 6, early=2, on_early=seen.append)
+    assert len(seen) == 1
+    assert seen[0].tokens.tolist() == result.tokens[:, :2].tolist()
+    assert seen[0].seq_ids == result.seq_ids
+    if temperature:
+        assert seen[0].probs is not None and bool((seen[0].probs == result.probs[:, :2]).all())
+    assert d.paths == ({"chained": 1} if chained and not temperature else {"stepwise": 1})
+
+
+def test_early_part_is_sent_even_when_drafting_stops_before_it(tiny_model_factory):
+    model = tiny_model_factory("llama")
+    d = Drafter(EngineConfig(model=str(model), block_size=4, num_blocks=400, max_model_len=10))
+    mirror = Mirror()
+    d.apply(mirror, [(0, list(range(1, 10)), SamplingParams())], [], [])   # room for one token
+    seen = []
+    result = d.draft(mirror, 6, early=3, on_early=seen.append)
+    assert len(seen) == 1 and seen[0].tokens.tolist() == result.tokens[:, :3].tolist()
+    assert result.tokens[0, 0] >= 0 and (result.tokens[0, 1:] == -1).all()

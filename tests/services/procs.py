@@ -176,7 +176,9 @@ class Cluster:
 
     def new_target(self, mode: str, draft: Service | None, name: str, model: Path | None = None,
                    gamma: int = GAMMA) -> Service:
+        mode, _, variant = mode.partition(":")   # "pearl:head0": plain PEARL, no head start
         args = self.engine_args(model or self.target_model) + ["--mode", mode, "--gamma", str(gamma)]
+        args += {"": [], "head0": ["--head-start", "0"]}[variant]
         # an ar target gets a draft address nobody listens on: it must never dial it
         args += ["--draft", draft.address if draft else f"127.0.0.1:{free_port()}"]
         return self.service("target", args, name)
