@@ -85,17 +85,26 @@ class TargetCore:
                 req.pending, req.pending_probs = [], None
         return [self.requests[s.seq_id] for s in running]
 
-    def attach(self, reqs: list[Request], drafts: dict[int, DraftTokens]) -> None:
-        """sd mode: this round's drafts become the tokens to verify, where the cache has room."""
+    def attach(self, reqs: list[Request], drafts: dict[int, DraftTokens]) -> dict[int, int]:
+        """Draft tokens that arrived before the forward join the tokens to verify, after any
+        pending ones, where the cache has room (sd: the round's drafts; pearl: a head start's
+        early tokens). Returns how many each sequence took, by seq id."""
+        taken = {}
         for req in reqs:
             d = drafts.get(req.seq.seq_id)
             if not d or not d.tokens:
                 continue
             toks = d.tokens[:d.tokens.index(-1)] if -1 in d.tokens else d.tokens
             if toks and self.blocks.ensure_capacity(req.seq, len(req.seq) + len(toks)):
-                req.pending = list(toks)
-                req.pending_probs = None if d.probs is None else d.probs[:len(toks)]
+                if req.seq.params.greedy or d.probs is None:
+                    req.pending_probs = None
+                else:
+                    rows = d.probs[:len(toks)]
+                    req.pending_probs = rows if not req.pending else torch.cat([req.pending_probs, rows])
+                req.pending = req.pending + list(toks)
                 req.seq.token_ids.extend(toks)
+                taken[req.seq.seq_id] = len(toks)
+        return taken
 
     def forward(self, reqs: list[Request]) -> list[tuple[torch.Tensor, list[int]]]:
         """Verify step: rows for [last committed] + pending of every request (a new request

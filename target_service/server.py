@@ -171,7 +171,7 @@ class TargetService:
         if speculate:
             rnd = self._build_round(reqs)
             if self.mode == "pearl":
-                head = None
+                head, taken = None, {}
                 if early := self._head_start(reqs):
                     # every sequence is in pre-verify: wait for the draft's first `early` tokens and
                     # verify them with the first fresh one, while it drafts gamma more
@@ -181,7 +181,7 @@ class TargetService:
                     wait_ms = (time.perf_counter() - sent) * 1e3   # the target idles meanwhile
                     self.stats.head_start_rounds += 1
                     if head is not None:
-                        self.core.attach(reqs, self._parse(head))
+                        taken = self.core.attach(reqs, self._parse(head))
                 # the heart of PEARL: verify while the draft drafts the next gamma tokens
                 forward = loop.run_in_executor(self.executor, self._timed_forward, reqs)
                 if not early:
@@ -192,7 +192,7 @@ class TargetService:
                 logits, target_ms, fwd_done = await forward
                 wait_ms += max(0.0, arrived - fwd_done) * 1e3
                 # fresh tokens continue after what each sequence took from the early part
-                drafts = self._parse(batch, skip={r.seq.seq_id: len(r.pending) for r in reqs} if early else None)
+                drafts = self._parse(batch, skip=taken)
             else:
                 sent = time.perf_counter()
                 batch = await self.link.exchange(rnd)
@@ -303,10 +303,12 @@ class TargetService:
         return out
 
     def _head_start(self, reqs: list[Request]) -> int:
-        """Draft tokens PEARL waits for before a round where every sequence is in pre-verify
-        (after a rejection, or new): verifying `early` + 1 tokens costs `early` draft steps,
-        where plain PEARL spends the whole forward on one token. 0: plain PEARL."""
-        if self.head_start == 0 or any(r.pending for r in reqs):
+        """Draft tokens PEARL waits for before a round where at least half of the sequences are
+        in pre-verify (after a rejection, or new): judging `early` more tokens a sequence costs
+        `early` draft steps, where plain PEARL spends the whole forward on one token for them.
+        Post-verify sequences of that round get the early tokens too, after their pending
+        ones. 0: plain PEARL."""
+        if self.head_start == 0 or 2 * sum(not r.pending for r in reqs) < len(reqs):
             return 0
         return self.head_start if self.head_start > 0 else max(1, self.gamma // 2)
 

@@ -1,4 +1,4 @@
-"""PEARL's head start: when every sequence is in pre-verify (alone, after a rejection) the
+"""PEARL's head start: when most sequences are in pre-verify (alone, after a rejection) the
 target waits for the draft's first gamma // 2 tokens and verifies them with the first fresh
 one. Greedy output stays equal to target-only output, the rounds happen (counted by the
 target), and a sequence alone commits more tokens per target forward than plain PEARL."""

@@ -266,11 +266,11 @@ def run_core(model_dir, prompts, max_tokens, refs, gamma, mode, corrupt=0.0, see
         reqs.append(req)
     truth = {r.seq.seq_id: list(p) + ref for r, p, ref in zip(reqs, prompts, refs)}
 
-    def draft_for(req):
+    def draft_for(req, n=gamma):
         start = len(req.seq.token_ids)                # committed (+ pending in pearl mode)
-        toks = truth[req.seq.seq_id][start:start + gamma]
+        toks = truth[req.seq.seq_id][start:start + n]
         toks = [(t + 1) % 64 if rng.random() < corrupt else t for t in toks]
-        return DraftTokens(toks + [-1] * (gamma - len(toks)))
+        return DraftTokens(toks + [-1] * (n - len(toks)))
 
     rounds = 0
     while core.has_work():
@@ -278,6 +278,11 @@ def run_core(model_dir, prompts, max_tokens, refs, gamma, mode, corrupt=0.0, see
         if mode == "pearl":   # the draft continues after committed + pending
             drafts = {r.seq.seq_id: draft_for(r) for r in running}
             logits = core.forward(running)
+        elif mode == "pearl-head":   # every round a head start of 2: early tokens join pending
+            full = {r.seq.seq_id: draft_for(r, gamma + 2) for r in running}
+            taken = core.attach(running, {sid: DraftTokens(d.tokens[:2]) for sid, d in full.items()})
+            logits = core.forward(running)
+            drafts = {sid: DraftTokens(d.tokens[taken.get(sid, 0):]) for sid, d in full.items()}
         else:                 # sd: drafts after the committed tokens, verified in this forward
             drafts = {r.seq.seq_id: draft_for(r) for r in running}
             core.attach(running, drafts)
@@ -319,7 +324,15 @@ def test_core_sd_rounds_with_a_perfect_draft(core_case):
     assert forwards == [math.ceil(m / (gamma + 1)) for m in max_tokens]
 
 
-@pytest.mark.parametrize("mode", ["pearl", "sd"])
+def test_core_pearl_head_start_rounds_with_a_perfect_draft(core_case):
+    d, prompts, max_tokens, refs = core_case
+    outs, forwards = run_core(d, prompts, max_tokens, refs, 4, "pearl-head")
+    assert outs == refs
+    _, plain = run_core(d, prompts, max_tokens, refs, 4, "pearl")
+    assert all(h <= p for h, p in zip(forwards, plain)) and sum(forwards) < sum(plain)
+
+
+@pytest.mark.parametrize("mode", ["pearl", "sd", "pearl-head"])
 @pytest.mark.parametrize("corrupt", [0.2, 0.6, 1.0])
 def test_core_rounds_with_a_wrong_draft_stay_lossless(core_case, mode, corrupt):
     d, prompts, max_tokens, refs = core_case
@@ -349,3 +362,20 @@ def test_core_rounds_preempted_by_a_full_cache_stay_lossless(core_case, mode):
                        core_hook=count_preemptions)
     assert outs == refs
     assert preempted, "the cache was never full: the test did not exercise preemption"
+
+
+def test_attach_appends_early_tokens_after_pending_with_their_probs(llama_dir):
+    """A head start's early tokens join a post-verify sequence's pending ones, in order, with
+    their draft probabilities (sampling) lined up behind the pending rows."""
+    core = TargetCore(EngineConfig(model=str(llama_dir), num_blocks=64))
+    req = Request("a", Sequence([1, 2, 3], SamplingParams(temperature=0.7, seed=1)))
+    core.add(req)
+    core.schedule()
+    vocab = core.runner.model_cfg.vocab_size
+    old_q, new_q = torch.rand(2, vocab), torch.rand(3, vocab)
+    req.pending, req.pending_probs = [5, 6], old_q
+    req.seq.token_ids += [5, 6]
+    taken = core.attach([req], {req.seq.seq_id: DraftTokens([7, 8, -1], new_q)})
+    assert taken == {req.seq.seq_id: 2}
+    assert req.pending == [5, 6, 7, 8] and req.seq.token_ids[-4:] == [5, 6, 7, 8]
+    assert torch.equal(req.pending_probs, torch.cat([old_q, new_q[:2]]))
