@@ -2,6 +2,7 @@
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 import structlog
@@ -78,7 +79,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                 if msg.round.early and msg.round.early < msg.round.gamma:
                     # the early part goes out while the rest of the round is still drafting
                     parts: asyncio.Queue = asyncio.Queue()
-                    send = lambda b: loop.call_soon_threadsafe(parts.put_nowait, b)   # noqa: E731
+                    send = partial(loop.call_soon_threadsafe, parts.put_nowait)
                     work = loop.run_in_executor(self.executor, self._round, mirror, msg.round, send)
                     first = asyncio.ensure_future(parts.get())
                     await asyncio.wait({first, work}, return_when=asyncio.FIRST_COMPLETED)

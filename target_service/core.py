@@ -139,11 +139,7 @@ class TargetCore:
             committed = commit(seq, toks, self.eos_ids, self.max_model_len)
             req.new_tokens += committed
             req.forwards += len(committed)   # the forwards that made its tokens
-            self.blocks.truncate(seq, min(seq.num_kv, len(seq) - 1))
-            if req.finished:
-                self.scheduler.finish(seq)
-                self._forget(req)
-                done.append(req)
+            self._settle(req, done)
         return done
 
     def finish_round(self, reqs: list[Request], logits: list[tuple[torch.Tensor, list[int]]],
@@ -161,13 +157,17 @@ class TargetCore:
             del seq.token_ids[len(seq) - len(req.pending):]      # back to the committed tokens
             req.new_tokens += commit(seq, verdict.tokens, self.eos_ids, self.max_model_len)
             req.pending, req.pending_probs = verdict.pending, verdict.pending_probs
-            # the cache keeps what it computed of the committed tokens, all but the last
-            self.blocks.truncate(seq, min(seq.num_kv, len(seq) - 1))
-            if req.finished:
-                self.scheduler.finish(seq)
-                self._forget(req)
-                done.append(req)
+            self._settle(req, done)
         return done
+
+    def _settle(self, req: Request, done: list[Request]) -> None:
+        """After a commit the cache keeps what it computed of the committed tokens, all but
+        the last; a finished request leaves the batch (and the draft)."""
+        self.blocks.truncate(req.seq, min(req.seq.num_kv, len(req.seq) - 1))
+        if req.finished:
+            self.scheduler.finish(req.seq)
+            self._forget(req)
+            done.append(req)
 
     def draft_verdicts(self) -> list[tuple[int, int, int]]:
         """(seq_id, committed length, last committed token) of every sequence on the draft."""

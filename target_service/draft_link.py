@@ -71,7 +71,8 @@ class DraftLink:
 
     async def exchange(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
         """Send one Round and wait for its DraftBatch, or for its early part when the round asks
-        for one (then `rest` reads the whole batch). None (and the link marked down) on failure."""
+        for one (then `rest` reads the whole batch; a draft that predates early parts answers
+        with the whole batch, early=False). None (and the link marked down) on failure."""
         try:
             await self.call.write(draft_pb2.ToDraft(round=rnd))
         # InvalidStateError: the call already ended (the draft died while this target was idle);
@@ -88,7 +89,7 @@ class DraftLink:
         try:
             msg = await asyncio.wait_for(self.call.read(), timeout=self.round_timeout_s)
             if (msg is grpc.aio.EOF or msg.WhichOneof("kind") != "batch" or msg.batch.round_id != round_id
-                    or msg.batch.early != early):
+                    or (msg.batch.early and not early)):
                 raise ConnectionError("draft stream ended or answered out of order")
             return msg.batch
         except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, grpc.aio.UsageError,

@@ -173,21 +173,26 @@ class TargetService:
             if self.mode == "pearl":
                 head, taken = None, {}
                 if early := self._head_start(reqs):
-                    # every sequence is in pre-verify: wait for the draft's first `early` tokens and
-                    # verify them with the first fresh one, while it drafts gamma more
+                    # most sequences are in pre-verify: wait for the draft's first `early` tokens
+                    # and verify them in this forward, while it drafts gamma more
                     rnd.early, rnd.gamma = early, rnd.gamma + early
                     sent = time.perf_counter()
                     head = await self.link.exchange(rnd)
                     wait_ms = (time.perf_counter() - sent) * 1e3   # the target idles meanwhile
-                    self.stats.head_start_rounds += 1
-                    if head is not None:
+                    if head is not None and not head.early:
+                        # a draft that predates early parts sent the whole batch: judge it as
+                        # fresh tokens (correct, just no head start) and stop asking
+                        log.warning("the draft answers without early parts; head start off")
+                        self.head_start, batch, head = 0, head, None
+                    elif head is not None:
+                        self.stats.head_start_rounds += 1
                         taken = self.core.attach(reqs, self._parse(head))
                 # the heart of PEARL: verify while the draft drafts the next gamma tokens
                 forward = loop.run_in_executor(self.executor, self._timed_forward, reqs)
                 if not early:
                     batch = await self.link.exchange(rnd)
-                else:
-                    batch = await self.link.rest(rnd) if head is not None else None
+                elif head is not None:
+                    batch = await self.link.rest(rnd)
                 arrived = time.perf_counter()
                 logits, target_ms, fwd_done = await forward
                 wait_ms += max(0.0, arrived - fwd_done) * 1e3
