@@ -251,7 +251,8 @@ class TargetService:
             self._last_path = path
 
     def _auto_gamma(self) -> None:
-        """Pick gamma per batch size so gamma draft steps take as long as one verify."""
+        """Pick gamma per batch size from the measured step times: pearl balances gamma draft
+        steps against one verify; sd maximizes expected tokens per ms (step_timer.py)."""
         info = self.link.info
         draft_ms = dict(zip(info.step_batch_sizes, info.step_ms))
         rule = balanced_gamma if self.mode == "pearl" else sd_gamma

@@ -20,6 +20,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 class GraphRunner:
     RING = 4   # pinned staging buffers per graph
+
     def __init__(self, model, device, block_size: int, scratch_slot: int, max_blocks_per_seq: int,
                  max_batch: int, q_buckets: tuple[int, ...]):
         self.model, self.device = model, device

@@ -50,6 +50,7 @@ class ModelRunner:
             c = model_cfg
             check_gemms(self.device, cfg.torch_dtype,
                         [(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
+                         (c.num_heads * c.head_dim, c.hidden_size),
                          (c.hidden_size, 2 * c.intermediate_size), (c.intermediate_size, c.hidden_size)])
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(cfg.torch_dtype)
