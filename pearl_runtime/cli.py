@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--target-device", default=None, help="default: --device")
     u.add_argument("--draft-device", default=None, help="default: --device (the same GPU)")
     u.add_argument("--mps", action="store_true", help="one GPU: run draft and target under CUDA MPS")
-    u.add_argument("--mps-shares", default="90,20", help="SM percentages target,draft under --mps (80 and 75 break cuBLAS on H100, see engine/gemm_check.py)")
+    u.add_argument("--mps-shares", default="100,50",
+                   help="SM percentages target,draft under --mps (some shares break cuBLAS on H100: engine/gemm_check.py)")
     u.add_argument("--base-port", type=int, default=50050 + 10)
     u.add_argument("--log-level", default="warning")
     u.add_argument("--prompt", help="run one streamed generation, print stats, then stop")

@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gamma of the pearl mode only (default: --gamma); 'auto' balances its round")
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     r.add_argument("--mps", action="store_true", help="one GPU: run draft and target under CUDA MPS")
-    r.add_argument("--mps-shares", default="90,20", help="SM percentages target,draft under --mps (80 and 75 break cuBLAS on H100, see engine/gemm_check.py)")
+    r.add_argument("--mps-shares", default="100,50",
+                   help="SM percentages target,draft under --mps (some shares break cuBLAS on H100: engine/gemm_check.py)")
     r.add_argument("--hf-baseline", action="store_true", help="also time HF transformers generate at bs=1")
     r.add_argument("--kv-cache-gb", type=float, default=None, help="per service (default: sized for the run)")
     r.add_argument("--target-args", default="", help="extra `pearl target` flags, e.g. '--attention triton'")
