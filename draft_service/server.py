@@ -81,18 +81,20 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                     parts: asyncio.Queue = asyncio.Queue()
                     send = partial(loop.call_soon_threadsafe, parts.put_nowait)
                     work = loop.run_in_executor(self.executor, self._round, mirror, msg.round, send)
-                    first = asyncio.ensure_future(parts.get())
-                    await asyncio.wait({first, work}, return_when=asyncio.FIRST_COMPLETED)
-                    if not first.done() and work.exception() is not None:
-                        first.cancel()   # the round failed before its early part: raise its error
+                    head = asyncio.ensure_future(parts.get())
+                    await asyncio.wait({head, work}, return_when=asyncio.FIRST_COMPLETED)
+                    if not head.done() and work.exception() is not None:
+                        head.cancel()   # the round failed before its early part: raise its error
                         await work
-                    yield draft_pb2.FromDraft(batch=await first)
+                    yield draft_pb2.FromDraft(batch=await head)
                     batch = await work
                 else:
                     batch = await loop.run_in_executor(self.executor, self._round, mirror, msg.round)
                 yield draft_pb2.FromDraft(batch=batch)
         finally:
-            await loop.run_in_executor(self.executor, self.drafter.close, mirror)
+            # a dead target's stream ends in cancellation, and an await here would be cancelled
+            # too (the mirror would leak its KV blocks): hand the release to the forward thread
+            self.executor.submit(self.drafter.close, mirror)
             self.streams -= 1
             log.info("target disconnected", target=first.hello.target_id, streams=self.streams)
 

@@ -178,7 +178,7 @@ class Cluster:
                    gamma: int = GAMMA) -> Service:
         mode, _, variant = mode.partition(":")   # "pearl:head0": plain PEARL, no head start
         args = self.engine_args(model or self.target_model) + ["--mode", mode, "--gamma", str(gamma)]
-        args += {"": [], "head0": ["--head-start", "0"]}[variant]
+        args += {"": [], "head0": ["--head-start", "0"], "head2": ["--head-start", "2"]}[variant]
         # an ar target gets a draft address nobody listens on: it must never dial it
         args += ["--draft", draft.address if draft else f"127.0.0.1:{free_port()}"]
         return self.service("target", args, name)

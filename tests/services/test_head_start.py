@@ -17,7 +17,8 @@ def test_head_start_is_lossless_and_commits_more_alone(cluster, service_models):
     rng = random.Random(11)
     prompts = [[rng.randrange(448) for _ in range(n)] for n in PROMPT_LENS]
     refs = reference_greedy(target, prompts, [MAX_TOKENS] * len(prompts))
-    auto, plain = cluster.stacks(("perturbed", "pearl"), ("perturbed", "pearl:head0"))
+    # own stacks: the head-start one's target is stopped at the end
+    auto, plain = cluster.stacks(("perturbed", "pearl:head2"), ("perturbed", "pearl:head0"))
     mat = {}
     for name, stack in (("auto", auto), ("plain", plain)):
         before = target_metrics(stack.target)
@@ -35,3 +36,10 @@ def test_head_start_is_lossless_and_commits_more_alone(cluster, service_models):
     print(f"\n[pearl/perturbed alone] tokens per target forward: head start {mat['auto']:.2f}, "
           f"plain {mat['plain']:.2f}")
     assert mat["auto"] > mat["plain"]
+
+    # the draft outlives a killed target that used head starts and releases its mirror
+    # (the release once sat behind an await that the stream's cancellation cancelled too)
+    gone = auto.draft.count("target disconnected")
+    auto.target.kill()
+    auto.draft.wait_log("target disconnected", n=gone + 1, timeout_s=30)
+    assert "Unexpected" not in auto.draft.log() and auto.draft.alive()
