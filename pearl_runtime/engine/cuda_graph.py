@@ -102,28 +102,35 @@ class GraphRunner:
         b, q = key
         self.hits += 1
         graph, buf = self.graphs[key]
-        n, fed = len(step.q_lens), len(step.ids)
-        q_lens = np.asarray(step.q_lens, dtype=np.int64)
-        starts = np.asarray(step.cu_seqlens_q[:-1], dtype=np.int64)
-        # packed row r of sequence i lands in padded row i*q + (r - start_i)
-        seq_of = np.repeat(np.arange(n), q_lens)
-        padded = seq_of * q + np.arange(fed) - np.repeat(starts, q_lens)
-        rows = padded[np.asarray(step.logit_rows, dtype=np.int64)]
         pin64, pin32, done = self._staging(key, buf)
-        h64, h32, m = pin64.numpy(), pin32.numpy(), b * q
-        h64[:3 * m] = 0
-        h64[2 * m:3 * m] = self.scratch_slot
-        h64[padded], h64[m + padded], h64[2 * m + padded] = step.ids, step.positions, step.slots
-        h64[3 * m:3 * m + len(rows)] = rows
-        h64[4 * m:4 * m + fed] = padded
-        h32[:] = 0
-        h32[:n], h32[b:b + n] = step.q_lens, step.ctx_lens
-        width = len(step.block_tables[0])
-        h32[2 * b:].reshape(b, self.max_blocks)[:n, :width] = np.maximum(np.asarray(step.block_tables, dtype=np.int32), 0)
+        rows = pack_inputs(step, b, q, self.max_blocks, self.scratch_slot, pin64.numpy(), pin32.numpy())
         buf["i64"].copy_(pin64, non_blocking=True)
         buf["i32"].copy_(pin32, non_blocking=True)
         done.record()
         if device_ids is not None:
-            buf["ids"].index_copy_(0, buf["fed"][:fed], device_ids)
+            buf["ids"].index_copy_(0, buf["fed"][:len(step.ids)], device_ids)
         graph.replay()
-        return buf["hidden"].index_select(0, buf["rows"][:len(rows)])
+        return buf["hidden"].index_select(0, buf["rows"][:rows])
+
+
+def pack_inputs(step, b: int, q: int, max_blocks: int, scratch_slot: int, h64: np.ndarray, h32: np.ndarray) -> int:
+    """Lay one step's inputs out as a (b, q) graph reads them, into the host twins of its two
+    flat buffers. int64: ids | positions | slots | logit rows | fed rows, b*q each; int32:
+    q_lens | ctx_lens (b each) | block tables (b x max_blocks). Packed token r of sequence i
+    goes to padded row i*q + (r - start_i); padding keeps id 0 and writes to the scratch slot.
+    Returns the number of logit rows."""
+    n, fed, m = len(step.q_lens), len(step.ids), b * q
+    q_lens = np.asarray(step.q_lens, dtype=np.int64)
+    starts = np.asarray(step.cu_seqlens_q[:-1], dtype=np.int64)
+    padded = np.repeat(np.arange(n), q_lens) * q + np.arange(fed) - np.repeat(starts, q_lens)
+    rows = padded[np.asarray(step.logit_rows, dtype=np.int64)]
+    h64[:3 * m] = 0
+    h64[2 * m:3 * m] = scratch_slot
+    h64[padded], h64[m + padded], h64[2 * m + padded] = step.ids, step.positions, step.slots
+    h64[3 * m:3 * m + len(rows)] = rows
+    h64[4 * m:4 * m + fed] = padded
+    h32[:] = 0
+    h32[:n], h32[b:b + n] = step.q_lens, step.ctx_lens
+    width = len(step.block_tables[0])
+    h32[2 * b:].reshape(b, max_blocks)[:n, :width] = np.maximum(np.asarray(step.block_tables, dtype=np.int32), 0)
+    return len(rows)
