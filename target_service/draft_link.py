@@ -74,10 +74,12 @@ class DraftLink:
         for one (then `rest` reads the whole batch; a draft that predates early parts answers
         with the whole batch, early=False). None (and the link marked down) on failure."""
         try:
+            if self.call is None:
+                raise ConnectionError("the draft link is down")
             await self.call.write(draft_pb2.ToDraft(round=rnd))
         # InvalidStateError: the call already ended (the draft died while this target was idle);
         # grpc.aio raises it from write() instead of an AioRpcError
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, AttributeError) as e:
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError) as e:
             return await self._lost_with(e)
         return await self._read(rnd.round_id, early=rnd.early > 0)
 
@@ -87,13 +89,15 @@ class DraftLink:
 
     async def _read(self, round_id: int, early: bool) -> draft_pb2.DraftBatch | None:
         try:
+            if self.call is None:   # marked down since the round's early part arrived
+                raise ConnectionError("the draft link is down")
             msg = await asyncio.wait_for(self.call.read(), timeout=self.round_timeout_s)
             if (msg is grpc.aio.EOF or msg.WhichOneof("kind") != "batch" or msg.batch.round_id != round_id
                     or (msg.batch.early and not early)):
                 raise ConnectionError("draft stream ended or answered out of order")
             return msg.batch
         except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, grpc.aio.UsageError,
-                asyncio.InvalidStateError, AttributeError) as e:
+                asyncio.InvalidStateError) as e:
             return await self._lost_with(e)
 
     async def _lost_with(self, error: Exception) -> None:
