@@ -3,6 +3,7 @@ import logging
 
 import torch
 
+from pearl_runtime.layers.fused import ops
 from pearl_runtime.utils.context import AttnContext
 
 log = logging.getLogger(__name__)
@@ -10,6 +11,13 @@ log = logging.getLogger(__name__)
 
 class AttentionBackend:
     name = "base"
+
+    def rope_store(self, q, k, v, cos, sin, k_cache, v_cache, ctx: AttnContext) -> torch.Tensor:
+        """Rotate q and k, store k and v in the cache; returns the rotated q. A backend may
+        do all of it in one kernel; this is the reference order of the pieces."""
+        q, k = ops.rotate(q, k, cos, sin)
+        self.store_kv(k, v, k_cache, v_cache, ctx)
+        return q
 
     def store_kv(self, k, v, k_cache, v_cache, ctx: AttnContext) -> None:
         """k, v: [T, Hkv, D]; caches: [num_blocks, block_size, Hkv, D]."""

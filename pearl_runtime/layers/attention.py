@@ -1,4 +1,4 @@
-"""Attention layer: writes the new K/V into this layer's cache, then the backend attends."""
+"""Attention layer: rotary, the new K/V into this layer's cache, then the backend attends."""
 import torch
 from torch import nn
 
@@ -13,7 +13,9 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)   # bound by the model runner
         self.backend = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """q, k before rotary: the backend rotates them and stores k, v in one go."""
         ctx = get_context()
-        self.backend.store_kv(k, v, self.k_cache, self.v_cache, ctx)
+        q = self.backend.rope_store(q, k, v, *rope, self.k_cache, self.v_cache, ctx)
         return self.backend.attend(q, self.k_cache, self.v_cache, ctx, self.scale)

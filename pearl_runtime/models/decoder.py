@@ -38,8 +38,7 @@ class SelfAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ops.rotate(q, k, *rope)
-        o = self.attn(q, k, v)
+        o = self.attn(q, k, v, rope)
         return self.o_proj(o.flatten(1))
 
 

@@ -69,3 +69,55 @@ def test_triton_store_kv_matches_reference():
     out_k, out_v = torch.zeros_like(kc), torch.zeros_like(vc)
     TritonBackend().store_kv(k, v, out_k, out_v, ctx)
     assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(28, 4, 128), (14, 2, 64)])
+@pytest.mark.parametrize("max_splits", [1, 2, 16])
+def test_split_keys_match_reference(dtype, tol, heads, kv_heads, head_dim, max_splits):
+    """Decode and verify rows of a small batch, where the keys are split across programs:
+    contexts shorter than one key tile per split, longer ones, and a split with nothing."""
+    from pearl_runtime.attention.gpu import TritonBackend
+    q_lens = [1, 5, 1, 16]
+    ctx_lens = [1000, 333, 3, 70]
+    q, kc, vc, ctx = _case(q_lens, ctx_lens, heads, kv_heads, head_dim, 16, dtype, seed=1)
+    scale = head_dim ** -0.5
+    backend = TritonBackend()
+    backend.MAX_SPLITS = max_splits
+    tiles = -(-max(q_lens) * (heads // kv_heads) // backend.BLOCK_M)
+    assert backend.splits(len(q_lens) * kv_heads * tiles, q.device) == max_splits
+    ref = ReferenceBackend().attend(q.float(), kc.float(), vc.float(), ctx, scale)
+    out = backend.attend(q, kc, vc, ctx, scale).float()
+    diff = (out - ref).abs().max().item()
+    assert diff < tol, f"max abs diff {diff:.3g} (tolerance {tol}) with up to {max_splits} splits"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(28, 4, 128), (14, 2, 64), (3, 1, 64)])
+def test_fused_rope_store_matches_separate_ops(dtype, heads, kv_heads, head_dim):
+    """q and k as views into the fused qkv output, as in the model: the fused kernel gives
+    the reference rotation (fp32 math, one rounding) and the same cache contents."""
+    from pearl_runtime.attention.base import AttentionBackend
+    from pearl_runtime.attention.gpu import TritonBackend
+    from pearl_runtime.layers.rotary import RotaryEmbedding
+    dev = torch.device("cuda")
+    t = 37
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, device=dev, dtype=dtype)
+    q, k, v = (x.view(t, -1, head_dim) for x in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                           kv_heads * head_dim], dim=-1))
+    cos, sin = RotaryEmbedding(head_dim, 4096, 10000.0, None).to(dev).cos_sin(
+        torch.randint(0, 4096, (t,), device=dev), dtype)
+    _, kc, vc, ctx = _case([t], [t], heads, kv_heads, head_dim, 16, dtype)
+    ctx.slot_mapping = torch.randperm(kc.shape[0] * 16, device=dev)[:t]
+    # reference: the eager rotation in fp32, rounded once, as the fused kernel computes it
+    from pearl_runtime.layers.fused import rotate
+    ref_q, ref_kr = rotate(q.float(), k.float(), cos.float(), sin.float())
+    ref_k, ref_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    ref_k.view(-1, kv_heads, head_dim)[ctx.slot_mapping] = ref_kr.to(dtype)
+    ref_v.view(-1, kv_heads, head_dim)[ctx.slot_mapping] = v
+    out_k, out_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    out_q = TritonBackend().rope_store(q, k, v, cos, sin, out_k, out_v, ctx)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-2   # bf16: one rounding step apart at most
+    torch.testing.assert_close(out_q, ref_q.to(dtype), atol=1e-5, rtol=rtol)
+    torch.testing.assert_close(out_k, ref_k, atol=1e-5, rtol=rtol)
+    assert torch.equal(out_v, ref_v)
