@@ -7,6 +7,7 @@ to it. Queries are read from `cu_seqlens_q[i]` with `q_lens[i]` real tokens; the
 padded CUDA-graph slot is skipped.
 """
 import logging
+from typing import ClassVar
 
 import torch
 import triton
@@ -148,7 +149,7 @@ class TritonBackend(AttentionBackend):
     BLOCK_M = 16
     BLOCK_N = 64    # keys per tile: several pages, so short contexts take few serial steps
     MAX_SPLITS = 16
-    _sms: dict = {}
+    _sms: ClassVar[dict[int, int]] = {}   # SM count per device index
     _logged_store_fallback = False
     _logged_rope_fallback = False
 

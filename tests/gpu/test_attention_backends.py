@@ -97,7 +97,6 @@ def test_split_keys_match_reference(dtype, tol, heads, kv_heads, head_dim, max_s
 def test_fused_rope_store_matches_separate_ops(dtype, heads, kv_heads, head_dim):
     """q and k as views into the fused qkv output, as in the model: the fused kernel gives
     the reference rotation (fp32 math, one rounding) and the same cache contents."""
-    from pearl_runtime.attention.base import AttentionBackend
     from pearl_runtime.attention.gpu import TritonBackend
     from pearl_runtime.layers.rotary import RotaryEmbedding
     dev = torch.device("cuda")
