@@ -1,5 +1,6 @@
 """The model runner owns the device: the model, its paged KV cache and the forward pass."""
 import dataclasses
+import gc
 from dataclasses import dataclass
 import logging
 
@@ -161,6 +162,14 @@ class ModelRunner:
 
     def close(self) -> None:
         """Nothing to release for one process (a TP group stops its workers here)."""
+
+    def release_graphs(self) -> None:
+        """Drop the captured graphs. A TP rank must do this before it destroys its NCCL group:
+        NCCL's teardown waits for graphs that captured its collectives (pytorch#115388)."""
+        if self.graphs is not None:
+            self.graphs = None
+            gc.collect()
+            torch.cuda.synchronize(self.device)
 
     # a TP group broadcasts each StepInput from the host, so it cannot feed device tensors
     chains_on_device = True

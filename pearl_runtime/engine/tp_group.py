@@ -72,13 +72,24 @@ def _worker(cfg: EngineConfig, rank: int, port: int, conn, parent: int) -> None:
             if box[0] is None:
                 break
             runner.execute(box[0])
-        dist.destroy_process_group()
+        runner.release_graphs()
+        _leave_group()
     except BaseException:
         try:
             conn.send(("error", traceback.format_exc()))
         except OSError:
             pass
         raise
+
+
+def _leave_group(timeout: float = 20.0) -> None:
+    """Destroy this rank's group, but never wait on it forever: a rank that cannot leave in
+    time logs it and goes on (the group then ends with the process)."""
+    done = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    done.start()
+    done.join(timeout)
+    if done.is_alive():
+        log.warning("process group teardown did not finish in %.0f s; left to the process exit", timeout)
 
 
 def _abort_group() -> None:
@@ -197,7 +208,8 @@ class TPModelRunner(ModelRunner):
                 # NCCL's teardown waits for every rank: leave together with the workers, which
                 # destroy the group as soon as they see the None step (seen hanging on 2 H100s
                 # when rank 0 waited for the workers to exit first)
-                dist.destroy_process_group()
+                self.release_graphs()
+                _leave_group()
             else:
                 _abort_group()
         for proc, conn in self.workers:
