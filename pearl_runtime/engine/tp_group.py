@@ -82,14 +82,15 @@ def _worker(cfg: EngineConfig, rank: int, port: int, conn, parent: int) -> None:
         raise
 
 
-def _leave_group(timeout: float = 20.0) -> None:
-    """Destroy this rank's group, but never wait on it forever: a rank that cannot leave in
-    time logs it and goes on (the group then ends with the process)."""
-    done = threading.Thread(target=dist.destroy_process_group, daemon=True)
-    done.start()
-    done.join(timeout)
-    if done.is_alive():
-        log.warning("process group teardown did not finish in %.0f s; left to the process exit", timeout)
+def _leave_group() -> None:
+    """Leave the group once every rank has stopped stepping. NCCL: abort the communicators,
+    because destroying them waits on state that captured CUDA graphs keep alive and was seen
+    hanging on 2 H200s even after the graphs were dropped (pytorch#115388); gloo: destroy."""
+    if dist.get_backend() == "nccl":
+        _abort_group()
+        log.info("left the NCCL group (communicators aborted)")
+    else:
+        dist.destroy_process_group()
 
 
 def _abort_group() -> None:

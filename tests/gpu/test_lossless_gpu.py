@@ -38,6 +38,16 @@ def test_engine_with_graphs_matches_cpu_reference(llama_dir):
         assert_same_tokens(g, c, partial(hf_logits, hf), p, label="gpu vs cpu")
 
 
+async def _wait_port(ports, name, tasks):
+    """Until a service is listening; a service that failed to start fails the test here."""
+    while name not in ports:
+        for t in tasks:
+            if t.done():
+                t.result()   # raises the service's error
+                raise RuntimeError(f"a service stopped before {name!r} was ready")
+        await asyncio.sleep(0.05)
+
+
 async def _run_services(target_dir, draft_dir, mode, prompts, max_tokens, dtype, target_device="cuda",
                         draft_device="cuda"):
     from pearl.v1 import common_pb2, target_pb2, target_pb2_grpc
@@ -50,14 +60,12 @@ async def _run_services(target_dir, draft_dir, mode, prompts, max_tokens, dtype,
         tasks.append(asyncio.create_task(ds.serve(
             EngineConfig(model=str(draft_dir), device=draft_device, dtype=dtype, num_blocks=2048, max_num_seqs=16,
                          graph_query_lens=(1,)), port=0, ready=lambda p: ports.__setitem__("d", p))))
-        while "d" not in ports:
-            await asyncio.sleep(0.05)
+        await _wait_port(ports, "d", tasks)
     tasks.append(asyncio.create_task(ts.serve(
         EngineConfig(model=str(target_dir), device=target_device, dtype=dtype, num_blocks=2048, max_num_seqs=16),
         port=0, mode=mode, draft_address=f"127.0.0.1:{ports.get('d', 1)}", gamma=4,
         ready=lambda p: ports.__setitem__("t", p))))
-    while "t" not in ports:
-        await asyncio.sleep(0.05)
+    await _wait_port(ports, "t", tasks)
     await asyncio.sleep(1.0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['t']}") as ch:
         call = target_pb2_grpc.TargetStub(ch).Serve()
