@@ -22,6 +22,7 @@ from pearl_runtime.rpc.server import bind, new_server
 from target_service.core import DraftTokens, Request, TargetCore
 from target_service.draft_link import DraftLink
 from pearl_runtime.engine.step_timer import balanced_gamma, measure_step_ms, sd_gamma
+from target_service.gamma_tuner import GammaTuner
 
 log = structlog.get_logger()
 
@@ -69,7 +70,7 @@ class TargetService:
         self.head_start = head_start   # pearl: -1 auto (gamma // 2), 0 off, n: n draft tokens
         self.fixed_gamma = gamma
         self.gamma = gamma or 4
-        self.gamma_by_batch: dict[int, int] = {}
+        self.tuner = GammaTuner(mode, max_gamma, default=self.gamma)   # auto gamma's picks per batch bucket
         self.tokenizer = load_tokenizer(cfg.model)
         self.core = TargetCore(cfg)
         # verify step time by batch size, at a query length of a typical verify
@@ -216,10 +217,15 @@ class TargetService:
         s.target_ms += target_ms
         s.wait_ms += wait_ms
         s.round_ms += (time.perf_counter() - t0) * 1e3
+        judged = taken_ok = 0
         for r, (n, drafted, accepted) in zip(reqs, before):
             s.committed_tokens += len(r.seq) - n
-            s.drafted_tokens += r.drafted - drafted
-            s.accepted_tokens += r.accepted - accepted
+            judged += r.drafted - drafted
+            taken_ok += r.accepted - accepted
+        s.drafted_tokens += judged
+        s.accepted_tokens += taken_ok
+        if batch is not None and self.fixed_gamma is None:
+            self.tuner.observe(len(reqs), rnd.gamma, batch.draft_ms, target_ms, judged, taken_ok)
 
     def _fail_running(self, message: str) -> None:
         for seq in list(self.core.scheduler.running):
@@ -251,27 +257,24 @@ class TargetService:
             self._last_path = path
 
     def _auto_gamma(self) -> None:
-        """Pick gamma per batch size from the measured step times: pearl balances gamma draft
-        steps against one verify; sd maximizes expected tokens per ms (step_timer.py)."""
+        """Start-time gamma per batch size from the measured step times: pearl balances gamma
+        draft steps against one verify; sd maximizes expected tokens per ms (step_timer.py).
+        The rounds then retune it (gamma_tuner.py)."""
         info = self.link.info
         draft_ms = dict(zip(info.step_batch_sizes, info.step_ms))
         rule = balanced_gamma if self.mode == "pearl" else sd_gamma
-        self.gamma_by_batch = {b: rule(t, draft_ms[b], self.max_gamma)
-                               for b, t in self.verify_ms.items() if b in draft_ms}
-        if self.gamma_by_batch:
-            log.info("auto gamma by batch size", rule=rule.__name__,
-                     **{f"bs{b}": g for b, g in self.gamma_by_batch.items()},
+        picks = {b: rule(t, draft_ms[b], self.max_gamma) for b, t in self.verify_ms.items() if b in draft_ms}
+        self.tuner.seed(picks)
+        if picks:
+            log.info("auto gamma by batch size", rule=rule.__name__, **{f"bs{b}": g for b, g in picks.items()},
                      verify_ms={b: round(t, 2) for b, t in self.verify_ms.items()},
                      draft_ms={b: round(t, 2) for b, t in draft_ms.items()})
         else:
-            log.warning("auto gamma: no step-time measurements (CPU or no CUDA graphs); gamma stays",
-                        gamma=self.gamma)
+            log.info("auto gamma: no step-time measurements (CPU or no CUDA graphs); gamma starts at the "
+                     "default and follows the rounds", gamma=self.gamma)
 
     def _gamma_for(self, batch: int) -> int:
-        if not self.gamma_by_batch:
-            return self.gamma
-        return next((g for b, g in sorted(self.gamma_by_batch.items()) if b >= batch),
-                    self.gamma_by_batch[max(self.gamma_by_batch)])
+        return self.tuner.gamma_for(batch)
 
     def _build_round(self, reqs: list[Request]) -> draft_pb2.Round:
         if self.link.generation != self.draft_generation:   # a new draft mirror: replay everything

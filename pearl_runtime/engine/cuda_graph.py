@@ -30,10 +30,6 @@ class GraphRunner:
         self.max_blocks = max_blocks_per_seq
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict]] = {}
         self.pool = None
-        # our own capture stream: torch's default one is made once per process, on whichever
-        # device captured first, and entering it switches the current device there (a test
-        # process with a target on GPU 0 and a draft on GPU 1 then launched Triton on GPU 0)
-        self.capture_stream = torch.cuda.Stream(device)
         self.hits = 0   # replays, for logs and tests
         self.staging: dict[tuple[int, int], list] = {}
         self.turns: dict[tuple[int, int], int] = {}
@@ -70,6 +66,10 @@ class GraphRunner:
     def capture(self) -> None:
         start = time.perf_counter()
         reserved_before = torch.cuda.memory_reserved(self.device)
+        # our own capture stream: torch's default one is made once per process, on whichever
+        # device captured first, and entering it switches the current device there (a test
+        # process with a target on GPU 0 and a draft on GPU 1 then launched Triton on GPU 0)
+        capture_stream = torch.cuda.Stream(self.device)
         for q in reversed(self.q_buckets):
             for b in reversed(self.batch_buckets):
                 buf = self._buffers(b, q)
@@ -78,7 +78,7 @@ class GraphRunner:
                     self.model(buf["ids"], buf["positions"])          # warm up (autotune, allocations)
                     torch.cuda.synchronize(self.device)
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream):
+                    with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream):
                         buf["hidden"] = self.model(buf["ids"], buf["positions"])
                 finally:
                     set_context(None)

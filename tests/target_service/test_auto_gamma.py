@@ -29,7 +29,7 @@ def test_service_picks_gamma_per_batch_by_mode(llama_dir, mode, expect):
     service.verify_ms = {1: 25.0, 16: 30.0}
     service.link = SimpleNamespace(info=SimpleNamespace(step_batch_sizes=[1, 16], step_ms=[1.0, 2.5]))
     service._auto_gamma()
-    assert service.gamma_by_batch == expect
+    assert service.tuner.picks == expect
     assert service._gamma_for(1) == expect[1] and service._gamma_for(9) == expect[16]
 
 

@@ -1,0 +1,106 @@
+"""Auto gamma, retuned from the rounds themselves.
+
+The start-time picks (step_timer.py) come from graph replays of each model alone. In service
+the draft may share its GPU with the verify (MPS: a draft step beside a 7B verify took 2.6 ms
+against 1.6 ms alone), every round pays host and transport costs, and the acceptance is not
+the prior. So each speculative round reports its own draft time per token, verify time and
+acceptance, and gamma per batch bucket follows their moving averages with the same rules.
+"""
+import logging
+from dataclasses import dataclass
+
+from pearl_runtime.bench.projection import fit_alpha
+from pearl_runtime.engine.step_timer import SD_PRIOR_ALPHA, balanced_gamma, sd_gamma
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Observed:
+    """Moving averages of one batch bucket's rounds."""
+    draft_ms_per_token: float
+    verify_ms: float
+    rounds: int = 1
+
+
+class GammaTuner:
+    WARMUP = 4        # rounds a bucket runs on its start pick before observations steer it
+    WEIGHT = 0.2      # of the newest round in the moving averages
+    HYSTERESIS = 0.6  # pearl: move only when the balanced gamma is this far from the current one
+    MIN_GAIN = 1.02   # sd: move only for 2% more expected tokens per ms
+
+    def __init__(self, mode: str, max_gamma: int, default: int):
+        self.mode, self.max_gamma, self.default = mode, max_gamma, default
+        self.picks: dict[int, int] = {}        # batch bucket -> gamma
+        self.observed: dict[int, Observed] = {}
+        self.drafted = self.accepted = 0.0     # decaying sums, for the acceptance rate
+        self.last_gamma = default
+
+    def seed(self, picks: dict[int, int]) -> None:
+        """Start-time picks per batch bucket (what was measured before any round)."""
+        self.picks = dict(picks)
+        self.observed.clear()
+
+    def bucket(self, batch: int) -> int:
+        """The smallest seeded bucket that holds `batch`; without seeds, the next power of 2."""
+        if self.picks:
+            fits = [b for b in self.picks if b >= batch]
+            return min(fits) if fits else max(self.picks)
+        return 1 << max(0, batch - 1).bit_length()
+
+    def gamma_for(self, batch: int) -> int:
+        return self.picks.get(self.bucket(batch), self.default)
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance that explains the recent accept rate under sd's rules (the
+        prior until a few tokens were judged)."""
+        if self.drafted < 8:
+            return SD_PRIOR_ALPHA
+        return fit_alpha(self.accepted / self.drafted, self.last_gamma, "sd")
+
+    def observe(self, batch: int, gamma: int, draft_ms: float, verify_ms: float,
+                drafted: int, accepted: int) -> int | None:
+        """One speculative round: `gamma` draft tokens a sequence took `draft_ms`, the verify
+        `verify_ms`; the batch drafted and accepted that many tokens. Returns the bucket's new
+        gamma when it moves, else None."""
+        if gamma < 1 or draft_ms <= 0 or verify_ms <= 0:
+            return None
+        w = self.WEIGHT
+        self.drafted = (1 - w) * self.drafted + drafted
+        self.accepted = (1 - w) * self.accepted + accepted
+        self.last_gamma = gamma
+        b = self.bucket(batch)
+        per_token = draft_ms / gamma
+        obs = self.observed.get(b)
+        if obs is None:
+            obs = self.observed[b] = Observed(per_token, verify_ms)
+        else:
+            obs.draft_ms_per_token += w * (per_token - obs.draft_ms_per_token)
+            obs.verify_ms += w * (verify_ms - obs.verify_ms)
+            obs.rounds += 1
+        if obs.rounds < self.WARMUP:
+            return None
+        current = self.picks.get(b, self.default)
+        new = self._rule(obs, current)
+        if new == current:
+            return None
+        self.picks[b] = new
+        log.info("gamma retuned: bucket %d, %d -> %d (draft %.3f ms a token, verify %.2f ms%s)", b, current,
+                 new, obs.draft_ms_per_token, obs.verify_ms, f", alpha {self.alpha:.2f}" if self.mode == "sd" else "")
+        return new
+
+    def _rule(self, obs: Observed, current: int) -> int:
+        t_d, t_v = obs.draft_ms_per_token, obs.verify_ms
+        if self.mode == "pearl":
+            # gamma draft steps as long as one verify, as measured while they overlap
+            ideal = t_v / t_d
+            if abs(ideal - current) <= self.HYSTERESIS:
+                return current
+            return balanced_gamma(t_v, t_d, self.max_gamma)
+        alpha = self.alpha
+        best = sd_gamma(t_v, t_d, self.max_gamma, alpha=alpha)
+
+        def rate(g: int) -> float:
+            return sum(alpha ** i for i in range(g + 1)) / (g * t_d + t_v)
+        return best if rate(best) > self.MIN_GAIN * rate(current) else current

@@ -1,0 +1,117 @@
+"""Gamma retuned from the rounds: the observed draft time per token, verify time and
+acceptance move each batch bucket's gamma by the same rules as the start-time pick."""
+import pytest
+
+from target_service.gamma_tuner import GammaTuner
+
+
+def _rounds(tuner, n, batch=1, gamma=None, draft_ms_per_token=1.0, verify_ms=8.0, drafted=4, accepted=3):
+    moves = []
+    for _ in range(n):
+        g = gamma or tuner.gamma_for(batch)
+        moves.append(tuner.observe(batch, g, draft_ms_per_token * g, verify_ms, drafted, accepted))
+    return [m for m in moves if m is not None]
+
+
+def test_pearl_shortens_gamma_when_the_draft_slows_beside_the_verify():
+    """One GPU under MPS: the start pick (draft alone, 1.3 ms a step) was 5 against a 6.8 ms
+    verify; beside the verify a step takes 2.6 ms, so half as many fit."""
+    tuner = GammaTuner("pearl", max_gamma=16, default=4)
+    tuner.seed({1: 5, 16: 6})
+    assert _rounds(tuner, GammaTuner.WARMUP - 1, draft_ms_per_token=2.6, verify_ms=7.5) == []   # warm-up
+    _rounds(tuner, 30, draft_ms_per_token=2.6, verify_ms=7.5)
+    assert tuner.gamma_for(1) == 3
+    assert tuner.gamma_for(16) == 6            # another bucket keeps its own pick
+
+
+def test_pearl_lengthens_gamma_for_a_faster_draft_and_respects_the_ceiling():
+    tuner = GammaTuner("pearl", max_gamma=16, default=4)
+    _rounds(tuner, 40, draft_ms_per_token=1.0, verify_ms=9.2)
+    assert tuner.gamma_for(1) == 9
+    _rounds(tuner, 60, draft_ms_per_token=0.5, verify_ms=20.0)
+    assert tuner.gamma_for(1) == 16
+
+
+def test_pearl_holds_still_within_the_hysteresis():
+    tuner = GammaTuner("pearl", max_gamma=16, default=6)
+    assert _rounds(tuner, 50, draft_ms_per_token=1.0, verify_ms=6.5) == []
+    assert tuner.gamma_for(1) == 6
+
+
+@pytest.mark.parametrize("accepted,expect_longer", [(4, True), (1, False)])
+def test_sd_follows_the_measured_acceptance(accepted, expect_longer):
+    """sd takes turns: a draft whose tokens are nearly all accepted earns a longer gamma than
+    the 0.8 prior gives; a poor one a shorter gamma."""
+    tuner = GammaTuner("sd", max_gamma=16, default=5)
+    _rounds(tuner, 60, draft_ms_per_token=1.3, verify_ms=6.75, drafted=5, accepted=accepted)
+    assert (tuner.gamma_for(1) > 5) == expect_longer
+    assert (tuner.gamma_for(1) < 5) == (not expect_longer)
+
+
+def test_buckets_without_seeds_are_powers_of_two():
+    tuner = GammaTuner("pearl", max_gamma=16, default=4)
+    assert [tuner.bucket(b) for b in (1, 2, 3, 5, 9)] == [1, 2, 4, 8, 16]
+    tuner.seed({1: 4, 8: 4, 32: 4})
+    assert [tuner.bucket(b) for b in (1, 2, 8, 9, 64)] == [1, 8, 8, 32, 32]
+
+
+def test_rounds_without_timing_are_ignored():
+    tuner = GammaTuner("pearl", max_gamma=16, default=4)
+    assert tuner.observe(1, 4, 0.0, 5.0, 4, 4) is None
+    assert tuner.observed == {}
+
+
+class SlowDraftLink:
+    """A connected draft that proposes nothing (-1) and reports 3 ms a drafted token."""
+    connected, generation = True, 1
+
+    def __init__(self):
+        from pearl.v1 import draft_pb2
+        self.info = draft_pb2.HelloReply(accepted=True)   # no step times: CPU-like start
+        self.gammas = []
+
+    async def exchange(self, rnd):
+        import torch
+
+        from pearl.v1 import draft_pb2
+        from pearl_runtime.rpc import tensors
+        self.gammas.append(rnd.gamma)
+        ids = [a.seq_id for a in rnd.adds] or self.ids
+        self.ids = ids
+        return draft_pb2.DraftBatch(round_id=rnd.round_id, seq_ids=ids, draft_ms=3.0 * rnd.gamma,
+                                    tokens=tensors.encode(torch.full((len(ids), rnd.gamma), -1, dtype=torch.int32)))
+
+
+def test_service_retunes_pearl_gamma_from_its_rounds_and_stays_lossless(llama_dir):
+    """Auto gamma with no start-time measurements starts at 4; rounds whose draft takes 3 ms a
+    token beside a 6 ms verify bring it to 2, and the output is still the target's."""
+    import asyncio
+
+    from pearl.v1 import common_pb2, target_pb2
+    from pearl_runtime.config import EngineConfig
+    from target_service.server import GatewayStream, TargetService
+    from tests.services.procs import reference_greedy
+
+    prompt, n = [5, 6, 7, 8], 24
+    ref = reference_greedy(llama_dir, [prompt], [n])[0]
+
+    async def main():
+        service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=64), mode="pearl", gamma=None,
+                                head_start=0)
+        real = service._timed_forward
+        service._timed_forward = lambda reqs: (lambda out: (out[0], 6.0, out[2]))(real(reqs))
+        service.link = link = SlowDraftLink()
+        stream = GatewayStream()
+        service.submit(stream, target_pb2.Submission(request_id="a", prompt_ids=prompt,
+                                                     params=common_pb2.SamplingParams(max_tokens=n, ignore_eos=True)))
+        got = []
+        while len(got) < n:
+            service._drain_inbox()
+            await service.round()
+            while not stream.out.empty():
+                got += [t for u in stream.out.get_nowait().tokens.updates for t in u.token_ids]
+        return link, got
+
+    link, got = asyncio.run(main())
+    assert got == ref
+    assert link.gammas[0] == 4 and link.gammas[-1] == 2, link.gammas
