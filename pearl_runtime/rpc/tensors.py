@@ -1,4 +1,5 @@
-"""Tensors on the wire: inline bytes (always possible) or a CUDA IPC slice (fast path)."""
+"""Tensors on the wire, as inline bytes. (The protocol also has an `IpcSlice` for a CUDA IPC
+fast path; that path is not built, so every tensor travels inline.)"""
 import numpy as np
 import torch
 
