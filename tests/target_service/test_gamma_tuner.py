@@ -87,10 +87,10 @@ def test_service_retunes_pearl_gamma_from_its_rounds_and_stays_lossless(llama_di
     token beside a 6 ms verify bring it to 2, and the output is still the target's."""
     import asyncio
 
-    from pearl.v1 import common_pb2, target_pb2
     from pearl_runtime.config import EngineConfig
-    from target_service.server import GatewayStream, TargetService
+    from target_service.server import TargetService
     from tests.services.procs import reference_greedy
+    from tests.target_service.drive import generate
 
     prompt, n = [5, 6, 7, 8], 24
     ref = reference_greedy(llama_dir, [prompt], [n])[0]
@@ -105,16 +105,7 @@ def test_service_retunes_pearl_gamma_from_its_rounds_and_stays_lossless(llama_di
             return logits, 6.0, done
         service._timed_forward = timed_6ms
         service.link = link = SlowDraftLink()
-        stream = GatewayStream()
-        service.submit(stream, target_pb2.Submission(request_id="a", prompt_ids=prompt,
-                                                     params=common_pb2.SamplingParams(max_tokens=n, ignore_eos=True)))
-        got = []
-        while len(got) < n:
-            service._drain_inbox()
-            await service.round()
-            while not stream.out.empty():
-                got += [t for u in stream.out.get_nowait().tokens.updates for t in u.token_ids]
-        return link, got
+        return link, await generate(service, prompt, n)
 
     link, got = asyncio.run(main())
     assert got == ref

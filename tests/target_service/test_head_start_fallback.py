@@ -4,11 +4,12 @@ import asyncio
 
 import torch
 
-from pearl.v1 import common_pb2, draft_pb2, target_pb2
+from pearl.v1 import draft_pb2
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import tensors
-from target_service.server import GatewayStream, TargetService
+from target_service.server import TargetService
 from tests.services.procs import reference_greedy
+from tests.target_service.drive import generate
 
 
 class OldDraftLink:
@@ -38,16 +39,7 @@ def test_old_draft_turns_head_start_off(llama_dir):
     async def main():
         service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=64), mode="pearl", gamma=4)
         service.link = link = OldDraftLink()
-        stream = GatewayStream()
-        service.submit(stream, target_pb2.Submission(request_id="a", prompt_ids=prompt,
-                                                     params=common_pb2.SamplingParams(max_tokens=n, ignore_eos=True)))
-        got = []
-        while len(got) < n:
-            service._drain_inbox()
-            await service.round()
-            while not stream.out.empty():
-                got += [t for u in stream.out.get_nowait().tokens.updates for t in u.token_ids]
-        return service, link, got
+        return service, link, await generate(service, prompt, n)
 
     service, link, got = asyncio.run(main())
     assert got == ref
