@@ -17,6 +17,7 @@ from pearl_runtime.rpc import tensors
 from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.server import bind, new_server
 from draft_service.drafter import Drafter, Mirror
+from draft_service.round_profile import RoundProfiler
 
 log = structlog.get_logger()
 
@@ -29,6 +30,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         # one model, many target streams: forwards run one at a time off the event loop
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-forward")
         self.streams = 0
+        self.profiler = RoundProfiler.from_env(cuda=self.drafter.runner.device.type == "cuda")
         self.step_ms = measure_step_ms(self.drafter.runner, query_len=1)
         if self.step_ms:
             log.info("draft step time by batch size (ms)", **{f"bs{b}": round(t, 3) for b, t in self.step_ms.items()})
@@ -48,6 +50,15 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         return reply
 
     def _round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None) -> draft_pb2.DraftBatch:
+        if self.profiler is None:
+            return self._timed_round(mirror, rnd, on_early)
+        self.profiler.begin()
+        try:
+            return self._timed_round(mirror, rnd, on_early)
+        finally:
+            self.profiler.end()
+
+    def _timed_round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None) -> draft_pb2.DraftBatch:
         start = time.perf_counter()
         adds = [(a.seq_id, list(a.token_ids), wire_params.from_proto(a.params)) for a in rnd.adds]
         verdicts = tensors.decode(rnd.verdicts).tolist() if not tensors.is_empty(rnd.verdicts) else []

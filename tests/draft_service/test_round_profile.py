@@ -1,0 +1,35 @@
+"""PEARL_PROFILE_ROUNDS: the draft service profiles that many rounds after a warm-up and logs
+one report; without the variable nothing is profiled."""
+from pearl.v1 import common_pb2, draft_pb2
+from pearl_runtime.config import EngineConfig
+
+
+def _rounds(servicer, n):
+    from draft_service.drafter import Mirror
+    mirror = Mirror()
+    for i in range(n):
+        rnd = draft_pb2.Round(round_id=i + 1, gamma=3)
+        if i == 0:
+            rnd.adds.add(seq_id=1, token_ids=[5, 6, 7, 8], params=common_pb2.SamplingParams(max_tokens=100))
+        servicer._round(mirror, rnd)
+
+
+def test_profiles_the_rounds_after_the_warm_up_once(llama_dir, monkeypatch, caplog):
+    from draft_service.round_profile import RoundProfiler
+    from draft_service.server import DraftServicer
+    monkeypatch.setenv("PEARL_PROFILE_ROUNDS", "2")
+    monkeypatch.setattr(RoundProfiler, "WARMUP", 1)
+    servicer = DraftServicer(EngineConfig(model=str(llama_dir), num_blocks=64))
+    _rounds(servicer, 2)
+    assert servicer.profiler.report is None          # warm-up + one profiled round so far
+    with caplog.at_level("INFO", logger="draft_service.round_profile"):
+        _rounds(servicer, 2)
+    report = servicer.profiler.report
+    assert report.startswith("draft round profile: 2 rounds") and "Self CPU" in report
+    assert sum("draft round profile" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_off_without_the_variable(llama_dir, monkeypatch):
+    from draft_service.server import DraftServicer
+    monkeypatch.delenv("PEARL_PROFILE_ROUNDS", raising=False)
+    assert DraftServicer(EngineConfig(model=str(llama_dir), num_blocks=64)).profiler is None
