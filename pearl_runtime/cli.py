@@ -164,8 +164,26 @@ class Stack:
         else:
             self.stop()
             raise SystemExit(f"services not ready after {timeout_s}s")
-        if draft_port:   # give the target a moment to finish its handshake with the draft
-            time.sleep(1.0)
+        if draft_port:
+            self._wait_draft(max(10.0, deadline - time.time()))
+
+    def _wait_draft(self, timeout_s: float) -> None:
+        """Until the target reports a live draft stream, so the first request already speculates
+        (a fixed pause lost that race on a cold machine: the demo's first tokens ran ar)."""
+        from pearl_runtime.bench.measure import read_metrics
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                self.stop()
+                raise SystemExit("a service exited during start-up (see its log above)")
+            try:
+                if asyncio.run(read_metrics(self.target_address, timeout_s=2)).draft_connected:
+                    return
+            except Exception:   # the target restarting or busy: ask again
+                pass
+            time.sleep(0.2)
+        print(f"warning: the target has no draft after {timeout_s:.0f}s; it serves ar until the draft "
+              "connects (see the draft's and the target's logs)", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
         for p in self.procs:

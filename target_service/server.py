@@ -357,7 +357,8 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
             rounds=s.rounds, speculative_rounds=s.speculative_rounds, draft_ms=s.draft_ms, target_ms=s.target_ms,
             wait_ms=s.wait_ms, round_ms=s.round_ms, committed_tokens=s.committed_tokens,
             drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens,
-            path=self.service._last_path or "", gamma=self.service.gamma, head_start_rounds=s.head_start_rounds)
+            path=self.service._last_path or "", gamma=self.service.gamma, head_start_rounds=s.head_start_rounds,
+            draft_connected=self.service.link is not None and self.service.link.connected)
 
     async def Serve(self, request_iterator, context):
         stream = GatewayStream()
