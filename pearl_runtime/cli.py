@@ -170,6 +170,8 @@ class Stack:
     def _wait_draft(self, timeout_s: float) -> None:
         """Until the target reports a live draft stream, so the first request already speculates
         (a fixed pause lost that race on a cold machine: the demo's first tokens ran ar)."""
+        import grpc
+
         from pearl_runtime.bench.measure import read_metrics
         deadline = time.time() + timeout_s
         while time.time() < deadline:
@@ -179,7 +181,7 @@ class Stack:
             try:
                 if asyncio.run(read_metrics(self.target_address, timeout_s=2)).draft_connected:
                     return
-            except Exception:   # the target restarting or busy: ask again
+            except (grpc.RpcError, asyncio.TimeoutError):   # not answering yet: ask again
                 pass
             time.sleep(0.2)
         print(f"warning: the target has no draft after {timeout_s:.0f}s; it serves ar until the draft "
