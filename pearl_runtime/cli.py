@@ -181,7 +181,7 @@ class Stack:
             try:
                 if asyncio.run(read_metrics(self.target_address, timeout_s=2)).draft_connected:
                     return
-            except (grpc.RpcError, asyncio.TimeoutError):   # not answering yet: ask again
+            except (grpc.RpcError, TimeoutError):   # not answering yet: ask again
                 pass
             time.sleep(0.2)
         print(f"warning: the target has no draft after {timeout_s:.0f}s; it serves ar until the draft "
