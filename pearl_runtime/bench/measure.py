@@ -23,6 +23,10 @@ Columns (per batch size; "a round" is one batched target forward, Metrics diff /
 - xfer_ms (sd only) = wait - draft: the round trip's transport (gRPC, serialization, the
   draft's event loop) beyond the draft's own time. Not separable in PEARL (None).
 - ttft_ms: time to first token of each request (gateway stats): mean, p50, max.
+- decode_tokens_per_s: tokens after each request's first / (wall - the latest first token):
+  the rate once every request of the batch is decoding. With short outputs the start
+  (prefill, and in sd the draft's prefill before the target's) is a large share of the wall
+  time; this column leaves it out. tokens_per_s stays the headline.
 """
 import asyncio
 import hashlib
@@ -97,6 +101,7 @@ def row(mode: str, bs: int, max_tokens: int, wall: float, m: dict, completions) 
     return {
         "mode": mode, "batch_size": bs, "max_tokens": max_tokens, "tokens": tokens, "wall_s": wall,
         "tokens_per_s": tokens / wall,
+        "decode_tokens_per_s": (tokens - bs) / (wall - max(ttft) / 1e3) if wall > max(ttft) / 1e3 else None,
         "mat": tokens / forwards if forwards else None,
         "tokens_per_round": m["committed_tokens"] / rounds,
         "accept_rate": m["accepted_tokens"] / m["drafted_tokens"] if m["drafted_tokens"] else None,

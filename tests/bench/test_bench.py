@@ -179,10 +179,15 @@ def test_bench_end_to_end(bench_run):
         assert x["outputs_match_ar"] is True, (mode, bs)       # greedy is lossless
         assert x["path"] == mode
         for key in ("tokens_per_s", "speedup_vs_ar", "mat", "round_ms", "draft_ms", "target_ms", "wait_ms",
-                    "host_ms", "xfer_ms", "accept_rate", "ttft_ms", "gamma"):
+                    "host_ms", "xfer_ms", "accept_rate", "ttft_ms", "gamma", "decode_tokens_per_s",
+                    "decode_speedup_vs_ar"):
             assert key in x
+        # decoding alone: the tokens after the first over the time after the last first token
+        assert x["decode_tokens_per_s"] == pytest.approx(
+            (x["tokens"] - bs) / (x["wall_s"] - x["ttft_ms"]["max"] / 1e3))
         if mode == "ar":
             assert x["mat"] == 1.0 and x["accept_rate"] is None and x["draft_ms"] == 0.0
+            assert x["decode_speedup_vs_ar"] == 1.0
         else:
             assert x["metrics_diff"]["speculative_rounds"] == x["metrics_diff"]["rounds"]
             assert x["accept_rate"] == 1.0 and x["mat"] > 1.0 and x["draft_ms"] > 0   # the draft is a copy
