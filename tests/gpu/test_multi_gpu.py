@@ -1,5 +1,5 @@
 """Two GPUs: the target as a TP=2 NCCL group with CUDA graphs gives ar's greedy output,
-alone and under PEARL with the draft on the other GPU (fp32 exact)."""
+alone and under PEARL with the draft on the other GPU (fp32 exact; bf16 within near-ties)."""
 import asyncio
 import os
 
@@ -9,7 +9,7 @@ import torch
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.llm_engine import LLMEngine
 from pearl_runtime.sampling import SamplingParams
-from tests.gpu.test_lossless_gpu import _prompts, _run_services
+from tests.gpu.test_lossless_gpu import _prompts, _run_services, check_bf16_near_ties
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -37,3 +37,9 @@ def test_pearl_with_tp2_target_equals_ar(llama_dir, draft_factory):
                                           target_device="cuda:0,1", draft_device="cuda:1"))
     assert spec == ar
     assert mat > 1.0
+
+
+def test_pearl_with_tp2_target_bf16_divergences_are_near_ties(llama_dir, draft_factory):
+    """bf16 with a TP=2 target: the all-reduce adds its own rounding; every divergence from ar
+    (also TP=2) must still be a near-tie of ar's top-2 logits."""
+    check_bf16_near_ties(llama_dir, draft_factory(llama_dir, "copy"), target_device="cuda:0,1", draft_device="cuda:1")
