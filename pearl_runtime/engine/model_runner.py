@@ -164,8 +164,8 @@ class ModelRunner:
         """Nothing to release for one process (a TP group stops its workers here)."""
 
     def release_graphs(self) -> None:
-        """Drop the captured graphs. A TP rank must do this before it destroys its NCCL group:
-        NCCL's teardown waits for graphs that captured its collectives (pytorch#115388)."""
+        """Drop the captured graphs (and their memory) before a TP rank leaves its NCCL group:
+        graphs that captured the group's collectives keep its communicators busy (pytorch#115388)."""
         if self.graphs is not None:
             self.graphs = None
             gc.collect()

@@ -206,9 +206,8 @@ class TPModelRunner(ModelRunner):
                 pass
         if dist.is_initialized():
             if stopped or dist.get_backend() != "nccl":
-                # NCCL's teardown waits for every rank: leave together with the workers, which
-                # destroy the group as soon as they see the None step (seen hanging on 2 H100s
-                # when rank 0 waited for the workers to exit first)
+                # leave together with the workers, which leave as soon as they see the None
+                # step (rank 0 waiting for them to exit first was seen hanging on 2 H100s)
                 self.release_graphs()
                 _leave_group()
             else:
