@@ -200,6 +200,11 @@ class Stack:
 
 def cmd_up(args) -> None:
     from contextlib import ExitStack
+
+    from pearl_runtime.bench.mps import sharing_warning
+    devices = [getattr(args, f"{w}_device", None) or args.device for w in ("target", "draft")]
+    if warning := sharing_warning([args.mode], *devices, args.mps):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     with ExitStack() as scope:
         env = None
         if args.mps:

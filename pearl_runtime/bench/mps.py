@@ -34,6 +34,15 @@ def same_gpu(target_device: str, draft_device: str) -> bool:
     return target_device.startswith("cuda") and norm(target_device) == norm(draft_device)
 
 
+def sharing_warning(modes, target_device: str, draft_device: str, mps: bool) -> str | None:
+    """What to tell a user whose draft and target share one GPU without MPS (None otherwise)."""
+    if mps or not same_gpu(target_device, draft_device) or all(m == "ar" for m in modes):
+        return None
+    return (f"draft and target share {target_device} WITHOUT MPS: they time-slice the GPU, so PEARL cannot "
+            f"overlap drafting with verifying (on one GPU sd was faster in our runs, BENCHMARKS.md); "
+            f"use --mps, or put the draft on another GPU (--draft-device cuda:1)")
+
+
 @contextmanager
 def mps_daemon(shares: tuple[int, int]) -> Iterator[dict[str, dict[str, str]]]:
     """Run a CUDA MPS control daemon for the duration; yields the extra environment of each

@@ -261,9 +261,8 @@ def main(args) -> None:
     if args.mps and not one_gpu:
         log.warning("--mps with draft and target on different devices (%s, %s): MPS only matters on one GPU",
                     tdev, ddev)
-    if one_gpu and not args.mps and any(m != "ar" for m in modes):
-        log.warning("draft and target share %s WITHOUT MPS: they time-slice the GPU and cannot overlap, so "
-                    "PEARL's draft/verify overlap cannot show here (use --mps, or --draft-device cuda:1)", tdev)
+    if warning := mps.sharing_warning(modes, tdev, ddev, args.mps):
+        log.warning("%s", warning)
 
     vocab = ModelConfig.from_dir(target_dir).vocab_size
     texts = bench_prompts.load_turns(args.prompts)[:max(batch_sizes)]

@@ -102,6 +102,10 @@ def test_mps_helpers():
     with pytest.raises(ValueError):
         mps.parse_shares("80")
     assert mps.same_gpu("cuda", "cuda:0") and not mps.same_gpu("cuda:0", "cuda:1") and not mps.same_gpu("cpu", "cpu")
+    assert "WITHOUT MPS" in mps.sharing_warning(["ar", "pearl"], "cuda", "cuda:0", mps=False)
+    assert mps.sharing_warning(["pearl"], "cuda:0", "cuda:0", mps=True) is None
+    assert mps.sharing_warning(["pearl"], "cuda:0", "cuda:1", mps=False) is None
+    assert mps.sharing_warning(["ar"], "cuda:0", "cuda:0", mps=False) is None
 
 
 def test_weight_bytes_count_every_parameter_but_the_embedding_table(llama_dir, qwen2_dir, hf_model):
