@@ -106,12 +106,15 @@ async def _until_signal(coro) -> None:
 
 
 # -- the local stack ------------------------------------------------------------------------
+DRAFT_WAIT_S = 60.0   # pearl up: how long the first request waits for the target's draft link
+
+
 class Stack:
     """draft + target + gateway as child processes; stopped together. `env`: extra environment
     per service ("draft", "target", "gateway"), e.g. CUDA MPS settings; `log_dir`: each
     service's output goes to <log_dir>/<service>.log instead of this terminal. Optional
     attributes of `args`: dtype, target_device, draft_device, target_argv, draft_argv
-    (extra engine flags), start_timeout_s."""
+    (extra engine flags), start_timeout_s, draft_wait_s (0: do not wait for the draft link)."""
 
     def __init__(self, args, env: dict | None = None, log_dir=None):
         self.args, self.procs, self.env, self.log_dir = args, [], env or {}, log_dir
@@ -164,8 +167,9 @@ class Stack:
         else:
             self.stop()
             raise SystemExit(f"services not ready after {timeout_s}s")
-        if draft_port:
-            self._wait_draft(max(10.0, deadline - time.time()))
+        wait_s = getattr(self.args, "draft_wait_s", DRAFT_WAIT_S)
+        if draft_port and wait_s > 0:
+            self._wait_draft(wait_s)
 
     def _wait_draft(self, timeout_s: float) -> None:
         """Until the target reports a live draft stream, so the first request already speculates

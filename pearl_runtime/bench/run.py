@@ -149,6 +149,7 @@ def stack_args(args, mode: str, target_dir: str, draft_dir: str | None, device: 
         model=target_dir, draft_model=draft_dir, mode=mode, gamma=(args.pearl_gamma or args.gamma) if mode == "pearl" else args.gamma, device=device, dtype=dtype,
         target_device=args.target_device or device, draft_device=args.draft_device or device,
         base_port=free_base_port(), log_level="info", start_timeout_s=args.start_timeout,
+        draft_wait_s=0,   # the bench waits for the draft itself (wait_for_draft), and fails loudly
         target_argv=engine("target", args.target_args), draft_argv=engine("draft", args.draft_args))
 
 
