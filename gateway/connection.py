@@ -3,6 +3,7 @@ submissions and cancels one way and committed tokens the other; re-dialed with b
 import asyncio
 import contextlib
 import random
+import time
 from typing import TYPE_CHECKING
 
 import grpc
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from gateway.targets import TargetRouter
 
 log = structlog.get_logger(__name__)
+STARTUP_GRACE_S = 30.0   # a target never seen up is "being waited for" (info) this long, then "unreachable"
 
 
 class Incompatible(Exception):
@@ -43,8 +45,12 @@ class TargetConnection:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._down_reported = False
+        self._ever_up = False
+        self._waiting_logged = False
+        self._started_at = 0.0
 
     def start(self) -> None:
+        self._started_at = time.monotonic()
         self._task = asyncio.create_task(self._run(), name=f"target {self.address}")
 
     async def close(self) -> None:
@@ -79,18 +85,14 @@ class TargetConnection:
                 self._router.check_compatible(info)
                 # no deadline: the stream lives as long as the target; keepalive notices a dead peer
                 call = stub.Serve()
-                self.info, self.live, self._down_reported = info, True, False
+                self.info, self.live, self._down_reported, self._ever_up = info, True, False, True
                 delay = self._redial_s[0]
                 log.info("target up", target=self.address, model=info.model, mode=info.mode)
                 self._router.target_up(self)
                 await self._pump(call)
                 log.warning("target closed its stream", target=self.address)
             except grpc.aio.AioRpcError as e:
-                # one warning per outage; the re-dials that follow are debug noise
-                emit = log.debug if self._down_reported and not self.live else log.warning
-                self._down_reported = True
-                emit("target stream broke" if self.live else "target unreachable",
-                     target=self.address, code=e.code().name, details=e.details())
+                self._report_down(e)
             except Incompatible as e:
                 log.error("target refused", target=self.address, reason=str(e))
                 delay = self._redial_s[1]
@@ -101,6 +103,20 @@ class TargetConnection:
                 await channel.close(grace=None)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self._redial_s[1])
+
+    def _report_down(self, e: grpc.aio.AioRpcError) -> None:
+        """One warning per outage; the re-dials that follow are debug noise. A target that was
+        never up, within its start-up grace, is only being waited for: `pearl up` and compose
+        start the gateway beside the target, which listens seconds later."""
+        if not self._ever_up and time.monotonic() - self._started_at < STARTUP_GRACE_S:
+            if not self._waiting_logged:
+                log.info("waiting for target", target=self.address, code=e.code().name)
+                self._waiting_logged = True
+            return
+        emit = log.debug if self._down_reported and not self.live else log.warning
+        self._down_reported = True
+        emit("target stream broke" if self.live else "target unreachable",
+             target=self.address, code=e.code().name, details=e.details())
 
     def _drop_all(self) -> None:
         self.live = False
