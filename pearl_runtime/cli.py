@@ -156,9 +156,7 @@ class Stack:
         from gateway.client import list_models
         deadline = time.time() + timeout_s
         while time.time() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                self.stop()
-                raise SystemExit("a service exited during start-up (see its log above)")
+            self._check_alive()
             try:
                 asyncio.run(list_models(address, timeout_s=2))
                 break
@@ -171,6 +169,11 @@ class Stack:
         if draft_port and wait_s > 0:
             self._wait_draft(wait_s)
 
+    def _check_alive(self) -> None:
+        if any(p.poll() is not None for p in self.procs):
+            self.stop()
+            raise SystemExit("a service exited during start-up (see its log above)")
+
     def _wait_draft(self, timeout_s: float) -> None:
         """Until the target reports a live draft stream, so the first request already speculates
         (a fixed pause lost that race on a cold machine: the demo's first tokens ran ar)."""
@@ -179,9 +182,7 @@ class Stack:
         from pearl_runtime.bench.measure import read_metrics
         deadline = time.time() + timeout_s
         while time.time() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                self.stop()
-                raise SystemExit("a service exited during start-up (see its log above)")
+            self._check_alive()
             try:
                 if asyncio.run(read_metrics(self.target_address, timeout_s=2)).draft_connected:
                     return
