@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from pearl_runtime.bench.projection import fit_alpha
-from pearl_runtime.engine.step_timer import SD_PRIOR_ALPHA, balanced_gamma, sd_gamma
+from pearl_runtime.engine.step_timer import SD_PRIOR_ALPHA, balanced_gamma, sd_gamma, sd_tokens_per_ms
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class GammaTuner:
     def __init__(self, mode: str, max_gamma: int, default: int):
         self.mode, self.max_gamma, self.default = mode, max_gamma, default
         self.picks: dict[int, int] = {}        # batch bucket -> gamma
+        self.buckets: list[int] = []           # the seeded buckets (graph batch sizes), if any
         self.observed: dict[int, Observed] = {}
         self.drafted = self.accepted = 0.0     # decaying sums, for the acceptance rate
         self.last_gamma = default
@@ -40,13 +41,13 @@ class GammaTuner:
     def seed(self, picks: dict[int, int]) -> None:
         """Start-time picks per batch bucket (what was measured before any round)."""
         self.picks = dict(picks)
+        self.buckets = sorted(picks)
         self.observed.clear()
 
     def bucket(self, batch: int) -> int:
         """The smallest seeded bucket that holds `batch`; without seeds, the next power of 2."""
-        if self.picks:
-            fits = [b for b in self.picks if b >= batch]
-            return min(fits) if fits else max(self.picks)
+        if self.buckets:
+            return next((b for b in self.buckets if b >= batch), self.buckets[-1])
         return 1 << max(0, batch - 1).bit_length()
 
     def gamma_for(self, batch: int) -> int:
@@ -101,7 +102,5 @@ class GammaTuner:
             return balanced_gamma(t_v, t_d, self.max_gamma)
         alpha = self.alpha
         best = sd_gamma(t_v, t_d, self.max_gamma, alpha=alpha)
-
-        def rate(g: int) -> float:
-            return sum(alpha ** i for i in range(g + 1)) / (g * t_d + t_v)
-        return best if rate(best) > self.MIN_GAIN * rate(current) else current
+        gain = sd_tokens_per_ms(best, t_v, t_d, alpha) / sd_tokens_per_ms(current, t_v, t_d, alpha)
+        return best if gain > self.MIN_GAIN else current

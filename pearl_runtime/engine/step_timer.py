@@ -42,9 +42,12 @@ def balanced_gamma(target_ms: float, draft_ms: float, max_gamma: int) -> int:
 SD_PRIOR_ALPHA = 0.8   # acceptance assumed before any is measured
 
 
+def sd_tokens_per_ms(gamma: int, target_ms: float, draft_ms: float, alpha: float) -> float:
+    """sd's expected tokens per ms: sum(alpha^i, i <= g) / (g * draft + verify)."""
+    return sum(alpha ** i for i in range(gamma + 1)) / (gamma * draft_ms + target_ms)
+
+
 def sd_gamma(target_ms: float, draft_ms: float, max_gamma: int, alpha: float = SD_PRIOR_ALPHA) -> int:
-    """sd: draft and verify take turns, so the best gamma maximizes expected tokens per ms,
-    sum(alpha^i, i <= g) / (g * draft + verify); a cheap draft earns a longer gamma."""
-    def rate(g: int) -> float:
-        return sum(alpha ** i for i in range(g + 1)) / (g * draft_ms + target_ms)
-    return max(range(1, max_gamma + 1), key=rate)
+    """sd: draft and verify take turns, so the best gamma maximizes expected tokens per ms; a
+    cheap draft earns a longer gamma."""
+    return max(range(1, max_gamma + 1), key=lambda g: sd_tokens_per_ms(g, target_ms, draft_ms, alpha))

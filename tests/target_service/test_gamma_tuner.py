@@ -51,6 +51,9 @@ def test_sd_follows_the_measured_acceptance(accepted, expect_longer):
 def test_buckets_without_seeds_are_powers_of_two():
     tuner = GammaTuner("pearl", max_gamma=16, default=4)
     assert [tuner.bucket(b) for b in (1, 2, 3, 5, 9)] == [1, 2, 4, 8, 16]
+    _rounds(tuner, 40, batch=1, draft_ms_per_token=3.0, verify_ms=6.0)   # bucket 1 retuned to 2
+    assert tuner.gamma_for(1) == 2
+    assert tuner.bucket(8) == 8 and tuner.gamma_for(8) == 4             # others keep theirs
     tuner.seed({1: 4, 8: 4, 32: 4})
     assert [tuner.bucket(b) for b in (1, 2, 8, 9, 64)] == [1, 8, 8, 32, 32]
 
