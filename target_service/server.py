@@ -45,6 +45,7 @@ class RoundStats:
     draft_ms: float = 0.0
     target_ms: float = 0.0
     wait_ms: float = 0.0
+    exchange_ms: float = 0.0     # round sent -> draft batch received, overlapped or not
     round_ms: float = 0.0
     committed_tokens: int = 0
     drafted_tokens: int = 0
@@ -168,7 +169,7 @@ class TargetService:
         speculate = self.link is not None and self.link.connected
         self._log_path("pearl" if speculate and self.mode == "pearl" else "sd" if speculate else "ar")
         drafts: dict[int, DraftTokens] = {}
-        batch, wait_ms = None, 0.0
+        batch, wait_ms, exchange_ms = None, 0.0, 0.0
         if speculate:
             rnd = self._build_round(reqs)
             if self.mode == "pearl":
@@ -179,7 +180,7 @@ class TargetService:
                     rnd.early, rnd.gamma = early, rnd.gamma + early
                     sent = time.perf_counter()
                     head = await self.link.exchange(rnd)
-                    wait_ms = (time.perf_counter() - sent) * 1e3   # the target idles meanwhile
+                    wait_ms = exchange_ms = (time.perf_counter() - sent) * 1e3   # the target idles meanwhile
                     if head is not None and not head.early:
                         # a draft that predates early parts sent the whole batch: judge it as
                         # fresh tokens (correct, just no head start) and stop asking
@@ -190,11 +191,13 @@ class TargetService:
                         taken = self.core.attach(reqs, self._parse(head))
                 # the heart of PEARL: verify while the draft drafts the next gamma tokens
                 forward = loop.run_in_executor(self.executor, self._timed_forward, reqs)
+                sent = time.perf_counter()
                 if not early:
                     batch = await self.link.exchange(rnd)
                 elif head is not None:
                     batch = await self.link.rest(rnd)
                 arrived = time.perf_counter()
+                exchange_ms += (arrived - sent) * 1e3
                 logits, target_ms, fwd_done = await forward
                 wait_ms += max(0.0, arrived - fwd_done) * 1e3
                 # fresh tokens continue after what each sequence took from the early part
@@ -202,7 +205,7 @@ class TargetService:
             else:
                 sent = time.perf_counter()
                 batch = await self.link.exchange(rnd)
-                wait_ms = (time.perf_counter() - sent) * 1e3
+                wait_ms = exchange_ms = (time.perf_counter() - sent) * 1e3
                 self.core.attach(reqs, self._parse(batch))
                 logits, target_ms, _ = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
         else:
@@ -216,6 +219,7 @@ class TargetService:
         s.draft_ms += batch.draft_ms if batch is not None else 0.0
         s.target_ms += target_ms
         s.wait_ms += wait_ms
+        s.exchange_ms += exchange_ms if batch is not None else 0.0
         s.round_ms += (time.perf_counter() - t0) * 1e3
         judged = taken_ok = 0
         for r, (n, drafted, accepted) in zip(reqs, before):
@@ -355,7 +359,7 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
         s = self.service.stats
         return target_pb2.TargetMetrics(
             rounds=s.rounds, speculative_rounds=s.speculative_rounds, draft_ms=s.draft_ms, target_ms=s.target_ms,
-            wait_ms=s.wait_ms, round_ms=s.round_ms, committed_tokens=s.committed_tokens,
+            wait_ms=s.wait_ms, exchange_ms=s.exchange_ms, round_ms=s.round_ms, committed_tokens=s.committed_tokens,
             drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens,
             path=self.service._last_path or "", gamma=self.service.gamma, head_start_rounds=s.head_start_rounds,
             draft_connected=self.service.link is not None and self.service.link.connected)

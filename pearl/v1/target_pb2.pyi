@@ -12,7 +12,7 @@ class MetricsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TargetMetrics(_message.Message):
-    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "target_ms_by_batch", "draft_ms_by_batch", "head_start_rounds", "draft_connected")
+    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "target_ms_by_batch", "draft_ms_by_batch", "head_start_rounds", "draft_connected", "exchange_ms")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class TargetMetrics(_message.Message):
     DRAFT_MS_BY_BATCH_FIELD_NUMBER: _ClassVar[int]
     HEAD_START_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_MS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     speculative_rounds: int
     draft_ms: float
@@ -43,7 +44,8 @@ class TargetMetrics(_message.Message):
     draft_ms_by_batch: _containers.RepeatedScalarFieldContainer[float]
     head_start_rounds: int
     draft_connected: bool
-    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., target_ms_by_batch: _Optional[_Iterable[float]] = ..., draft_ms_by_batch: _Optional[_Iterable[float]] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ...) -> None: ...
+    exchange_ms: float
+    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., target_ms_by_batch: _Optional[_Iterable[float]] = ..., draft_ms_by_batch: _Optional[_Iterable[float]] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

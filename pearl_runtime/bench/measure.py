@@ -20,8 +20,11 @@ Columns (per batch size; "a round" is one batched target forward, Metrics diff /
   the round message, judging, committing, streaming, the hop to the forward thread) that
   nothing overlaps. In PEARL the draft exchange runs during the forward, so its transport is
   hidden there or shows up in wait_ms.
-- xfer_ms (sd only) = wait - draft: the round trip's transport (gRPC, serialization, the
-  draft's event loop) beyond the draft's own time. Not separable in PEARL (None).
+- xfer_ms = exchange - draft: the draft round trip's transport (gRPC, serialization, the
+  draft's event loop) beyond the draft's own time, per round. exchange is the time from
+  sending the round to receiving the draft's batch; in sd it equals wait, in PEARL it runs
+  beside the forward, so this transport costs a round only where it shows up in wait_ms.
+  xfer_share = xfer / round.
 - ttft_ms: time to first token of each request (gateway stats): mean, p50, max.
 - decode_tokens_per_s: tokens after each request's first / (wall - the latest first token):
   the rate once every request of the batch is decoding. With short outputs the start
@@ -38,7 +41,7 @@ import grpc
 from pearl.v1 import target_pb2, target_pb2_grpc
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 
-COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms",
+COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms",
             "committed_tokens", "drafted_tokens", "accepted_tokens", "head_start_rounds")
 
 
@@ -94,7 +97,11 @@ async def measure(gateway: str, target: str, prompts: list[list[int]], max_token
 
 def row(mode: str, bs: int, max_tokens: int, wall: float, m: dict, completions) -> dict:
     rounds = max(1, m["rounds"])
-    per = {k: m[k] / rounds for k in ("draft_ms", "target_ms", "wait_ms", "round_ms")}
+    per = {k: m[k] / rounds for k in ("draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms")}
+    # transport per round over the rounds that exchanged with the draft (all of them, in a
+    # speculative run); a target that predates exchange_ms reports 0 and gets sd's old formula
+    exchange = per["exchange_ms"] or (per["wait_ms"] if mode == "sd" else 0.0)
+    xfer = max(0.0, exchange - per["draft_ms"]) if mode != "ar" else 0.0
     forwards = sum(c.stats.target_forwards for c in completions)
     tokens = sum(c.stats.new_tokens for c in completions)
     ttft = [c.stats.time_to_first_token_ms for c in completions]
@@ -108,7 +115,7 @@ def row(mode: str, bs: int, max_tokens: int, wall: float, m: dict, completions) 
         "round_ms": per["round_ms"], "draft_ms": per["draft_ms"], "target_ms": per["target_ms"],
         "wait_ms": per["wait_ms"],
         "host_ms": per["round_ms"] - per["target_ms"] - per["wait_ms"],
-        "xfer_ms": per["wait_ms"] - per["draft_ms"] if mode == "sd" else (0.0 if mode == "ar" else None),
+        "xfer_ms": xfer, "xfer_share": xfer / per["round_ms"] if per["round_ms"] else 0.0,
         "ttft_ms": {"mean": statistics.fmean(ttft), "p50": statistics.median(ttft), "max": max(ttft)},
         "gamma": m["gamma"], "path": m["path"], "metrics_diff": m,
         "outputs_sha256": hashlib.sha256(repr([c.token_ids for c in completions]).encode()).hexdigest(),

@@ -98,9 +98,13 @@ def _f(x, fmt: str = ".2f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _pct(x):
+    return None if x is None else 100 * x
+
+
 def table(rows: list[dict]) -> str:
     head = (f"{'mode':<6}{'bs':>4}{'tok/s':>10}{'speedup':>9}{'MAT':>6}{'accept':>8}{'round':>8}{'draft':>8}"
-            f"{'target':>8}{'wait':>8}{'host':>8}{'xfer':>8}{'ttft':>8}{'dec tok/s':>11}{'dec x':>7}  same")
+            f"{'target':>8}{'wait':>8}{'host':>8}{'xfer':>8}{'xfer%':>7}{'ttft':>8}{'dec tok/s':>11}{'dec x':>7}  same")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["batch_size"], ("ar", "sd", "pearl").index(r["mode"]))):
         same = {True: "yes", False: "NO", None: "-"}[r.get("outputs_match_ar")]
@@ -110,11 +114,12 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['mode']:<6}{r['batch_size']:>4}{r['tokens_per_s']:>10.1f}{_f(r.get('speedup_vs_ar')):>9}"
                      f"{_f(r['mat']):>6}{_f(r['accept_rate']):>8}{r['round_ms']:>8.2f}{r['draft_ms']:>8.2f}"
                      f"{r['target_ms']:>8.2f}{r['wait_ms']:>8.2f}{r['host_ms']:>8.2f}{_f(r['xfer_ms']):>8}"
-                     f"{r['ttft_ms']['mean']:>8.1f}{_f(r.get('decode_tokens_per_s'), '.1f'):>11}"
+                     f"{_f(_pct(r.get('xfer_share')), '.1f'):>7}{r['ttft_ms']['mean']:>8.1f}{_f(r.get('decode_tokens_per_s'), '.1f'):>11}"
                      f"{_f(r.get('decode_speedup_vs_ar')):>7}  {same}")
     lines.append("times in ms per round (one batched target forward); speedup = ar wall / wall at the same bs; "
                  "dec: the rate once every request is decoding (first tokens left out); "
-                 "same = greedy outputs identical to ar")
+                 "xfer = draft round trip minus the draft's own time (overlapped with the forward in pearl), "
+                 "xfer% of the round; same = greedy outputs identical to ar")
     return "\n".join(lines)
 
 

@@ -121,12 +121,15 @@ def init_synthetic(model, spec: dict) -> None:
     perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(spec["seed"])).to(dev)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(vocab, device=dev)
-    full = torch.randn(vocab, hidden, generator=gen, device=dev, dtype=torch.float32)
-    rows = slice(emb.start, min(emb.start + emb.rows, vocab))
-    n = rows.stop - rows.start
-    emb.weight[:n].copy_(full[rows])
+    # in the weights' dtype, and the head gathered in chunks: beside a 72B rank's 73 GB of
+    # weights an fp32 copy of the full embedding (5 GB) and its gather did not fit an H100
+    full = torch.randn(vocab, hidden, generator=gen, device=dev, dtype=emb.weight.dtype)
+    start, n = emb.start, max(0, min(emb.rows, vocab - emb.start))
+    emb.weight[:n].copy_(full[start:start + n])
     # head row u is the embedding of the token whose successor is u: logits peak at pi(v)
-    head.weight[:n].copy_(full[inverse[rows]] / hidden ** 0.5)
+    for i in range(0, n, 16384):
+        j = min(n, i + 16384)
+        head.weight[i:j].copy_(full[inverse[start + i:start + j]]).div_(hidden ** 0.5)
     del full
     model.synthetic_perm = perm
     for w in _out_projections(model):

@@ -195,6 +195,11 @@ def test_bench_end_to_end(bench_run):
         else:
             assert x["metrics_diff"]["speculative_rounds"] == x["metrics_diff"]["rounds"]
             assert x["accept_rate"] == 1.0 and x["mat"] > 1.0 and x["draft_ms"] > 0   # the draft is a copy
+            # the exchange wraps the draft's own round, in pearl too (there beside the forward)
+            m = x["metrics_diff"]
+            assert m["exchange_ms"] >= m["draft_ms"] > 0
+            assert x["xfer_ms"] == pytest.approx((m["exchange_ms"] - m["draft_ms"]) / m["rounds"])
+            assert 0 <= x["xfer_share"] < 1
     h = r["hbm"]
     assert h["achieved_gbps"] > 0 and h["copy_gbps"] > 0 and h["hf_baseline"]["tokens_per_s"] > 0
     assert [p["batch_size"] for p in r["projection"]] == list(BATCH_SIZES)
