@@ -35,6 +35,11 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         if self.step_ms:
             log.info("draft step time by batch size (ms)", **{f"bs{b}": round(t, 3) for b, t in self.step_ms.items()})
 
+    def close(self) -> None:
+        """Release the engine once the forward thread is done (a TP group leaves its group)."""
+        self.executor.shutdown(wait=True)
+        self.drafter.runner.close()
+
     def _hello(self, hello: draft_pb2.Hello) -> draft_pb2.HelloReply:
         reply = draft_pb2.HelloReply(accepted=True, draft_model=self.model, tokenizer_hash=self.tok_hash,
                                      vocab_size=self.drafter.vocab_size, step_batch_sizes=list(self.step_ms),
@@ -133,4 +138,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, r
     try:
         await server.wait_for_termination()
     finally:
-        await server.stop(grace=1)
+        try:
+            await server.stop(grace=1)   # raises CancelledError when serve() itself was cancelled
+        finally:
+            servicer.close()

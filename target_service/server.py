@@ -231,6 +231,13 @@ class TargetService:
         if batch is not None and self.fixed_gamma is None:
             self.tuner.observe(len(reqs), rnd.gamma, batch.draft_ms, target_ms, judged, taken_ok)
 
+    def close(self) -> None:
+        """Release the engine (a TP group stops its workers and leaves its group). Synchronous:
+        a cancelled serve() may be cancelled again while it cleans up. The forward thread
+        finishes its step first, so no collective is cut in half."""
+        self.executor.shutdown(wait=True)
+        self.core.runner.close()
+
     def _fail_running(self, message: str) -> None:
         for seq in list(self.core.scheduler.running):
             req = self.core.requests.get(seq.seq_id)
@@ -409,4 +416,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
         await server.wait_for_termination()
     finally:
         loop_task.cancel()
-        await server.stop(grace=1)
+        try:
+            await server.stop(grace=1)   # raises CancelledError when serve() itself was cancelled
+        finally:
+            service.close()

@@ -30,15 +30,19 @@ def public(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
 
-def hbm(rows: list[dict], target_dir: str, dtype: str, prompt_len: int, probe: dict) -> dict | None:
+def hbm(rows: list[dict], target_dir: str, dtype: str, prompt_len: int, probe: dict,
+        gpus: int = 1) -> dict | None:
     """Achieved HBM bandwidth of ar at bs=1 (and of the HF baseline) against the measured copy
-    bandwidth. Step time = wall / max_tokens (prefill and host work included); forward-only
-    uses the target's forward time per round instead."""
+    bandwidth of one GPU. Step time = wall / max_tokens (prefill and host work included);
+    forward-only uses the target's forward time per round instead. A TP target of `gpus`
+    ranks reads about 1/gpus of the bytes on each GPU, so its figures are per GPU."""
     ar1 = next((r for r in rows if r["mode"] == "ar" and r["batch_size"] == 1), None)
     if ar1 is None:
         return None
     n = ar1["max_tokens"]
     b = roofline.decode_step_bytes(target_dir, dtype, mean_context=prompt_len + n / 2)
+    b = {**b, "total_bytes": b["total_bytes"] / gpus, "weight_bytes": b["weight_bytes"] / gpus,
+         "kv_bytes": b["kv_bytes"] / gpus, "target_gpus": gpus}
     step_ms = ar1["wall_s"] / n * 1e3
     copy = probe.get("copy", {}).get("gbps")
     out = {**b, "step_ms": step_ms, "achieved_gbps": roofline.achieved_gbps(b["total_bytes"], step_ms),
@@ -127,7 +131,8 @@ def hbm_text(h: dict | None) -> str:
     if not h:
         return "HBM: no ar bs=1 row"
     gb = lambda x: _f(x, ".4g")   # noqa: E731
-    lines = [f"HBM at ar bs=1: {h['total_bytes'] / 1e9:.3g} GB a step (weights {h['weight_bytes'] / 1e9:.3g} GB with "
+    per = f" per GPU of {h['target_gpus']}" if h.get("target_gpus", 1) > 1 else ""
+    lines = [f"HBM at ar bs=1{per}: {h['total_bytes'] / 1e9:.3g} GB a step (weights {h['weight_bytes'] / 1e9:.3g} GB with "
              f"the full LM head and one embedding row, KV {h['kv_bytes'] / 1e9:.3g} GB at mean context "
              f"{h['mean_context']:.0f})",
              f"  pearl-serve  {h['step_ms']:.2f} ms/token -> {gb(h['achieved_gbps'])} GB/s "

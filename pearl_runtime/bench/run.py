@@ -275,7 +275,8 @@ def main(args) -> None:
         kv["draft"] = args.kv_cache_gb or roofline.kv_cache_gb(draft_dir, dtype, max(batch_sizes),
                                                                longest + args.max_tokens + 64)
 
-    probe = run_probe(tdev, dtype, target_dir, prompts[0], args.max_tokens, args.hf_baseline)
+    # a TP target (cuda:0,1) is probed on its first GPU: the copy bandwidth is per GPU
+    probe = run_probe(tdev.split(",")[0], dtype, target_dir, prompts[0], args.max_tokens, args.hf_baseline)
     out = Path(args.out) if args.out else default_out(probe, pair, args.mps, device)
     logs = out.with_suffix(".logs")
     rows: list[dict] = []
@@ -299,7 +300,7 @@ def main(args) -> None:
             "prompts": {"path": str(args.prompts), "count": len(prompts), "prompt_len_cut": args.prompt_len,
                         "tokens": [len(p) for p in prompts]},
             "runs": report.public(rows),
-            "hbm": report.hbm(rows, target_dir, dtype, len(prompts[0]), probe) if complete else None,
+            "hbm": report.hbm(rows, target_dir, dtype, len(prompts[0]), probe, gpus=len(tdev.split(","))) if complete else None,
             "projection": (report.project(rows, same_gpu=one_gpu and not args.mps,
                                           head_start=_head_start_setting(args.target_args))
                            if complete and modes_done & {"sd", "pearl"} else None),
