@@ -13,6 +13,10 @@ def measure_step_ms(runner, query_len: int, context_len: int = 256, repeats: int
     q = next((x for x in graphs.q_buckets if x >= query_len), None)
     if q is None:
         return {}
+    if getattr(runner, "tp_size", 1) > 1:
+        # a TP rank's graph holds all-reduces: replayed on rank 0 alone it would pair them with
+        # whatever the workers wait in (their next step's broadcast), so step the whole group
+        return _measure_group(runner, graphs, query_len, context_len, repeats)
     out = {}
     for b in graphs.batch_buckets:
         graph, buf = graphs.graphs[(b, q)]
@@ -28,6 +32,28 @@ def measure_step_ms(runner, query_len: int, context_len: int = 256, repeats: int
         for _ in range(repeats):
             graph.replay()
             runner.model.logits(hidden)
+        torch.cuda.synchronize(runner.device)
+        out[b] = (time.perf_counter() - start) / repeats * 1e3
+    return out
+
+
+def _measure_group(runner, graphs, query_len: int, context_len: int, repeats: int) -> dict[int, float]:
+    """Whole steps through runner.execute (which hands each rank the same StepInput), on
+    dummy sequences whose tokens all write to the scratch slot; includes the step's host work."""
+    from pearl_runtime.engine.model_runner import StepInput
+    blocks = -(-context_len // runner.block_size)
+    out = {}
+    for b in graphs.batch_buckets:
+        n = b * query_len
+        step = StepInput(ids=[0] * n, positions=[context_len - query_len + i for i in range(query_len)] * b,
+                         slots=[runner.scratch_slot] * n, q_lens=[query_len] * b, ctx_lens=[context_len] * b,
+                         cu_seqlens_q=[i * query_len for i in range(b + 1)], block_tables=[[0] * blocks] * b,
+                         logit_rows=[(i + 1) * query_len - 1 for i in range(b)])
+        runner.execute(step)
+        torch.cuda.synchronize(runner.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            runner.execute(step)
         torch.cuda.synchronize(runner.device)
         out[b] = (time.perf_counter() - start) / repeats * 1e3
     return out

@@ -1,6 +1,7 @@
 """Lossless on the GPU: the engine with CUDA graphs matches transformers, and PEARL / sd
 through the real target and draft services match ar, fp32 exact; bf16 by the near-tie rule."""
 import asyncio
+import copy
 import random
 
 import pytest
@@ -112,6 +113,7 @@ def check_bf16_near_ties(llama_dir, draft, target_device="cuda", draft_device="c
     spec, _ = asyncio.run(_run_services(llama_dir, draft, "pearl", prompts, 40, "bfloat16",
                                         target_device=target_device, draft_device=draft_device))
     hf = load_hf(llama_dir)
+    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
     same = total = 0
     for p, a, s in zip(prompts, ar, spec):
         n = next((i for i, (x, y) in enumerate(zip(a, s)) if x != y), None)
@@ -120,9 +122,16 @@ def check_bf16_near_ties(llama_dir, draft, target_device="cuda", draft_device="c
             same += 1
             continue
         with torch.no_grad():
-            logits = hf(torch.tensor([p + a[:n]])).logits[0, -1].float()
-        top2 = logits.topk(2).values
-        gap = (top2[0] - top2[1]).item()
+            ctx = torch.tensor([p + a[:n]])
+            logits = hf(ctx).logits[0, -1].float()
+            logits16 = hf16(ctx).logits[0, -1].float()
+        top = logits.topk(16)
+        gap = (top.values[0] - top.values[1]).item()
+        # how far a bf16 forward of this model lands from fp32 at this context: two bf16 paths
+        # (a TP all-reduce adds its own rounding) can order tokens differently within twice that
+        err = (logits16[top.indices] - top.values).abs().max().item()
         # bf16 has 8 mantissa bits: rounding of a logit of size |x| is up to |x| * 2^-8
-        assert gap <= top2[0].abs().item() * 2 ** -7 + 0.05, f"divergence at {n} with top-2 gap {gap:.4f}"
+        bound = max(top.values[0].abs().item() * 2 ** -7 + 0.05, 4 * err)
+        print(f"divergence at {n}: fp32 top-2 gap {gap:.4f}, bf16 error {err:.4f}, bound {bound:.4f}")
+        assert gap <= bound, f"divergence at {n} with top-2 gap {gap:.4f} (bf16 error here {err:.4f})"
     print(f"bf16 pearl vs ar ({target_device} target): {same}/{total} sequences identical")

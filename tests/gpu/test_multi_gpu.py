@@ -8,6 +8,7 @@ import torch
 
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.llm_engine import LLMEngine
+from pearl_runtime.engine.step_timer import measure_step_ms
 from pearl_runtime.sampling import SamplingParams
 from tests.gpu.test_lossless_gpu import _prompts, _run_services, check_bf16_near_ties
 
@@ -24,6 +25,10 @@ def test_tp2_nccl_with_graphs_equals_tp1(llama_dir):
     two = LLMEngine(EngineConfig(model=str(llama_dir), device="cuda:0,1", num_blocks=2048, max_num_seqs=16))
     try:
         assert two.runner.graphs is not None
+        # auto gamma's timing steps the whole group (graph replays on rank 0 alone desynced
+        # the workers: a 72B target's rank 1 then read an all-reduce as a broadcast size)
+        times = measure_step_ms(two.runner, query_len=4)
+        assert times and all(t > 0 for t in times.values())
         assert two.generate(prompts, params) == ref
     finally:
         two.runner.close()
