@@ -30,6 +30,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         # one model, many target streams: forwards run one at a time off the event loop
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-forward")
         self.streams = 0
+        self.closing = False
         self.profiler = RoundProfiler.from_env(cuda=self.drafter.runner.device.type == "cuda")
         self.step_ms = measure_step_ms(self.drafter.runner, query_len=1)
         if self.step_ms:
@@ -37,6 +38,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
 
     def close(self) -> None:
         """Release the engine once the forward thread is done (a TP group leaves its group)."""
+        self.closing = True
         self.executor.shutdown(wait=True)
         self.drafter.runner.close()
 
@@ -110,7 +112,8 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         finally:
             # a dead target's stream ends in cancellation, and an await here would be cancelled
             # too (the mirror would leak its KV blocks): hand the release to the forward thread
-            self.executor.submit(self.drafter.close, mirror)
+            if not self.closing:   # else the engine goes away whole, with every mirror's blocks
+                self.executor.submit(self.drafter.close, mirror)
             self.streams -= 1
             log.info("target disconnected", target=first.hello.target_id, streams=self.streams)
 

@@ -21,6 +21,7 @@ class Observed:
     draft_ms_per_token: float
     verify_ms: float
     rounds: int = 1
+    skipped: int = 0      # slow rounds in a row left out of the averages
 
 
 class GammaTuner:
@@ -29,6 +30,8 @@ class GammaTuner:
     HYSTERESIS = 0.6  # pearl: move only when the balanced gamma is this far from the current one
     MIN_GAIN = 1.02   # sd: move only for 2% more expected tokens per ms
     EVERY = 4         # rounds of a bucket between decisions (sd's fit costs ~50 us on the round's path)
+    OUTLIER = 3.0     # a round this many times slower than the average is not observed...
+    OUTLIER_RUN = 3   # ...unless more than this many come in a row
 
     def __init__(self, mode: str, max_gamma: int, default: int):
         self.mode, self.max_gamma, self.default = mode, max_gamma, default
@@ -77,9 +80,23 @@ class GammaTuner:
         obs = self.observed.get(b)
         if obs is None:
             obs = self.observed[b] = Observed(per_token, verify_ms)
+        elif obs.rounds < self.WARMUP:
+            # a bucket's first rounds carry prefills (a 256-token prompt on a 72B target:
+            # 360 ms against a 23 ms verify) and first-use stalls, which only ever slow a
+            # round: keep the fastest
+            obs.draft_ms_per_token = min(obs.draft_ms_per_token, per_token)
+            obs.verify_ms = min(obs.verify_ms, verify_ms)
+            obs.rounds += 1
         else:
-            obs.draft_ms_per_token += w * (per_token - obs.draft_ms_per_token)
-            obs.verify_ms += w * (verify_ms - obs.verify_ms)
+            # later prefills (a request joining) and stalls: skip a round over 3x the average,
+            # clip one over 1.5x, so one slow round cannot swing gamma; a run of slow rounds
+            # is a new regime (a neighbour on the GPU) and is followed, clipped
+            slow = per_token > self.OUTLIER * obs.draft_ms_per_token or verify_ms > self.OUTLIER * obs.verify_ms
+            obs.skipped = obs.skipped + 1 if slow else 0
+            if slow and obs.skipped <= self.OUTLIER_RUN:
+                return None
+            obs.draft_ms_per_token += w * (min(per_token, 1.5 * obs.draft_ms_per_token) - obs.draft_ms_per_token)
+            obs.verify_ms += w * (min(verify_ms, 1.5 * obs.verify_ms) - obs.verify_ms)
             obs.rounds += 1
         if obs.rounds < self.WARMUP or obs.rounds % self.EVERY:
             return None

@@ -113,3 +113,25 @@ def test_service_retunes_pearl_gamma_from_its_rounds_and_stays_lossless(llama_di
     link, got = asyncio.run(main())
     assert got == ref
     assert link.gammas[0] == 4 and link.gammas[-1] == 2, link.gammas
+
+
+def test_a_prefill_round_does_not_swing_gamma():
+    """A bucket's first round carries the prompts' prefill (72B target, 2x H200: 361 ms and
+    16.6 ms a draft token against a 23 ms verify and 1.7 ms steps); it moved gamma 13 -> 16
+    before this rule. Later a joining request's prefill or a stall must not either."""
+    tuner = GammaTuner("pearl", max_gamma=16, default=4)
+    tuner.seed({1: 13})
+    assert tuner.observe(1, 13, 16.6 * 13, 361.0, 13, 10) is None
+    assert _rounds(tuner, 20, draft_ms_per_token=1.75, verify_ms=23.0) == []
+    assert tuner.observe(1, 13, 1.75 * 13, 400.0, 13, 10) is None     # one stall: skipped
+    assert _rounds(tuner, 8, draft_ms_per_token=1.75, verify_ms=23.0) == []
+    assert tuner.gamma_for(1) == 13
+
+
+def test_a_lasting_slowdown_is_followed():
+    tuner = GammaTuner("pearl", max_gamma=16, default=4)
+    tuner.seed({1: 8})
+    _rounds(tuner, 20, draft_ms_per_token=1.0, verify_ms=8.0)
+    assert tuner.gamma_for(1) == 8
+    _rounds(tuner, 60, draft_ms_per_token=1.0, verify_ms=30.0)   # 3.75x, for good
+    assert tuner.gamma_for(1) == 16
