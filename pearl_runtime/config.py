@@ -108,7 +108,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | reference | triton | flash-attn
     compile_ops: bool = True         # GPU only: torch.compile the elementwise ops (layers/fused.py)
     cuda_graphs: bool = True         # GPU only: graphs for small uniform steps, eager otherwise
-    graph_query_lens: tuple[int, ...] = (1, 2, 4, 8, 16)   # query buckets (draft decode: 1; verify: up to gamma+1)
+    # query buckets (draft decode: 1; verify: up to gamma + 1, so 32 holds the default max gamma of 16:
+    # a verify past the buckets runs eagerly and its first new shape waits for Triton to compile)
+    graph_query_lens: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     tp_size: int = 1                 # tensor-parallel ranks, one process each (gloo on CPU, NCCL on GPU)
     devices: list[int] | None = None   # GPU of each rank; None: consecutive from `device` ("cuda:0,1" works too)
     extra: dict = field(default_factory=dict)

@@ -74,6 +74,14 @@ class TargetService:
         self.tuner = GammaTuner(mode, max_gamma, default=self.gamma)   # auto gamma's picks per batch bucket
         self.tokenizer = load_tokenizer(cfg.model)
         self.core = TargetCore(cfg)
+        graphs = self.core.runner.graphs
+        if graphs is not None and max_gamma + 1 > max(graphs.q_buckets):
+            # a verify judges up to gamma + 1 tokens a sequence: keep auto gamma inside the graphs
+            log.warning("max gamma lowered to fit the largest graph query bucket", asked=max_gamma,
+                        max_gamma=max(graphs.q_buckets) - 1)
+            max_gamma = max(graphs.q_buckets) - 1
+            self.max_gamma = max_gamma
+            self.tuner = GammaTuner(mode, max_gamma, default=self.gamma)
         # verify step time by batch size, at a query length of a typical verify
         self.verify_ms = measure_step_ms(self.core.runner, query_len=4) if gamma is None else {}
         self.tok_hash = tokenizer_hash(self.tokenizer)
