@@ -40,6 +40,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=0)
     p.add_argument("--attention", default="auto", help="auto | reference | triton | flash-attn")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="recompute every prompt (default: reuse cached KV blocks of shared prefixes)")
     p.add_argument("--threads", type=int, default=int(_env("THREADS", 1)), help="CPU threads for torch")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
 
@@ -50,7 +52,7 @@ def _engine_config(args, model: str):
     return EngineConfig(model=model, dtype=dtype, device=args.device, block_size=args.block_size,
                         kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, attention_backend=args.attention,
-                        tp_size=args.tp, extra={"threads": args.threads})
+                        tp_size=args.tp, enable_prefix_cache=args.prefix_cache, extra={"threads": args.threads})
 
 
 def cmd_draft(args) -> None:
