@@ -72,6 +72,7 @@ class ModelRunner:
         self.num_blocks = min_over_ranks(cfg.num_blocks or self._blocks_for(cfg.kv_cache_gb))
         self._allocate_kv_cache()
         self.graphs = None
+        self._eager_shapes: set[tuple[int, int]] = set()
         if self.synthetic and self.synthetic.get("accept") is not None:
             self.synthetic["measured_accept"] = calibrate(self, self.synthetic)
         if self.device.type == "cuda" and cfg.compile_ops:
@@ -147,8 +148,10 @@ class ModelRunner:
             # the current device is per thread, and services run forwards on worker threads:
             # Triton kernels, events and streams follow it, not the tensors
             torch.cuda.set_device(self.device)
-        if self.graphs is not None and (key := self.graphs.bucket(step)) is not None:
-            return self.model.logits(self.graphs.run(step, key, ids)).float()
+        if self.graphs is not None:
+            if (key := self.graphs.bucket(step)) is not None:
+                return self.model.logits(self.graphs.run(step, key, ids)).float()
+            self._note_eager(step)
         ctx = self.context(step)
         if ids is None:
             ids = torch.tensor(step.ids, dtype=torch.int64, device=self.device)
@@ -159,6 +162,16 @@ class ModelRunner:
         finally:
             set_context(None)
         return self.model.logits(hidden[torch.tensor(step.logit_rows, device=self.device)]).float()
+
+    def _note_eager(self, step: StepInput) -> None:
+        """Say once per (batch, longest query) power-of-2 class when a step misses the graphs:
+        prefills do by design, a verify that does is a bucket to add (its first shapes also
+        wait for Triton to compile)."""
+        shape = (1 << (len(step.q_lens) - 1).bit_length(), 1 << (max(step.q_lens) - 1).bit_length())
+        if shape not in self._eager_shapes:
+            self._eager_shapes.add(shape)
+            log.info("eager step outside the graph buckets: batch %d, longest query %d",
+                     len(step.q_lens), max(step.q_lens))
 
     def close(self) -> None:
         """Nothing to release for one process (a TP group stops its workers here)."""
