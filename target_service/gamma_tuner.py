@@ -32,6 +32,7 @@ class GammaTuner:
     EVERY = 4         # rounds of a bucket between decisions (sd's fit costs ~50 us on the round's path)
     OUTLIER = 3.0     # a round this many times slower than the average is not observed...
     OUTLIER_RUN = 3   # ...unless more than this many come in a row
+    CLIP = 1.5        # a slow round counts as at most this many times the average
 
     def __init__(self, mode: str, max_gamma: int, default: int):
         self.mode, self.max_gamma, self.default = mode, max_gamma, default
@@ -88,15 +89,15 @@ class GammaTuner:
             obs.verify_ms = min(obs.verify_ms, verify_ms)
             obs.rounds += 1
         else:
-            # later prefills (a request joining) and stalls: skip a round over 3x the average,
-            # clip one over 1.5x, so one slow round cannot swing gamma; a run of slow rounds
+            # later prefills (a request joining) and stalls: skip a round over OUTLIER x the
+            # average, clip one over CLIP x, so one slow round cannot swing gamma; a run of slow rounds
             # is a new regime (a neighbour on the GPU) and is followed, clipped
             slow = per_token > self.OUTLIER * obs.draft_ms_per_token or verify_ms > self.OUTLIER * obs.verify_ms
             obs.skipped = obs.skipped + 1 if slow else 0
             if slow and obs.skipped <= self.OUTLIER_RUN:
                 return None
-            obs.draft_ms_per_token += w * (min(per_token, 1.5 * obs.draft_ms_per_token) - obs.draft_ms_per_token)
-            obs.verify_ms += w * (min(verify_ms, 1.5 * obs.verify_ms) - obs.verify_ms)
+            obs.draft_ms_per_token += w * (min(per_token, self.CLIP * obs.draft_ms_per_token) - obs.draft_ms_per_token)
+            obs.verify_ms += w * (min(verify_ms, self.CLIP * obs.verify_ms) - obs.verify_ms)
             obs.rounds += 1
         if obs.rounds < self.WARMUP or obs.rounds % self.EVERY:
             return None

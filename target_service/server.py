@@ -67,11 +67,9 @@ class TargetService:
         if max_gamma < 1:
             raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
         self.cfg, self.mode, self.max_waiting, self.ar_steps = cfg, mode, max_waiting, ar_steps
-        self.max_gamma = max_gamma   # auto gamma's ceiling; verifies past the graph buckets run eagerly
         self.head_start = head_start   # pearl: -1 auto (gamma // 2), 0 off, n: n draft tokens
         self.fixed_gamma = gamma
         self.gamma = gamma or 4
-        self.tuner = GammaTuner(mode, max_gamma, default=self.gamma)   # auto gamma's picks per batch bucket
         self.tokenizer = load_tokenizer(cfg.model)
         self.core = TargetCore(cfg)
         graphs = self.core.runner.graphs
@@ -80,8 +78,8 @@ class TargetService:
             log.warning("max gamma lowered to fit the largest graph query bucket", asked=max_gamma,
                         max_gamma=max(graphs.q_buckets) - 1)
             max_gamma = max(graphs.q_buckets) - 1
-            self.max_gamma = max_gamma
-            self.tuner = GammaTuner(mode, max_gamma, default=self.gamma)
+        self.max_gamma = max_gamma   # auto gamma's ceiling
+        self.tuner = GammaTuner(mode, max_gamma, default=self.gamma)   # auto gamma's picks per batch bucket
         # verify step time by batch size, at a query length of a typical verify
         self.verify_ms = measure_step_ms(self.core.runner, query_len=4) if gamma is None else {}
         self.tok_hash = tokenizer_hash(self.tokenizer)

@@ -98,10 +98,7 @@ async def measure(gateway: str, target: str, prompts: list[list[int]], max_token
 def row(mode: str, bs: int, max_tokens: int, wall: float, m: dict, completions) -> dict:
     rounds = max(1, m["rounds"])
     per = {k: m[k] / rounds for k in ("draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms")}
-    # transport per round over the rounds that exchanged with the draft (all of them, in a
-    # speculative run); a target that predates exchange_ms reports 0 and gets sd's old formula
-    exchange = per["exchange_ms"] or (per["wait_ms"] if mode == "sd" else 0.0)
-    xfer = max(0.0, exchange - per["draft_ms"]) if mode != "ar" else 0.0
+    xfer = max(0.0, per["exchange_ms"] - per["draft_ms"]) if mode != "ar" else 0.0
     forwards = sum(c.stats.target_forwards for c in completions)
     tokens = sum(c.stats.new_tokens for c in completions)
     ttft = [c.stats.time_to_first_token_ms for c in completions]
