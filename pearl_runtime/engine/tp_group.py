@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,13 @@ from pearl_runtime.engine.model_runner import ModelRunner, StepInput
 from pearl_runtime.utils.dist import set_tp, tp_scope
 
 log = logging.getLogger(__name__)
+
+# Steps travel to the workers on a gloo group of their own. A worker of an idle service waits
+# in that broadcast for as long as no request comes, and a collective of the model's group
+# times out (torch's defaults: NCCL 10 min, gloo 30): idle workers died at the first request
+# after a quiet spell. This group's wait is a year; the model's collectives keep their timeout.
+STEP_WAIT = timedelta(days=365)
+_steps = None   # this process's step group
 
 
 class TPWorkerError(RuntimeError):
@@ -41,11 +49,23 @@ def _join_group(cfg: EngineConfig, rank: int, store: dist.Store) -> None:
     # NVLink multicast (NVLS) buffers fail to allocate on some hosts and containers; the
     # plain NCCL algorithms lose nothing at TP sizes of one node
     os.environ["NCCL_NVLS_ENABLE"] = "0"
+    # every rank is on this host (the store listens on 127.0.0.1): gloo talks over loopback
+    # rather than whatever the host name resolves to
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     device = torch.device(cfg.rank_device(rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # PEARL_TP_TIMEOUT_S: how long a collective may wait (torch's default: NCCL 10 min, gloo 30)
+    timeout = os.environ.get("PEARL_TP_TIMEOUT_S")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
-                            world_size=cfg.tp_size)
+                            world_size=cfg.tp_size, timeout=timedelta(seconds=float(timeout)) if timeout else None)
+    global _steps
+    _steps = dist.new_group(backend="gloo", timeout=STEP_WAIT)
+
+
+def _broadcast_step(box: list) -> None:
+    """Rank 0's StepInput (or None: stop) to every rank, on the CPU, through the step group."""
+    dist.broadcast_object_list(box, src=0, group=_steps)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -68,7 +88,7 @@ def _worker(cfg: EngineConfig, rank: int, port: int, conn, parent: int) -> None:
         conn.send(("ready", None))
         while True:
             box = [None]
-            dist.broadcast_object_list(box, src=0)
+            _broadcast_step(box)
             if box[0] is None:
                 break
             runner.execute(box[0])
@@ -86,6 +106,7 @@ def _leave_group() -> None:
     """Leave the group once every rank has stopped stepping. NCCL: abort the communicators,
     because destroying them waits on state that captured CUDA graphs keep alive and was seen
     hanging on 2 H200s even after the graphs were dropped (pytorch#115388); gloo: destroy."""
+    _drop_step_group()
     if dist.get_backend() == "nccl":
         _abort_group()
         log.info("left the NCCL group (communicators aborted)")
@@ -93,8 +114,16 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
+def _drop_step_group() -> None:
+    global _steps
+    if _steps is not None:   # gloo: destroying it waits on no peer
+        dist.destroy_process_group(_steps)
+        _steps = None
+
+
 def _abort_group() -> None:
     """Leave an NCCL group whose peers are gone, without waiting for them."""
+    _drop_step_group()
     try:
         from torch.distributed.distributed_c10d import _abort_process_group
         _abort_process_group()
@@ -184,7 +213,7 @@ class TPModelRunner(ModelRunner):
         try:
             # the step travels pickled; a shared-memory ring (one host) or a broadcast of the
             # lists packed into one tensor is the faster path when host overhead shows
-            dist.broadcast_object_list([step], src=0)
+            _broadcast_step([step])
             return super().execute(step)
         except Exception as e:
             if dead := self._dead_worker(wait_s=1.0):
@@ -200,7 +229,7 @@ class TPModelRunner(ModelRunner):
         stopped = False
         if self.ready and self._dead_worker() is None:
             try:
-                dist.broadcast_object_list([None], src=0)
+                _broadcast_step([None])
                 stopped = True
             except Exception:   # a worker died meanwhile: terminated below
                 pass

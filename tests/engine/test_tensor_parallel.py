@@ -3,6 +3,7 @@ output equals TP=1 and transformers token for token, and its logits match TP=1, 
 sizes that divide the heads and for sizes that need padded heads, MLP features and vocab."""
 import os
 import signal
+import time
 from functools import partial
 
 import pytest
@@ -129,3 +130,17 @@ def test_engine_config_devices():
     assert EngineConfig(model="m", tp_size=2).rank_device(1) == "cpu"
     with pytest.raises(ValueError, match="needs 4 devices"):
         EngineConfig(model="m", device="cuda:0,1", tp_size=4)
+
+
+def test_idle_workers_outlive_the_collective_timeout(tiny_model_factory, monkeypatch):
+    """Workers wait for the next step on a group of their own: before, they waited in a
+    collective of the model's group, which timed out (torch's defaults: gloo 30 min, NCCL
+    10 min), so an idle service's workers died and its next request failed."""
+    monkeypatch.setenv("PEARL_TP_TIMEOUT_S", "2")   # the model group's timeout, made short
+    eng = engine(tiny_model_factory("llama"), 2)
+    try:
+        first = eng.generate(PROMPTS[:1], GREEDY)
+        time.sleep(4)                                # idle past that timeout
+        assert eng.generate(PROMPTS[:1], GREEDY) == first
+    finally:
+        eng.runner.close()
