@@ -133,7 +133,7 @@ def test_engine_config_devices():
 
 
 def test_idle_workers_outlive_the_collective_timeout(tiny_model_factory, monkeypatch):
-    """Workers wait for the next step on a group of their own: before, they waited in a
+    """Workers wait for the next step on a pipe: before, they waited in a
     collective of the model's group, which timed out (torch's defaults: gloo 30 min, NCCL
     10 min), so an idle service's workers died and its next request failed."""
     monkeypatch.setenv("PEARL_TP_TIMEOUT_S", "2")   # the model group's timeout, made short
