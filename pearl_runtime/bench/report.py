@@ -127,6 +127,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SLOW_START = 4.0   # a speculative row's first tokens this many times later than ar's...
+SLOW_START_MS = 100.0   # ...and at least this late are called out
+
+
+def start_notes(rows: list[dict]) -> list[str]:
+    """Rows whose first tokens came far later than ar's at the same batch size: a first round
+    that stalled (an eager step of a new shape compiling its kernels, seen at 600-750 ms) weighs
+    on a short run's tokens/s; the dec columns leave it out."""
+    ar = {r["batch_size"]: r["ttft_ms"]["mean"] for r in rows if r["mode"] == "ar"}
+    notes = []
+    for r in rows:
+        base, ttft = ar.get(r["batch_size"]), r["ttft_ms"]["mean"]
+        if r["mode"] != "ar" and base and ttft > SLOW_START * base and ttft > SLOW_START_MS:
+            notes.append(f"slow start: {r['mode']} bs={r['batch_size']} first tokens after {ttft:.0f} ms against "
+                         f"ar's {base:.0f} ms; look for 'eager step outside the graph buckets' in its service logs")
+    return notes
+
+
 def hbm_text(h: dict | None) -> str:
     if not h:
         return "HBM: no ar bs=1 row"

@@ -97,6 +97,17 @@ def test_divergence_reports_where_outputs_part():
     assert all("_outputs" not in r for r in report.public(rows))
 
 
+def test_slow_starts_are_called_out():
+    """The 72B run's sd bs=8 row: first tokens after 657 ms against ar's 34 ms."""
+    rows = [{"mode": "ar", "batch_size": 8, "ttft_ms": {"mean": 34.2}},
+            {"mode": "sd", "batch_size": 8, "ttft_ms": {"mean": 656.8}},
+            {"mode": "pearl", "batch_size": 8, "ttft_ms": {"mean": 90.0}},     # under 4x ar: fine
+            {"mode": "ar", "batch_size": 1, "ttft_ms": {"mean": 20.0}},
+            {"mode": "sd", "batch_size": 1, "ttft_ms": {"mean": 95.0}}]       # 4.75x but under 100 ms
+    notes = report.start_notes(rows)
+    assert len(notes) == 1 and notes[0].startswith("slow start: sd bs=8 first tokens after 657 ms")
+
+
 def test_mps_helpers():
     assert mps.parse_shares("80,20") == (80, 20)
     with pytest.raises(ValueError):
