@@ -5,12 +5,16 @@ the draft may share its GPU with the verify (MPS: a draft step beside a 7B verif
 against 1.6 ms alone), every round pays host and transport costs, and the acceptance is not
 the prior. So each speculative round reports its own draft time per token, verify time and
 acceptance, and gamma per batch bucket follows their moving averages with the same rules.
+The verify is observed at the current gamma only; other gammas are priced by scaling it with
+the start-time table of verify times by query length (step_timer.VerifyCost).
 """
 import logging
 from dataclasses import dataclass
 
 from pearl_runtime.bench.projection import fit_alpha
-from pearl_runtime.engine.step_timer import SD_PRIOR_ALPHA, balanced_gamma, sd_gamma, sd_tokens_per_ms
+from pearl_runtime.bench.projection import head_start_for
+from pearl_runtime.engine.step_timer import (SD_PRIOR_ALPHA, VerifyCost, pearl_gamma, pearl_tokens_per_ms,
+                                             sd_gamma, sd_tokens_per_ms)
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +31,17 @@ class Observed:
 class GammaTuner:
     WARMUP = 4        # rounds a bucket runs on its start pick before observations steer it
     WEIGHT = 0.2      # of the newest round in the moving averages
-    HYSTERESIS = 0.6  # pearl: move only when the balanced gamma is this far from the current one
-    MIN_GAIN = 1.02   # sd: move only for 2% more expected tokens per ms
+    MIN_GAIN = 1.02   # move only for 2% more expected tokens per ms
     EVERY = 4         # rounds of a bucket between decisions (sd's fit costs ~50 us on the round's path)
     OUTLIER = 3.0     # a round this many times slower than the average is not observed...
     OUTLIER_RUN = 3   # ...unless more than this many come in a row
     CLIP = 1.5        # a slow round counts as at most this many times the average
 
-    def __init__(self, mode: str, max_gamma: int, default: int):
+    def __init__(self, mode: str, max_gamma: int, default: int, head_start: int = -1,
+                 verify_cost: VerifyCost | None = None):
         self.mode, self.max_gamma, self.default = mode, max_gamma, default
+        self.head_start = head_start               # pearl's setting: -1 auto (gamma // 2)
+        self.verify_cost = verify_cost or VerifyCost()
         self.picks: dict[int, int] = {}        # batch bucket -> gamma
         self.buckets: list[int] = []           # the seeded buckets (graph batch sizes), if any
         self.observed: dict[int, Observed] = {}
@@ -59,11 +65,12 @@ class GammaTuner:
 
     @property
     def alpha(self) -> float:
-        """Per-token acceptance that explains the recent accept rate under sd's rules (the
-        prior until a few tokens were judged)."""
+        """Per-token acceptance that explains the recent accept rate under this mode's rules
+        (the prior until a few tokens were judged)."""
         if self.drafted < 8:
             return SD_PRIOR_ALPHA
-        return fit_alpha(self.accepted / self.drafted, self.last_gamma, "sd")
+        return fit_alpha(self.accepted / self.drafted, self.last_gamma, self.mode,
+                         head_start_for(self.last_gamma, self.head_start) if self.mode == "pearl" else 0)
 
     def observe(self, batch: int, gamma: int, draft_ms: float, verify_ms: float,
                 drafted: int, accepted: int) -> int | None:
@@ -102,23 +109,21 @@ class GammaTuner:
         if obs.rounds < self.WARMUP or obs.rounds % self.EVERY:
             return None
         current = self.picks.get(b, self.default)
-        new = self._rule(obs, current)
+        new = self._rule(b, obs, current)
         if new == current:
             return None
         self.picks[b] = new
-        log.info("gamma retuned: bucket %d, %d -> %d (draft %.3f ms a token, verify %.2f ms%s)", b, current,
-                 new, obs.draft_ms_per_token, obs.verify_ms, f", alpha {self.alpha:.2f}" if self.mode == "sd" else "")
+        log.info("gamma retuned: bucket %d, %d -> %d (draft %.3f ms a token, verify %.2f ms, alpha %.2f)", b, current,
+                 new, obs.draft_ms_per_token, obs.verify_ms, self.alpha)
         return new
 
-    def _rule(self, obs: Observed, current: int) -> int:
-        t_d, t_v = obs.draft_ms_per_token, obs.verify_ms
+    def _rule(self, bucket: int, obs: Observed, current: int) -> int:
+        t_d, alpha = obs.draft_ms_per_token, self.alpha
+        t_v = self.verify_cost.at(bucket, current, observed_ms=obs.verify_ms, observed_gamma=current)
         if self.mode == "pearl":
-            # gamma draft steps as long as one verify, as measured while they overlap
-            ideal = t_v / t_d
-            if abs(ideal - current) <= self.HYSTERESIS:
-                return current
-            return balanced_gamma(t_v, t_d, self.max_gamma)
-        alpha = self.alpha
-        best = sd_gamma(t_v, t_d, self.max_gamma, alpha=alpha)
-        gain = sd_tokens_per_ms(best, t_v, t_d, alpha) / sd_tokens_per_ms(current, t_v, t_d, alpha)
-        return best if gain > self.MIN_GAIN else current
+            best = pearl_gamma(t_v, t_d, self.max_gamma, alpha, self.head_start)
+            rate = lambda g: pearl_tokens_per_ms(g, t_v, t_d, alpha, self.head_start)
+        else:
+            best = sd_gamma(t_v, t_d, self.max_gamma, alpha)
+            rate = lambda g: sd_tokens_per_ms(g, t_v, t_d, alpha)
+        return best if rate(best) > self.MIN_GAIN * rate(current) else current

@@ -21,7 +21,7 @@ from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.server import bind, new_server
 from target_service.core import DraftTokens, Request, TargetCore
 from target_service.draft_link import DraftLink
-from pearl_runtime.engine.step_timer import balanced_gamma, measure_step_ms, sd_gamma
+from pearl_runtime.engine.step_timer import VerifyCost, measure_verify_cost, pearl_gamma, sd_gamma
 from target_service.gamma_tuner import GammaTuner
 
 log = structlog.get_logger()
@@ -79,9 +79,14 @@ class TargetService:
                         max_gamma=max(graphs.q_buckets) - 1)
             max_gamma = max(graphs.q_buckets) - 1
         self.max_gamma = max_gamma   # auto gamma's ceiling
-        self.tuner = GammaTuner(mode, max_gamma, default=self.gamma)   # auto gamma's picks per batch bucket
-        # verify step time by batch size, at a query length of a typical verify
-        self.verify_ms = measure_step_ms(self.core.runner, query_len=4) if gamma is None else {}
+        # verify step time by batch and query length (gamma + 1 tokens a sequence), for auto gamma
+        self.verify_cost = VerifyCost()
+        if gamma is None and graphs is not None:
+            # the query buckets that gamma 1..max_gamma verify in (gamma + 1 tokens a sequence)
+            buckets = sorted({next(b for b in graphs.q_buckets if b >= q) for q in range(2, max_gamma + 2)})
+            self.verify_cost = measure_verify_cost(self.core.runner, buckets)
+        self.tuner = GammaTuner(mode, max_gamma, default=self.gamma, head_start=head_start,
+                                verify_cost=self.verify_cost)   # auto gamma's picks per batch bucket
         self.tok_hash = tokenizer_hash(self.tokenizer)
         self.link = None
         if mode != "ar" and draft_address:
@@ -274,17 +279,22 @@ class TargetService:
             self._last_path = path
 
     def _auto_gamma(self) -> None:
-        """Start-time gamma per batch size from the measured step times: pearl balances gamma
-        draft steps against one verify; sd maximizes expected tokens per ms (step_timer.py).
-        The rounds then retune it (gamma_tuner.py)."""
+        """Start-time gamma per batch size from the measured step times and the prior acceptance:
+        the gamma with the most expected tokens per ms by the mode's round model, each gamma's
+        verify priced at its own query length (step_timer.py). The rounds then retune it
+        (gamma_tuner.py)."""
         info = self.link.info
         draft_ms = dict(zip(info.step_batch_sizes, info.step_ms))
-        rule = balanced_gamma if self.mode == "pearl" else sd_gamma
-        picks = {b: rule(t, draft_ms[b], self.max_gamma) for b, t in self.verify_ms.items() if b in draft_ms}
+        cost = self.verify_cost
+        if self.mode == "pearl":
+            rule = lambda t_v, t_d: pearl_gamma(t_v, t_d, self.max_gamma, head_start=self.head_start)
+        else:
+            rule = lambda t_v, t_d: sd_gamma(t_v, t_d, self.max_gamma)
+        picks = {b: rule(cost.at(b, 0), draft_ms[b]) for b in cost.batch_buckets if b in draft_ms}
         self.tuner.seed(picks)
         if picks:
-            log.info("auto gamma by batch size", rule=rule.__name__, **{f"bs{b}": g for b, g in picks.items()},
-                     verify_ms={b: round(t, 2) for b, t in self.verify_ms.items()},
+            log.info("auto gamma by batch size", mode=self.mode, **{f"bs{b}": g for b, g in picks.items()},
+                     verify_ms={f"q{q}": {b: round(t, 2) for b, t in row.items()} for q, row in cost.table.items()},
                      draft_ms={b: round(t, 2) for b, t in draft_ms.items()})
         else:
             log.info("auto gamma: no step-time measurements (CPU or no CUDA graphs); gamma starts at the "
@@ -320,7 +330,7 @@ class TargetService:
         """A DraftBatch by seq id; `skip` drops each sequence's first tokens (already pending)."""
         if batch is None:
             return {}
-        toks = tensors.decode(batch.tokens).tolist()
+        toks = tensors.decode_ints(batch.tokens)
         probs = None if tensors.is_empty(batch.probs) else tensors.decode(batch.probs)
         out = {}
         for i, sid in enumerate(batch.seq_ids):

@@ -1,8 +1,10 @@
 """Measure one forward step per batch size by replaying the captured CUDA graphs on dummy
-inputs (writes go to the scratch block). Auto gamma balances a PEARL round with these."""
+inputs (writes go to the scratch block), and the gamma rules auto gamma prices with them."""
 import time
 
 import torch
+
+from pearl_runtime.bench.projection import head_start_for, project
 
 
 @torch.inference_mode()
@@ -59,21 +61,84 @@ def _measure_group(runner, graphs, query_len: int, context_len: int, repeats: in
     return out
 
 
-def balanced_gamma(target_ms: float, draft_ms: float, max_gamma: int) -> int:
-    """PEARL: gamma draft steps should take as long as one verify, so the overlapped round
-    wastes neither side."""
-    return max(1, min(max_gamma, round(target_ms / max(draft_ms, 1e-6))))
+class VerifyCost:
+    """A verify's time by batch bucket and query length, as measured at start.
+
+    While decoding is bandwidth-bound, a verify of 17 tokens costs what one of 4 does; a 72B
+    TP=2 verify at batch 32 is not: 29 ms at 4 query tokens, 46 at 8, 81 at 17 (which runs in
+    the 32-token graph bucket, padded). So the gamma rules price each gamma at its own query
+    length (gamma + 1 tokens a sequence), in the graph bucket it will run in."""
+
+    def __init__(self, table: dict[int, dict[int, float]] | None = None):
+        self.table = table or {}   # query bucket -> batch bucket -> ms
+
+    @property
+    def batch_buckets(self) -> list[int]:
+        return sorted({b for row in self.table.values() for b in row})
+
+    def ms(self, batch: int, query_len: int) -> float | None:
+        """The verify time of `batch` sequences of `query_len` tokens: the smallest measured query
+        bucket that holds it (the largest if none does), at the batch's bucket."""
+        if not self.table:
+            return None
+        qs = sorted(self.table)
+        q = next((x for x in qs if x >= query_len), qs[-1])
+        row = self.table[q]
+        bs = sorted(row)
+        return row[next((b for b in bs if b >= batch), bs[-1])]
+
+    def at(self, batch: int, gamma: int, observed_ms: float | None = None, observed_gamma: int | None = None):
+        """gamma -> verify ms for one batch: the start-time table, or, given an observed
+        verify at `observed_gamma`, that observation scaled by the table's ratio between the two
+        query lengths (flat without a table: the observation alone)."""
+        def t_v(g: int) -> float:
+            base = self.ms(batch, g + 1)
+            if observed_ms is None:
+                return base
+            if base is None or observed_gamma is None:
+                return observed_ms
+            return observed_ms * base / self.ms(batch, observed_gamma + 1)
+        return t_v
+
+
+def measure_verify_cost(runner, query_lens: list[int], context_len: int = 256) -> VerifyCost:
+    """Replay each (batch, query) graph bucket up to `query_lens`: the table VerifyCost prices with."""
+    table = {}
+    for q in query_lens:
+        times = measure_step_ms(runner, query_len=q, context_len=context_len, repeats=5 if q > 4 else 10)
+        if times:
+            table[q] = times
+    return VerifyCost(table)
+
+
+def _as_function(target_ms):
+    return target_ms if callable(target_ms) else (lambda g: target_ms)
 
 
 SD_PRIOR_ALPHA = 0.8   # acceptance assumed before any is measured
 
 
-def sd_tokens_per_ms(gamma: int, target_ms: float, draft_ms: float, alpha: float) -> float:
-    """sd's expected tokens per ms: sum(alpha^i, i <= g) / (g * draft + verify)."""
-    return sum(alpha ** i for i in range(gamma + 1)) / (gamma * draft_ms + target_ms)
+def sd_tokens_per_ms(gamma: int, target_ms, draft_ms: float, alpha: float) -> float:
+    """sd's expected tokens per ms: sum(alpha^i, i <= g) / (g * draft + verify(g))."""
+    return sum(alpha ** i for i in range(gamma + 1)) / (gamma * draft_ms + _as_function(target_ms)(gamma))
 
 
-def sd_gamma(target_ms: float, draft_ms: float, max_gamma: int, alpha: float = SD_PRIOR_ALPHA) -> int:
+def sd_gamma(target_ms, draft_ms: float, max_gamma: int, alpha: float = SD_PRIOR_ALPHA) -> int:
     """sd: draft and verify take turns, so the best gamma maximizes expected tokens per ms; a
-    cheap draft earns a longer gamma."""
+    cheap draft earns a longer gamma. `target_ms`: a verify's ms, or gamma -> ms."""
     return max(range(1, max_gamma + 1), key=lambda g: sd_tokens_per_ms(g, target_ms, draft_ms, alpha))
+
+
+def pearl_tokens_per_ms(gamma: int, target_ms, draft_ms: float, alpha: float, head_start: int = -1) -> float:
+    """PEARL's expected tokens per ms by the round model (bench/projection.py): the round lasts
+    as long as the longer of gamma draft steps and one verify, plus the head start's waits."""
+    r = project(1.0, draft_ms, _as_function(target_ms)(gamma), 0.0, alpha, gamma, head_start_for(gamma, head_start))
+    return r["pearl_tokens_per_round"] / r["pearl_round_ms"]
+
+
+def pearl_gamma(target_ms, draft_ms: float, max_gamma: int, alpha: float = SD_PRIOR_ALPHA,
+                head_start: int = -1) -> int:
+    """PEARL: draft and verify overlap, so the best gamma makes gamma draft steps last about one
+    verify, no longer than the verify of gamma + 1 tokens it buys (the round model decides)."""
+    return max(range(1, max_gamma + 1),
+               key=lambda g: pearl_tokens_per_ms(g, target_ms, draft_ms, alpha, head_start))

@@ -2,6 +2,7 @@
 acceptance move each batch bucket's gamma by the same rules as the start-time pick."""
 import pytest
 
+from pearl_runtime.engine.step_timer import VerifyCost
 from target_service.gamma_tuner import GammaTuner
 
 
@@ -32,7 +33,7 @@ def test_pearl_lengthens_gamma_for_a_faster_draft_and_respects_the_ceiling():
     assert tuner.gamma_for(1) == 16
 
 
-def test_pearl_holds_still_within_the_hysteresis():
+def test_pearl_holds_still_for_a_small_gain():
     tuner = GammaTuner("pearl", max_gamma=16, default=6)
     assert _rounds(tuner, 50, draft_ms_per_token=1.0, verify_ms=6.5) == []
     assert tuner.gamma_for(1) == 6
@@ -135,3 +136,20 @@ def test_a_lasting_slowdown_is_followed():
     assert tuner.gamma_for(1) == 8
     _rounds(tuner, 60, draft_ms_per_token=1.0, verify_ms=30.0)   # 3.75x, for good
     assert tuner.gamma_for(1) == 16
+
+
+@pytest.mark.parametrize("mode", ["sd", "pearl"])
+def test_a_compute_bound_verify_keeps_gamma_out_of_the_padded_bucket(mode):
+    """72B TP=2 at batch 32 (session 5): with the verify priced flat, sd at acceptance 0.92 went
+    from gamma 7 to 16, and its 17-token verify ran padded in the 32-token bucket at 81 ms
+    against 46 ms. Priced by query length, gamma + 1 stays inside the 16-token bucket."""
+    cost = VerifyCost({8: {32: 46.0}, 16: {32: 60.0}, 32: {32: 90.0}})
+    tuner = GammaTuner(mode, max_gamma=31, default=7, verify_cost=cost)
+    tuner.seed({32: 7})
+    _rounds(tuner, 60, batch=32, draft_ms_per_token=2.2, verify_ms=46.0, drafted=7, accepted=6)
+    assert tuner.alpha > 0.9
+    assert 7 <= tuner.gamma_for(32) <= 15
+    flat = GammaTuner(mode, max_gamma=31, default=7)
+    flat.seed({32: 7})
+    _rounds(flat, 60, batch=32, draft_ms_per_token=2.2, verify_ms=46.0, drafted=7, accepted=6)
+    assert flat.gamma_for(32) > 15          # what the flat price did
