@@ -68,7 +68,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
     def _timed_round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None) -> draft_pb2.DraftBatch:
         start = time.perf_counter()
         adds = [(a.seq_id, list(a.token_ids), wire_params.from_proto(a.params)) for a in rnd.adds]
-        verdicts = tensors.decode(rnd.verdicts).tolist() if not tensors.is_empty(rnd.verdicts) else []
+        verdicts = tensors.decode_ints(rnd.verdicts) if not tensors.is_empty(rnd.verdicts) else []
         self.drafter.apply(mirror, adds, list(rnd.removes), verdicts)
 
         def early(result):   # runs on the forward thread, mid-round

@@ -91,7 +91,10 @@ class DraftLink:
         try:
             if self.call is None:   # marked down since the round's early part arrived
                 raise ConnectionError("the draft link is down")
-            msg = await asyncio.wait_for(self.call.read(), timeout=self.round_timeout_s)
+            # a timeout scope, not wait_for: wait_for wraps the read in a task of its own,
+            # one more trip through the event loop every round
+            async with asyncio.timeout(self.round_timeout_s):
+                msg = await self.call.read()
             if (msg is grpc.aio.EOF or msg.WhichOneof("kind") != "batch" or msg.batch.round_id != round_id
                     or (msg.batch.early and not early)):
                 raise ConnectionError("draft stream ended or answered out of order")

@@ -317,7 +317,7 @@ class TargetService:
         self.core.removed = []
         verdicts = self.core.draft_verdicts()
         if verdicts:
-            rnd.verdicts.CopyFrom(tensors.encode(torch.tensor(verdicts, dtype=torch.int64)))
+            rnd.verdicts.CopyFrom(tensors.encode_ints(verdicts, "int64"))
         for r in reqs:
             if not r.on_draft:
                 committed = r.seq.token_ids[:len(r.seq) - len(r.pending)]

@@ -28,5 +28,22 @@ def decode(msg: common_pb2.Tensor) -> torch.Tensor:
     return torch.from_numpy(arr).reshape(tuple(msg.shape))
 
 
+# The round's small integer tables (verdicts, draft tokens) are read and written as Python
+# lists: going through numpy alone skips a torch tensor and a copy on each side of every round.
+def encode_ints(rows: list, dtype: str = "int64", shape: tuple | None = None) -> common_pb2.Tensor:
+    """Nested int lists -> Tensor. `shape` for an empty table whose width matters."""
+    arr = np.asarray(rows, dtype=_NP[dtype])
+    if shape is not None:
+        arr = arr.reshape(shape)
+    return common_pb2.Tensor(dtype=dtype, shape=arr.shape, data=arr.tobytes())
+
+
+def decode_ints(msg: common_pb2.Tensor) -> list:
+    """An int32/int64 Tensor -> nested Python lists (no copy of the bytes first)."""
+    if msg.dtype not in ("int32", "int64"):
+        raise ValueError(f"expected an integer tensor, got {msg.dtype!r}")
+    return np.frombuffer(msg.data, dtype=_NP[msg.dtype]).reshape(tuple(msg.shape)).tolist()
+
+
 def is_empty(msg: common_pb2.Tensor) -> bool:
     return not msg.shape
