@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class Observed:
     """Moving averages of one batch bucket's rounds."""
     draft_ms_per_token: float
-    verify_ms: float
+    verify_ratio: float   # the verify over the start-time table's at its query length (ms without a table)
     rounds: int = 1
     skipped: int = 0      # slow rounds in a row left out of the averages
 
@@ -36,6 +36,7 @@ class GammaTuner:
     OUTLIER = 3.0     # a round this many times slower than the average is not observed...
     OUTLIER_RUN = 3   # ...unless more than this many come in a row
     CLIP = 1.5        # a slow round counts as at most this many times the average
+    REPRICE = 0.02    # re-price the start picks when the fitted acceptance moves this far
 
     def __init__(self, mode: str, max_gamma: int, default: int, head_start: int = -1,
                  verify_cost: VerifyCost | None = None):
@@ -44,15 +45,41 @@ class GammaTuner:
         self.verify_cost = verify_cost or VerifyCost()
         self.picks: dict[int, int] = {}        # batch bucket -> gamma
         self.buckets: list[int] = []           # the seeded buckets (graph batch sizes), if any
+        self.start_draft_ms: dict[int, float] = {}
+        self.priced_alpha = SD_PRIOR_ALPHA     # the acceptance the start picks were priced at
         self.observed: dict[int, Observed] = {}
         self.drafted = self.accepted = 0.0     # decaying sums, for the acceptance rate
         self.last_gamma = default
 
     def seed(self, picks: dict[int, int]) -> None:
-        """Start-time picks per batch bucket (what was measured before any round)."""
+        """Start picks per batch bucket, as given."""
         self.picks = dict(picks)
         self.buckets = sorted(picks)
         self.observed.clear()
+        self.start_draft_ms = {}
+
+    def seed_measured(self, draft_ms: dict[int, float]) -> None:
+        """Start picks per batch bucket from the draft's measured step (ms by batch bucket) and
+        the verify table, at the prior acceptance; re-priced as the acceptance is measured."""
+        draft_ms = {b: t for b, t in draft_ms.items() if b in self.verify_cost.batch_buckets}
+        self.seed({b: self._best(b, t, 1.0, SD_PRIOR_ALPHA) for b, t in draft_ms.items()})
+        self.start_draft_ms = draft_ms
+        self.priced_alpha = SD_PRIOR_ALPHA
+
+    def _reprice(self, alpha: float) -> None:
+        """Buckets that no rounds steer yet (a batch size not run so far) take their start picks
+        again at the acceptance the other buckets measured: a 128-token request at batch 8 runs
+        ~17 rounds, too few to spend 8 of them on a pick priced at the prior."""
+        fresh = [b for b in self.start_draft_ms if b not in self.observed]
+        moved = {}
+        for b in fresh:
+            g = self._best(b, self.start_draft_ms[b], 1.0, alpha)
+            if g != self.picks.get(b):
+                moved[b] = g
+        self.picks.update(moved)
+        self.priced_alpha = alpha
+        if moved:
+            log.info("start picks re-priced at alpha %.2f: %s", alpha, moved)
 
     def bucket(self, batch: int) -> int:
         """The smallest seeded bucket that holds `batch`; without seeds, the next power of 2."""
@@ -85,45 +112,55 @@ class GammaTuner:
         self.last_gamma = gamma
         b = self.bucket(batch)
         per_token = draft_ms / gamma
+        ratio = verify_ms / self.verify_cost.scale(b, gamma)   # comparable across gammas
         obs = self.observed.get(b)
         if obs is None:
-            obs = self.observed[b] = Observed(per_token, verify_ms)
+            obs = self.observed[b] = Observed(per_token, ratio)
         elif obs.rounds < self.WARMUP:
             # a bucket's first rounds carry prefills (a 256-token prompt on a 72B target:
             # 360 ms against a 23 ms verify) and first-use stalls, which only ever slow a
             # round: keep the fastest
             obs.draft_ms_per_token = min(obs.draft_ms_per_token, per_token)
-            obs.verify_ms = min(obs.verify_ms, verify_ms)
+            obs.verify_ratio = min(obs.verify_ratio, ratio)
             obs.rounds += 1
         else:
             # later prefills (a request joining) and stalls: skip a round over OUTLIER x the
             # average, clip one over CLIP x, so one slow round cannot swing gamma; a run of slow rounds
             # is a new regime (a neighbour on the GPU) and is followed, clipped
-            slow = per_token > self.OUTLIER * obs.draft_ms_per_token or verify_ms > self.OUTLIER * obs.verify_ms
+            slow = per_token > self.OUTLIER * obs.draft_ms_per_token or ratio > self.OUTLIER * obs.verify_ratio
             obs.skipped = obs.skipped + 1 if slow else 0
             if slow and obs.skipped <= self.OUTLIER_RUN:
                 return None
             obs.draft_ms_per_token += w * (min(per_token, self.CLIP * obs.draft_ms_per_token) - obs.draft_ms_per_token)
-            obs.verify_ms += w * (min(verify_ms, self.CLIP * obs.verify_ms) - obs.verify_ms)
+            obs.verify_ratio += w * (min(ratio, self.CLIP * obs.verify_ratio) - obs.verify_ratio)
             obs.rounds += 1
         if obs.rounds < self.WARMUP or obs.rounds % self.EVERY:
             return None
+        alpha = self.alpha
+        if abs(alpha - self.priced_alpha) > self.REPRICE:
+            self._reprice(alpha)
         current = self.picks.get(b, self.default)
-        new = self._rule(b, obs, current)
-        if new == current:
+        new = self._best(b, obs.draft_ms_per_token, obs.verify_ratio, alpha)
+        if new == current or self._rate(b, new, obs.draft_ms_per_token, obs.verify_ratio, alpha) <= \
+                self.MIN_GAIN * self._rate(b, current, obs.draft_ms_per_token, obs.verify_ratio, alpha):
             return None
         self.picks[b] = new
         log.info("gamma retuned: bucket %d, %d -> %d (draft %.3f ms a token, verify %.2f ms, alpha %.2f)", b, current,
-                 new, obs.draft_ms_per_token, obs.verify_ms, self.alpha)
+                 new, obs.draft_ms_per_token, obs.verify_ratio * self.verify_cost.scale(b, current), alpha)
         return new
 
-    def _rule(self, bucket: int, obs: Observed, current: int) -> int:
-        t_d, alpha = obs.draft_ms_per_token, self.alpha
-        t_v = self.verify_cost.at(bucket, current, observed_ms=obs.verify_ms, observed_gamma=current)
+    def _verify(self, bucket: int, ratio: float):
+        return lambda g: ratio * self.verify_cost.scale(bucket, g)
+
+    def _rate(self, bucket: int, gamma: int, t_d: float, ratio: float, alpha: float) -> float:
+        """Expected tokens per ms of `gamma` by the mode's round model."""
+        t_v = self._verify(bucket, ratio)
         if self.mode == "pearl":
-            best = pearl_gamma(t_v, t_d, self.max_gamma, alpha, self.head_start)
-            rate = lambda g: pearl_tokens_per_ms(g, t_v, t_d, alpha, self.head_start)
-        else:
-            best = sd_gamma(t_v, t_d, self.max_gamma, alpha)
-            rate = lambda g: sd_tokens_per_ms(g, t_v, t_d, alpha)
-        return best if rate(best) > self.MIN_GAIN * rate(current) else current
+            return pearl_tokens_per_ms(gamma, t_v, t_d, alpha, self.head_start)
+        return sd_tokens_per_ms(gamma, t_v, t_d, alpha)
+
+    def _best(self, bucket: int, t_d: float, ratio: float, alpha: float) -> int:
+        t_v = self._verify(bucket, ratio)
+        if self.mode == "pearl":
+            return pearl_gamma(t_v, t_d, self.max_gamma, alpha, self.head_start)
+        return sd_gamma(t_v, t_d, self.max_gamma, alpha)

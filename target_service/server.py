@@ -21,7 +21,7 @@ from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.server import bind, new_server
 from target_service.core import DraftTokens, Request, TargetCore
 from target_service.draft_link import DraftLink
-from pearl_runtime.engine.step_timer import VerifyCost, measure_verify_cost, pearl_gamma, sd_gamma
+from pearl_runtime.engine.step_timer import VerifyCost, measure_verify_cost
 from target_service.gamma_tuner import GammaTuner
 
 log = structlog.get_logger()
@@ -289,12 +289,8 @@ class TargetService:
         info = self.link.info
         draft_ms = dict(zip(info.step_batch_sizes, info.step_ms))
         cost = self.verify_cost
-        if self.mode == "pearl":
-            rule = lambda t_v, t_d: pearl_gamma(t_v, t_d, self.max_gamma, head_start=self.head_start)
-        else:
-            rule = lambda t_v, t_d: sd_gamma(t_v, t_d, self.max_gamma)
-        picks = {b: rule(cost.at(b, 0), draft_ms[b]) for b in cost.batch_buckets if b in draft_ms}
-        self.tuner.seed(picks)
+        self.tuner.seed_measured(draft_ms)
+        picks = self.tuner.picks
         if picks:
             log.info("auto gamma by batch size", mode=self.mode, **{f"bs{b}": g for b, g in picks.items()},
                      verify_ms={f"q{q}": {b: round(t, 2) for b, t in row.items()} for q, row in cost.table.items()},

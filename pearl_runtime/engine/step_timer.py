@@ -87,18 +87,16 @@ class VerifyCost:
         bs = sorted(row)
         return row[next((b for b in bs if b >= batch), bs[-1])]
 
-    def at(self, batch: int, gamma: int, observed_ms: float | None = None, observed_gamma: int | None = None):
-        """gamma -> verify ms for one batch: the start-time table, or, given an observed
-        verify at `observed_gamma`, that observation scaled by the table's ratio between the two
-        query lengths (flat without a table: the observation alone)."""
-        def t_v(g: int) -> float:
-            base = self.ms(batch, g + 1)
-            if observed_ms is None:
-                return base
-            if base is None or observed_gamma is None:
-                return observed_ms
-            return observed_ms * base / self.ms(batch, observed_gamma + 1)
-        return t_v
+    def at(self, batch: int):
+        """gamma -> the start-time verify ms of `batch` sequences of gamma + 1 tokens."""
+        return lambda g: self.ms(batch, g + 1)
+
+    def scale(self, batch: int, gamma: int) -> float:
+        """The table's verify ms at gamma (1.0 without a table: every gamma costs the same).
+        The tuner keeps observed verifies as ratios to it, so rounds run at different gammas
+        average together and price the gammas not run."""
+        ms = self.ms(batch, gamma + 1)
+        return 1.0 if ms is None else ms
 
 
 def measure_verify_cost(runner, query_lens: list[int], context_len: int = 256) -> VerifyCost:

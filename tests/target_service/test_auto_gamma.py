@@ -23,19 +23,16 @@ COST = VerifyCost({2: {1: 22.0, 32: 29.0}, 4: {1: 22.0, 32: 29.0}, 8: {1: 22.5, 
 
 
 def test_verify_cost_prices_gamma_at_its_query_bucket():
-    t_v = COST.at(32, 0)
+    t_v = COST.at(32)
     assert t_v(3) == 29.0 and t_v(7) == 46.0 and t_v(15) == 60.0
     assert t_v(16) == 90.0                  # 17 tokens run in the 32-token bucket, padded
-    assert COST.at(20, 0)(1) == 29.0        # batch 20 runs in the 32 bucket
-    # an observation at gamma 7 scales the table's other query lengths
-    seen = COST.at(32, 7, observed_ms=92.0, observed_gamma=7)
-    assert seen(7) == 92.0 and seen(15) == 120.0
-    assert VerifyCost().at(32, 7, observed_ms=50.0, observed_gamma=7)(15) == 50.0   # no table: flat
+    assert COST.at(20)(1) == 29.0           # batch 20 runs in the 32 bucket
+    assert COST.scale(32, 15) == 60.0 and VerifyCost().scale(32, 15) == 1.0   # no table: flat
 
 
 def test_gamma_stays_out_of_a_padded_bucket_when_the_verify_is_compute_bound():
-    flat = [pearl_gamma(COST.at(1, 0), 1.8, 31, alpha=0.9), sd_gamma(COST.at(1, 0), 1.8, 31, alpha=0.9)]
-    bound = [pearl_gamma(COST.at(32, 0), 1.8, 31, alpha=0.9), sd_gamma(COST.at(32, 0), 1.8, 31, alpha=0.9)]
+    flat = [pearl_gamma(COST.at(1), 1.8, 31, alpha=0.9), sd_gamma(COST.at(1), 1.8, 31, alpha=0.9)]
+    bound = [pearl_gamma(COST.at(32), 1.8, 31, alpha=0.9), sd_gamma(COST.at(32), 1.8, 31, alpha=0.9)]
     assert bound == [15, 3]                 # gamma + 1 fills the 16 (pearl) and 4 (sd) buckets
     assert flat[0] > 10 and flat[1] > 3     # at batch 1 a longer verify costs nothing
     # priced flat at the 4-token time (the rule before), batch 32 would run 17-token verifies
@@ -53,7 +50,7 @@ def test_sd_gamma_grows_as_the_draft_gets_cheaper():
 @pytest.mark.parametrize("mode,expect", [("pearl", {1: 15, 16: 11}), ("sd", {1: 9, 16: 6})])
 def test_service_picks_gamma_per_batch_by_mode(llama_dir, mode, expect):
     service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=64), mode=mode, gamma=None)
-    service.verify_cost = VerifyCost({32: {1: 25.0, 16: 30.0}})
+    service.verify_cost = service.tuner.verify_cost = VerifyCost({32: {1: 25.0, 16: 30.0}})
     service.link = SimpleNamespace(info=SimpleNamespace(step_batch_sizes=[1, 16], step_ms=[1.0, 2.5]))
     service._auto_gamma()
     assert service.tuner.picks == expect

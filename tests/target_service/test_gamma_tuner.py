@@ -153,3 +153,22 @@ def test_a_compute_bound_verify_keeps_gamma_out_of_the_padded_bucket(mode):
     flat.seed({32: 7})
     _rounds(flat, 60, batch=32, draft_ms_per_token=2.2, verify_ms=46.0, drafted=7, accepted=6)
     assert flat.gamma_for(32) > 15          # what the flat price did
+
+
+def test_buckets_not_yet_run_are_repriced_at_the_measured_acceptance():
+    """The start picks assume acceptance 0.8. Once batch 1 has measured ~0.95, batch 8 (not run
+    yet) starts at the gamma that acceptance earns instead of spending its first rounds on the
+    prior's (a 128-token request at batch 8 lasts ~17 rounds)."""
+    cost = VerifyCost({q: {1: 22.0, 8: 22.0 + q} for q in (2, 4, 8, 16, 32)})
+    tuner = GammaTuner("sd", max_gamma=31, default=4, verify_cost=cost)
+    tuner.seed_measured({1: 1.8, 8: 1.8, 64: 2.0})      # 64: no verify measured, left out
+    assert sorted(tuner.picks) == [1, 8]
+    prior = dict(tuner.picks)
+    _rounds(tuner, 12, batch=1, draft_ms_per_token=1.8, verify_ms=22.0, drafted=8, accepted=8)
+    assert tuner.alpha > 0.9
+    assert tuner.gamma_for(8) > prior[8]
+    # an observed bucket is left to its own observations
+    _rounds(tuner, 8, batch=8, draft_ms_per_token=6.0, verify_ms=30.0, drafted=8, accepted=8)
+    before = tuner.gamma_for(8)
+    tuner._reprice(0.5)
+    assert tuner.gamma_for(8) == before
