@@ -43,6 +43,7 @@ def test_old_draft_turns_head_start_off(llama_dir):
 
     service, link, got = asyncio.run(main())
     assert got == ref
-    assert link.rounds[0] == (2, 6)                # the first round asked for a head start of 2
-    assert all(early == 0 for early, _ in link.rounds[1:]) and service.head_start == 0
+    assert link.rounds[0] == (0, 4)                # the prompt's round: no head start
+    assert link.rounds[1] == (2, 6)                # the next asked for a head start of 2
+    assert all(early == 0 for early, _ in link.rounds[2:]) and service.head_start == 0
     assert link.rests == 0 and service.stats.head_start_rounds == 0
