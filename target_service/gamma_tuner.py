@@ -37,6 +37,8 @@ class GammaTuner:
     OUTLIER_RUN = 3   # ...unless more than this many come in a row
     CLIP = 1.5        # a slow round counts as at most this many times the average
     REPRICE = 0.02    # re-price the start picks when the fitted acceptance moves this far
+    ALPHA_HALF_LIFE = 128    # judged tokens after which a round's acceptance weighs half
+    ALPHA_MIN_TOKENS = 48    # judged tokens (decayed) before the fit replaces the prior
 
     def __init__(self, mode: str, max_gamma: int, default: int, head_start: int = -1,
                  verify_cost: VerifyCost | None = None):
@@ -94,25 +96,30 @@ class GammaTuner:
     def alpha(self) -> float:
         """Per-token acceptance that explains the recent accept rate under this mode's rules
         (the prior until a few tokens were judged)."""
-        if self.drafted < 8:
+        if self.drafted < self.ALPHA_MIN_TOKENS:
             return SD_PRIOR_ALPHA
         return fit_alpha(self.accepted / self.drafted, self.last_gamma, self.mode,
                          head_start_for(self.last_gamma, self.head_start) if self.mode == "pearl" else 0)
 
     def observe(self, batch: int, gamma: int, draft_ms: float, verify_ms: float,
-                drafted: int, accepted: int) -> int | None:
-        """One speculative round: `gamma` draft tokens a sequence took `draft_ms`, the verify
-        `verify_ms`; the batch drafted and accepted that many tokens. Returns the bucket's new
-        gamma when it moves, else None."""
+                drafted: int, accepted: int, query_len: int | None = None) -> int | None:
+        """One speculative round: `gamma` draft tokens a sequence took `draft_ms`, the verify of
+        `query_len` tokens a sequence (default gamma + 1) `verify_ms`; the batch's verify judged
+        `drafted` draft tokens and accepted that many. Returns the bucket's new gamma when it
+        moves, else None."""
         if gamma < 1 or draft_ms <= 0 or verify_ms <= 0:
             return None
         w = self.WEIGHT
-        self.drafted = (1 - w) * self.drafted + drafted
-        self.accepted = (1 - w) * self.accepted + accepted
+        # acceptance over the last few hundred judged tokens, however many rounds that took:
+        # a few rounds at batch 1 (~40 tokens) read anywhere from 0.7 to 0.95
+        keep = 0.5 ** (drafted / self.ALPHA_HALF_LIFE)
+        self.drafted = keep * self.drafted + drafted
+        self.accepted = keep * self.accepted + accepted
         self.last_gamma = gamma
         b = self.bucket(batch)
         per_token = draft_ms / gamma
-        ratio = verify_ms / self.verify_cost.scale(b, gamma)   # comparable across gammas
+        # comparable across rounds of different lengths
+        ratio = verify_ms / self.verify_cost.scale(b, (query_len or gamma + 1) - 1)
         obs = self.observed.get(b)
         if obs is None:
             obs = self.observed[b] = Observed(per_token, ratio)

@@ -101,6 +101,7 @@ class TargetService:
         self.draft_generation = 0
         self._last_path = None
         self._chain_logged = False
+        self._query_len = 1
 
     # -- inputs from gateway streams --------------------------------------------------------
     def submit(self, stream: GatewayStream, item: target_pb2.Submission) -> None:
@@ -243,7 +244,8 @@ class TargetService:
         s.drafted_tokens += judged
         s.accepted_tokens += taken_ok
         if batch is not None and self.fixed_gamma is None:
-            self.tuner.observe(len(reqs), rnd.gamma, batch.draft_ms, target_ms, judged, taken_ok)
+            self.tuner.observe(len(reqs), rnd.gamma, batch.draft_ms, target_ms, judged, taken_ok,
+                               query_len=self._query_len)
 
     def close(self) -> None:
         """Release the engine (a TP group stops its workers and leaves its group). Synchronous:
@@ -265,6 +267,9 @@ class TargetService:
                                      error_code=grpc.StatusCode.INTERNAL.value[0])])))
 
     def _timed_forward(self, reqs):
+        # tokens a sequence feeds: what the verify's time depends on (a PEARL round judges the
+        # last round's drafts, so this is not the round's own gamma + 1)
+        self._query_len = max(len(r.seq) - r.seq.num_kv for r in reqs)
         t = time.perf_counter()
         logits = self.core.forward(reqs)
         # forward() ends in a device sync (argmax to host): the time is the GPU's

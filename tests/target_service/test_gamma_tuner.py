@@ -172,3 +172,17 @@ def test_buckets_not_yet_run_are_repriced_at_the_measured_acceptance():
     before = tuner.gamma_for(8)
     tuner._reprice(0.5)
     assert tuner.gamma_for(8) == before
+
+
+def test_a_verify_is_priced_at_the_query_it_ran():
+    """A PEARL round judges the last round's drafts, so its verify length is not gamma + 1: at
+    72B batch 8, short pre-verify rounds (24 ms at 8 tokens) read as a cheap 16-token verify
+    took gamma 15 -> 7 (session 5). Each round is compared with the table at its own length."""
+    cost = VerifyCost({q: {8: t} for q, t in ((2, 21.7), (4, 22.8), (8, 24.3), (16, 29.3), (32, 41.9))})
+    tuner = GammaTuner("pearl", max_gamma=31, default=15, verify_cost=cost)
+    tuner.seed({8: 15})
+    for _ in range(40):   # pre-verify (8 tokens) and post-verify (16) rounds, at the table's times
+        tuner.observe(8, 15, 15 * 1.9, 24.3, 8, 7, query_len=8)
+        tuner.observe(8, 15, 15 * 1.9, 29.3, 8, 7, query_len=16)
+    assert tuner.observed[8].verify_ratio == pytest.approx(1.0)
+    assert tuner.gamma_for(8) >= 13
