@@ -143,12 +143,17 @@ class Stack:
                          timeout_s=getattr(a, "start_timeout_s", 300))
         return address
 
+    def child_env(self, what: str) -> dict[str, str]:
+        """The service's environment: ours plus its extra; an extra None unsets a variable."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env.get(what, {})}
+        return {k: v for k, v in env.items() if v is not None}
+
     def _spawn(self, what: str, argv: list[str]) -> None:
         out = None
         if self.log_dir is not None:
             out = open(os.path.join(self.log_dir, f"{what}.log"), "a")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env.get(what, {})}
-        self.procs.append(subprocess.Popen([sys.executable, "-m", "pearl_runtime.cli", what] + argv, env=env,
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "pearl_runtime.cli", what] + argv,
+                                           env=self.child_env(what),
                                            stdout=out, stderr=subprocess.STDOUT if out else None,
                                            stdin=subprocess.DEVNULL, start_new_session=True))
         if out is not None:

@@ -46,8 +46,9 @@ def sharing_warning(modes, target_device: str, draft_device: str, mps: bool) -> 
 @contextmanager
 def mps_daemon(shares: tuple[int, int]) -> Iterator[dict[str, dict[str, str]]]:
     """Run a CUDA MPS control daemon for the duration; yields the extra environment of each
-    service ({"target": ..., "draft": ..., "gateway": ...}). Its pipe and log directories
-    are private temp dirs, so it neither joins nor disturbs a system-wide daemon."""
+    service ({"target": ..., "draft": ..., "gateway": ...}; a None value unsets a variable).
+    Its pipe and log directories are private temp dirs, so it neither joins nor disturbs a
+    system-wide daemon."""
     if shutil.which(CONTROL) is None:
         raise SystemExit(f"--mps: {CONTROL} is not on PATH (it ships with the NVIDIA driver)")
     pipe, logs = tempfile.mkdtemp(prefix="pearl-mps-pipe-"), tempfile.mkdtemp(prefix="pearl-mps-log-")
@@ -58,10 +59,18 @@ def mps_daemon(shares: tuple[int, int]) -> Iterator[dict[str, dict[str, str]]]:
         raise SystemExit(f"--mps: `{CONTROL} -d` failed (rc {done.returncode}): {done.stderr.strip()}")
     target, draft = shares
     log.warning("CUDA MPS is ON: daemon pipe %s, SM shares target %d%% / draft %d%%", pipe, target, draft)
+    client = dict(base)
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        # the MPS server renumbers the GPUs its daemon sees (3 -> 0): a client that kept
+        # CUDA_VISIBLE_DEVICES=3 would ask it for a GPU 3 it does not have ("No CUDA GPUs are
+        # available"), so the services run without it and see the daemon's GPUs as 0, 1, ...
+        client["CUDA_VISIBLE_DEVICES"] = None
+        log.warning("MPS renumbers the GPUs CUDA_VISIBLE_DEVICES=%s selects from 0; --target-device and "
+                    "--draft-device index those", os.environ["CUDA_VISIBLE_DEVICES"])
     try:
-        yield {"target": {**base, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(target)},
-               "draft": {**base, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(draft)},
-               "gateway": dict(base)}
+        yield {"target": {**client, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(target)},
+               "draft": {**client, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(draft)},
+               "gateway": dict(client)}
     finally:
         try:
             subprocess.run([CONTROL], input="quit\n", env=env, capture_output=True, text=True, timeout=30)
@@ -74,6 +83,7 @@ def mps_daemon(shares: tuple[int, int]) -> Iterator[dict[str, dict[str, str]]]:
 
 def server_list(mps_env: dict[str, str]) -> list[str]:
     """PIDs of the MPS servers the daemon runs (empty: no client has connected through it)."""
-    done = subprocess.run([CONTROL], input="get_server_list\n", env={**os.environ, **mps_env},
+    env = {k: v for k, v in {**os.environ, **mps_env}.items() if v is not None}
+    done = subprocess.run([CONTROL], input="get_server_list\n", env=env,
                           capture_output=True, text=True, timeout=30)
     return done.stdout.split()

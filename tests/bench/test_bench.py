@@ -1,9 +1,11 @@
 """`pearl bench` on CPU with tiny models (ar, sd, pearl end to end) and the round model."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from pearl_runtime.bench import mps, projection, report, roofline
+from pearl_runtime.cli import Stack
 from pearl_runtime.bench.measure import BenchError
 
 GAMMA = 4
@@ -252,3 +254,22 @@ exit 0
     m = r["config"]["mps"]
     assert m["on"] and m["shares"] == {"target": 70, "draft": 30} and m["servers"] == {"ar": ["4242"]}
     assert lines[0].split()[1] == m["pipe"]
+
+
+def test_mps_clients_drop_cuda_visible_devices(tmp_path, monkeypatch):
+    """An MPS server renumbers the GPUs its daemon sees: with CUDA_VISIBLE_DEVICES=3 kept, the
+    services found no GPU at all (4x H200, session 5). They now run without the variable."""
+    fake = tmp_path / "bin" / mps.CONTROL
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with mps.mps_daemon((100, 50)) as env:
+        assert env["target"]["CUDA_VISIBLE_DEVICES"] is None and env["draft"]["CUDA_VISIBLE_DEVICES"] is None
+        assert env["draft"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+        child = Stack(SimpleNamespace(), env=env).child_env("draft")
+        assert "CUDA_VISIBLE_DEVICES" not in child and child["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with mps.mps_daemon((100, 50)) as env:
+        assert "CUDA_VISIBLE_DEVICES" not in env["target"]
