@@ -244,8 +244,8 @@ class TargetService:
         s.drafted_tokens += judged
         s.accepted_tokens += taken_ok
         if batch is not None and self.fixed_gamma is None:
-            self.tuner.observe(len(reqs), rnd.gamma, batch.draft_ms, target_ms, judged, taken_ok,
-                               query_len=self._query_len)
+            self.tuner.observe(len(reqs), rnd.gamma - rnd.early, batch.draft_ms, target_ms, judged, taken_ok,
+                               query_len=self._query_len, draft_steps=rnd.gamma)
 
     def close(self) -> None:
         """Release the engine (a TP group stops its workers and leaves its group). Synchronous:

@@ -186,3 +186,12 @@ def test_a_verify_is_priced_at_the_query_it_ran():
         tuner.observe(8, 15, 15 * 1.9, 29.3, 8, 7, query_len=16)
     assert tuner.observed[8].verify_ratio == pytest.approx(1.0)
     assert tuner.gamma_for(8) >= 13
+
+
+def test_a_head_start_round_counts_its_early_tokens_as_draft_steps():
+    """A head-start round drafts gamma + w tokens: its draft time per token divides by those,
+    and the acceptance fit uses the bucket's gamma, not gamma + w."""
+    tuner = GammaTuner("pearl", max_gamma=16, default=6)
+    tuner.observe(1, 6, 9 * 1.5, 8.0, 6, 5, draft_steps=9)
+    assert tuner.observed[1].draft_ms_per_token == pytest.approx(1.5)
+    assert tuner.last_gamma == 6
