@@ -1,6 +1,7 @@
 """The model runner owns the device: the model, its paged KV cache and the forward pass."""
 import dataclasses
 import gc
+from collections import Counter
 from dataclasses import dataclass
 import logging
 
@@ -72,7 +73,7 @@ class ModelRunner:
         self.num_blocks = min_over_ranks(cfg.num_blocks or self._blocks_for(cfg.kv_cache_gb))
         self._allocate_kv_cache()
         self.graphs = None
-        self._eager_shapes: set[tuple[int, int]] = set()
+        self._eager_shapes: Counter[tuple[int, int]] = Counter()   # eager steps by (batch, query) class
         if self.synthetic and self.synthetic.get("accept") is not None:
             self.synthetic["measured_accept"] = calibrate(self, self.synthetic)
         if self.device.type == "cuda" and cfg.compile_ops:
@@ -164,14 +165,18 @@ class ModelRunner:
         return self.model.logits(hidden[torch.tensor(step.logit_rows, device=self.device)]).float()
 
     def _note_eager(self, step: StepInput) -> None:
-        """Say once per (batch, longest query) power-of-2 class when a step misses the graphs:
-        prefills do by design, a verify that does is a bucket to add (its first shapes also
-        wait for Triton to compile)."""
+        """Say once per (batch, longest query) power-of-2 class when a step misses the graphs,
+        and again at its 10th, 100th, ... step: prefills miss by design, a class that keeps
+        missing (a verify, a draft's catch-up) is a bucket to add (its first shapes also wait
+        for Triton to compile)."""
         shape = (1 << (len(step.q_lens) - 1).bit_length(), 1 << (max(step.q_lens) - 1).bit_length())
-        if shape not in self._eager_shapes:
-            self._eager_shapes.add(shape)
+        n = self._eager_shapes[shape] = self._eager_shapes[shape] + 1
+        if n == 1:
             log.info("eager step outside the graph buckets: batch %d, longest query %d",
                      len(step.q_lens), max(step.q_lens))
+        elif n in (10, 100, 1000, 10000):
+            # a class that keeps coming is per-round work, not a prefill: worth a bucket
+            log.info("eager steps of batch <= %d, longest query <= %d: %d so far", *shape, n)
 
     def close(self) -> None:
         """Nothing to release for one process (a TP group stops its workers here)."""

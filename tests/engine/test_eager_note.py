@@ -17,3 +17,12 @@ def test_eager_steps_are_named_once_per_shape(llama_dir, caplog):
     # the 5-token prefill and the 1-token decode steps: two classes, each named once
     assert notes == ["eager step outside the graph buckets: batch 1, longest query 5",
                      "eager step outside the graph buckets: batch 1, longest query 1"]
+
+
+def test_a_class_that_keeps_missing_the_graphs_is_counted(llama_dir, caplog):
+    eng = LLMEngine(EngineConfig(model=str(llama_dir), block_size=8, num_blocks=48), load_tok=False)
+    eng.runner.graphs = SimpleNamespace(bucket=lambda step: None)
+    with caplog.at_level(logging.INFO, logger="pearl_runtime.engine.model_runner"):
+        eng.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=12, ignore_eos=True))
+    notes = [r.getMessage() for r in caplog.records if "eager steps of" in r.getMessage()]
+    assert notes == ["eager steps of batch <= 1, longest query <= 1: 10 so far"]
