@@ -53,9 +53,13 @@ class Drafter:
             seq = mirror.seqs.get(sid)
             if seq is None:
                 continue
-            if not (len(seq) >= num and seq.token_ids[num - 1] == last):
-                del seq.token_ids[num - 1:]        # rejected: roll back, take the target's token
-                seq.token_ids.append(last)
+            if len(seq) >= num and seq.token_ids[num - 1] == last:
+                # accepted: the tokens drafted past it (PEARL drafts on while the target
+                # verifies) and their K/V stand; dropping the K/V made the next round re-feed up
+                # to gamma tokens in an eager step outside the draft's graphs
+                continue
+            del seq.token_ids[num - 1:]            # rejected: roll back, take the target's token
+            seq.token_ids.append(last)
             if seq.block_table:
                 self.blocks.truncate(seq, min(seq.num_kv, num - 1))
         for sid, tokens, params in adds:

@@ -102,3 +102,27 @@ def test_early_part_is_sent_even_when_drafting_stops_before_it(tiny_model_factor
     result = d.draft(mirror, 6, early=3, on_early=seen.append)
     assert len(seen) == 1 and seen[0].tokens.tolist() == result.tokens[:, :3].tolist()
     assert result.tokens[0, 0] >= 0 and (result.tokens[0, 1:] == -1).all()
+
+
+@pytest.mark.parametrize("chained", [True, False])
+def test_an_accepting_verdict_keeps_the_drafts_past_it_and_their_kv(tiny_model_factory, chained):
+    """PEARL: the draft drafts on while the target verifies, so a verdict that accepts lands
+    inside the mirror's tokens. Those tokens and their K/V stand (no re-feed of up to gamma
+    tokens the next round), and the next drafts equal those of a mirror that recomputed them."""
+    model = tiny_model_factory("llama")
+    prompt = list(range(3, 30))
+    kept, fresh = drafter(model, chained), drafter(model, chained)
+    mirror = Mirror()
+    kept.apply(mirror, [(0, prompt, SamplingParams())], [], [])
+    first = kept.draft(mirror, GAMMA).tokens[0].tolist()
+    second = kept.draft(mirror, GAMMA).tokens[0].tolist()      # drafted on, before any verdict
+    seq = mirror.seqs[0]
+    num_kv, tokens = seq.num_kv, list(seq.token_ids)
+    assert tokens == prompt + first + second and num_kv == len(tokens) - 1
+    num = len(prompt) + GAMMA                                   # all of `first` accepted
+    kept.apply(mirror, [], [], [(0, num, first[-1])])
+    assert seq.token_ids == tokens and seq.num_kv == num_kv
+    third = kept.draft(mirror, GAMMA).tokens[0].tolist()
+    other = Mirror()
+    fresh.apply(other, [(0, prompt + first + second, SamplingParams())], [], [])
+    assert third == fresh.draft(other, GAMMA).tokens[0].tolist()
