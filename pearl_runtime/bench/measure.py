@@ -1,8 +1,10 @@
-"""One measurement: `bs` requests at once through the gateway, the target's round counters
-read before and after, turned into the columns of the bench table.
+"""One measurement: batches of `bs` requests at once through the gateway, one batch after
+another (so a small batch size still covers several prompts: at bs=1 a single 128-token
+stream decides the acceptance, and bf16 near-ties pick which stream), the target's round
+counters read before and after, turned into the columns of the bench table.
 
 Columns (per batch size; "a round" is one batched target forward, Metrics diff / rounds):
-- tokens_per_s: bs * max_tokens / wall, wall = first submit to the last final message.
+- tokens_per_s: tokens / wall, wall = the sum over batches of first submit to last final message.
 - mat: mean accepted tokens, per sequence: committed tokens / target forwards that
   sequence took part in (1.0 for ar). tokens_per_round is the same over the batch.
 - accept_rate: draft tokens accepted / draft tokens judged (each round judges the pending
@@ -26,8 +28,8 @@ Columns (per batch size; "a round" is one batched target forward, Metrics diff /
   beside the forward, so this transport costs a round only where it shows up in wait_ms.
   xfer_share = xfer / round.
 - ttft_ms: time to first token of each request (gateway stats): mean, p50, max.
-- decode_tokens_per_s: tokens after each request's first / (wall - the latest first token):
-  the rate once every request of the batch is decoding. With short outputs the start
+- decode_tokens_per_s: tokens after each request's first / (wall - the latest first token of
+  each batch): the rate once every request of a batch is decoding. With short outputs the start
   (prefill, and in sd the draft's prefill before the target's) is a large share of the wall
   time; this column leaves it out. tokens_per_s stays the headline.
 """
@@ -73,13 +75,15 @@ async def submit_batch(address: str, prompts: list[list[int]], max_tokens: int, 
         return list(done), time.perf_counter() - t0
 
 
-async def measure(gateway: str, target: str, prompts: list[list[int]], max_tokens: int, mode: str,
+async def measure(gateway: str, target: str, batches: list[list[list[int]]], max_tokens: int, mode: str,
                   temperature: float = 0.0, timeout_s: float = 1800.0) -> dict:
-    """One batch: Metrics, submit, wait for all, Metrics; the row of the bench table."""
+    """Batches of one size, one after another: Metrics, submit each and wait for all of it,
+    Metrics; the row of the bench table."""
     before = await read_metrics(target)
-    completions, wall = await submit_batch(gateway, prompts, max_tokens, timeout_s, temperature)
+    runs = [await submit_batch(gateway, b, max_tokens, timeout_s, temperature) for b in batches]
     m = diff(await read_metrics(target), before)
-    bs = len(prompts)
+    bs = len(batches[0])
+    completions = [c for done, _ in runs for c in done]
     tokens = sum(len(c.token_ids) for c in completions)
     short = [(i, len(c.token_ids), c.finish_reason) for i, c in enumerate(completions)
              if len(c.token_ids) != max_tokens or c.stats.new_tokens != max_tokens]
@@ -92,10 +96,15 @@ async def measure(gateway: str, target: str, prompts: list[list[int]], max_token
     if mode != "ar" and m["speculative_rounds"] != m["rounds"]:
         raise BenchError(f"{mode} bs={bs}: {m['rounds'] - m['speculative_rounds']} of {m['rounds']} rounds ran "
                          f"without the draft (the draft link dropped; see the service logs)")
-    return row(mode, bs, max_tokens, wall, m, completions)
+    return row(mode, bs, max_tokens, runs, m)
 
 
-def row(mode: str, bs: int, max_tokens: int, wall: float, m: dict, completions) -> dict:
+def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float]], m: dict) -> dict:
+    """`runs`: (completions, wall seconds) of each batch."""
+    completions = [c for done, _ in runs for c in done]
+    wall = sum(w for _, w in runs)
+    # per batch: its wall after its latest first token, and the tokens that came in it
+    decode_wall = sum(w - max(c.stats.time_to_first_token_ms for c in done) / 1e3 for done, w in runs)
     rounds = max(1, m["rounds"])
     per = {k: m[k] / rounds for k in ("draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms")}
     xfer = max(0.0, per["exchange_ms"] - per["draft_ms"]) if mode != "ar" else 0.0
@@ -103,9 +112,9 @@ def row(mode: str, bs: int, max_tokens: int, wall: float, m: dict, completions) 
     tokens = sum(c.stats.new_tokens for c in completions)
     ttft = [c.stats.time_to_first_token_ms for c in completions]
     return {
-        "mode": mode, "batch_size": bs, "max_tokens": max_tokens, "tokens": tokens, "wall_s": wall,
-        "tokens_per_s": tokens / wall,
-        "decode_tokens_per_s": (tokens - bs) / (wall - max(ttft) / 1e3) if wall > max(ttft) / 1e3 else None,
+        "mode": mode, "batch_size": bs, "batches": len(runs), "max_tokens": max_tokens, "tokens": tokens,
+        "wall_s": wall, "tokens_per_s": tokens / wall,
+        "decode_tokens_per_s": (tokens - len(completions)) / decode_wall if decode_wall > 0 else None,
         "mat": tokens / forwards if forwards else None,
         "tokens_per_round": m["committed_tokens"] / rounds,
         "accept_rate": m["accepted_tokens"] / m["drafted_tokens"] if m["drafted_tokens"] else None,

@@ -42,6 +42,12 @@ def tokenize(texts: list[str], model_dir: str | Path, vocab_size: int, prompt_le
     return out
 
 
-def take(prompts: list[list[int]], n: int) -> list[list[int]]:
-    """The first n prompts, cycling when there are fewer."""
-    return list(itertools.islice(itertools.cycle(prompts), n))
+def take(prompts: list[list[int]], n: int, start: int = 0) -> list[list[int]]:
+    """n prompts from index `start` on, cycling when there are fewer."""
+    return list(itertools.islice(itertools.cycle(prompts), start, start + n))
+
+
+def batches(prompts: list[list[int]], bs: int, min_seqs: int) -> list[list[list[int]]]:
+    """Batches of bs prompts, the first batch from the first prompt on, enough of them to cover
+    at least min_seqs sequences."""
+    return [take(prompts, bs, k * bs) for k in range(max(1, -(-min_seqs // bs)))]

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--modes", default="ar,sd,pearl")
     r.add_argument("--batch-sizes", default="1,8,16,32,64")
     r.add_argument("--max-tokens", type=int, default=256, help="tokens every request generates (ignore_eos)")
+    r.add_argument("--min-seqs", type=int, default=8,
+                   help="sequences each batch size measures at least: batches of bs run one after another "
+                        "until they are covered (bs=1: 8 prompts, not one stream)")
     r.add_argument("--warmup-tokens", type=int, default=16)
     r.add_argument("--prompt-len", type=int, default=None, help="cut prompts to this many tokens")
     r.add_argument("--prompts", default=str(bench_prompts.DEFAULT_PROMPTS), help="Spec-Bench style jsonl")
@@ -211,12 +214,12 @@ async def run_session(stack, gateway: str, mode: str, prompts: list[list[int]], 
     # as the measurement will; a first verify of that shape (the uncached tail plus gamma + 1
     # tokens) can run eagerly, and its kernels compile on first use
     for bs in [b for b in batch_sizes for _ in range(2)]:
-        await submit_batch(gateway, bench_prompts.take(prompts, bs), args.warmup_tokens, args.start_timeout,
-                           args.temperature)
+        for batch in bench_prompts.batches(prompts, bs, args.min_seqs):
+            await submit_batch(gateway, batch, args.warmup_tokens, args.start_timeout, args.temperature)
     rows = []
     for bs in batch_sizes:
-        r = await measure(gateway, stack.target_address, bench_prompts.take(prompts, bs), args.max_tokens, mode,
-                          args.temperature)
+        r = await measure(gateway, stack.target_address, bench_prompts.batches(prompts, bs, args.min_seqs),
+                          args.max_tokens, mode, args.temperature)
         log.info("%s bs=%d: %.1f tokens/s, MAT %.2f, round %.2f ms", mode, bs, r["tokens_per_s"], r["mat"] or 0,
                  r["round_ms"])
         rows.append(r)
@@ -270,7 +273,7 @@ def main(args) -> None:
         log.warning("%s", warning)
 
     vocab = ModelConfig.from_dir(target_dir).vocab_size
-    texts = bench_prompts.load_turns(args.prompts)[:max(batch_sizes)]
+    texts = bench_prompts.load_turns(args.prompts)[:max(max(batch_sizes), args.min_seqs)]
     prompts = bench_prompts.tokenize(texts, target_dir, vocab, args.prompt_len)
     longest = max(len(p) for p in prompts)
     kv = {"target": args.kv_cache_gb or roofline.kv_cache_gb(target_dir, dtype, max(batch_sizes),
@@ -298,6 +301,7 @@ def main(args) -> None:
             "config": {"target_model": target_dir, "draft_model": draft_dir, "pair": pair, "synthetic": synthetic,
                        "device": device, "target_device": tdev, "draft_device": ddev, "one_gpu": one_gpu,
                        "dtype": dtype, "modes": modes, "batch_sizes": batch_sizes, "max_tokens": args.max_tokens,
+                       "min_seqs": args.min_seqs,
                        "warmup_tokens": args.warmup_tokens, "gamma": args.gamma, "pearl_gamma": args.pearl_gamma or args.gamma, "temperature": args.temperature,
                        "kv_cache_gb": kv, "target_args": args.target_args, "draft_args": args.draft_args,
                        "mps": mps_info or {"on": False}},

@@ -11,6 +11,7 @@ from pearl_runtime.bench.measure import BenchError
 GAMMA = 4
 MAX_TOKENS = 8
 BATCH_SIZES = (1, 2)
+MIN_SEQS = 2   # bs=1 then runs two batches, one prompt after the other
 
 
 # -- the round model ---------------------------------------------------------------------------
@@ -177,7 +178,8 @@ def bench_run(llama_dir, draft_factory, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result = _bench(tmp, llama_dir, draft_factory(llama_dir, "copy"), "--hf-baseline", "--label", "ci")
+        result = _bench(tmp, llama_dir, draft_factory(llama_dir, "copy"), "--hf-baseline", "--label", "ci",
+                        "--min-seqs", str(MIN_SEQS))
     return result, printed.getvalue()
 
 
@@ -191,8 +193,9 @@ def test_bench_end_to_end(bench_run):
     assert set(runs) == {(m, bs) for m in ("ar", "sd", "pearl") for bs in BATCH_SIZES}
     for (mode, bs), x in runs.items():
         assert not any(k.startswith("_") for k in x), "raw outputs stay out of the JSON"
-        # an identical token budget in every mode
-        assert x["tokens"] == bs * MAX_TOKENS == x["metrics_diff"]["committed_tokens"]
+        # an identical token budget in every mode, over at least MIN_SEQS sequences
+        assert x["batches"] == max(1, MIN_SEQS // bs)
+        assert x["tokens"] == x["batches"] * bs * MAX_TOKENS == x["metrics_diff"]["committed_tokens"]
         assert x["outputs_match_ar"] is True, (mode, bs)       # greedy is lossless
         assert x["path"] == mode
         for key in ("tokens_per_s", "speedup_vs_ar", "mat", "round_ms", "draft_ms", "target_ms", "wait_ms",
@@ -200,8 +203,11 @@ def test_bench_end_to_end(bench_run):
                     "decode_speedup_vs_ar"):
             assert key in x
         # decoding alone: the tokens after the first over the time after the last first token
-        assert x["decode_tokens_per_s"] == pytest.approx(
-            (x["tokens"] - bs) / (x["wall_s"] - x["ttft_ms"]["max"] / 1e3))
+        # (of each batch: checked here where there is one)
+        if x["batches"] == 1:
+            assert x["decode_tokens_per_s"] == pytest.approx(
+                (x["tokens"] - bs) / (x["wall_s"] - x["ttft_ms"]["max"] / 1e3))
+        assert 0 < x["decode_tokens_per_s"]
         if mode == "ar":
             assert x["mat"] == 1.0 and x["accept_rate"] is None and x["draft_ms"] == 0.0
             assert x["decode_speedup_vs_ar"] == 1.0
@@ -273,3 +279,12 @@ def test_mps_clients_drop_cuda_visible_devices(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     with mps.mps_daemon((100, 50)) as env:
         assert "CUDA_VISIBLE_DEVICES" not in env["target"]
+
+
+def test_batches_cover_min_seqs_with_distinct_prompts():
+    from pearl_runtime.bench import prompts as bench_prompts
+    p = [[i] for i in range(10)]
+    assert bench_prompts.batches(p, 1, 3) == [[[0]], [[1]], [[2]]]
+    assert bench_prompts.batches(p, 4, 8) == [[[0], [1], [2], [3]], [[4], [5], [6], [7]]]
+    assert bench_prompts.batches(p, 32, 8) == [bench_prompts.take(p, 32)]   # one batch, prompts cycled
+    assert bench_prompts.batches(p, 3, 1) == [[[0], [1], [2]]]
