@@ -51,6 +51,7 @@ class RoundStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     head_start_rounds: int = 0
+    gamma_sum: int = 0           # each speculative round's gamma (its early part not counted)
 
 
 class TargetService:
@@ -231,6 +232,7 @@ class TargetService:
         s = self.stats
         s.rounds += 1
         s.speculative_rounds += batch is not None
+        s.gamma_sum += rnd.gamma - rnd.early if batch is not None else 0
         s.draft_ms += batch.draft_ms if batch is not None else 0.0
         s.target_ms += target_ms
         s.wait_ms += wait_ms
@@ -395,7 +397,8 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
             wait_ms=s.wait_ms, exchange_ms=s.exchange_ms, round_ms=s.round_ms, committed_tokens=s.committed_tokens,
             drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens,
             path=self.service._last_path or "", gamma=self.service.gamma, head_start_rounds=s.head_start_rounds,
-            draft_connected=self.service.link is not None and self.service.link.connected)
+            draft_connected=self.service.link is not None and self.service.link.connected,
+            gamma_sum=s.gamma_sum, gamma_by_batch=self.service.tuner.picks)
 
     async def Serve(self, request_iterator, context):
         stream = GatewayStream()

@@ -12,7 +12,14 @@ class MetricsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TargetMetrics(_message.Message):
-    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "target_ms_by_batch", "draft_ms_by_batch", "head_start_rounds", "draft_connected", "exchange_ms")
+    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "head_start_rounds", "draft_connected", "exchange_ms", "gamma_sum", "gamma_by_batch")
+    class GammaByBatchEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -24,11 +31,11 @@ class TargetMetrics(_message.Message):
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
-    TARGET_MS_BY_BATCH_FIELD_NUMBER: _ClassVar[int]
-    DRAFT_MS_BY_BATCH_FIELD_NUMBER: _ClassVar[int]
     HEAD_START_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_MS_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_SUM_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_BY_BATCH_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     speculative_rounds: int
     draft_ms: float
@@ -40,12 +47,12 @@ class TargetMetrics(_message.Message):
     accepted_tokens: int
     path: str
     gamma: int
-    target_ms_by_batch: _containers.RepeatedScalarFieldContainer[float]
-    draft_ms_by_batch: _containers.RepeatedScalarFieldContainer[float]
     head_start_rounds: int
     draft_connected: bool
     exchange_ms: float
-    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., target_ms_by_batch: _Optional[_Iterable[float]] = ..., draft_ms_by_batch: _Optional[_Iterable[float]] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ...) -> None: ...
+    gamma_sum: int
+    gamma_by_batch: _containers.ScalarMap[int, int]
+    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ..., gamma_sum: _Optional[int] = ..., gamma_by_batch: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

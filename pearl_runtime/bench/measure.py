@@ -28,6 +28,8 @@ Columns (per batch size; "a round" is one batched target forward, Metrics diff /
   beside the forward, so this transport costs a round only where it shows up in wait_ms.
   xfer_share = xfer / round.
 - ttft_ms: time to first token of each request (gateway stats): mean, p50, max.
+- gamma: the mean draft tokens a sequence of the row's speculative rounds, rounded (gamma_mean
+  unrounded); gamma_by_batch: auto gamma's picks per batch bucket after the row.
 - decode_tokens_per_s: tokens after each request's first / (wall - the latest first token of
   each batch): the rate once every request of a batch is decoding. With short outputs the start
   (prefill, and in sd the draft's prefill before the target's) is a large share of the wall
@@ -44,7 +46,7 @@ from pearl.v1 import target_pb2, target_pb2_grpc
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 
 COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms",
-            "committed_tokens", "drafted_tokens", "accepted_tokens", "head_start_rounds")
+            "committed_tokens", "drafted_tokens", "accepted_tokens", "head_start_rounds", "gamma_sum")
 
 
 class BenchError(RuntimeError):
@@ -58,7 +60,7 @@ async def read_metrics(target_address: str, timeout_s: float = 10.0) -> target_p
 
 def diff(after: target_pb2.TargetMetrics, before: target_pb2.TargetMetrics) -> dict:
     d = {k: getattr(after, k) - getattr(before, k) for k in COUNTERS}
-    d.update(path=after.path, gamma=after.gamma)
+    d.update(path=after.path, gamma=after.gamma, gamma_by_batch=dict(after.gamma_by_batch))
     return d
 
 
@@ -123,7 +125,11 @@ def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float]], m: 
         "host_ms": per["round_ms"] - per["target_ms"] - per["wait_ms"],
         "xfer_ms": xfer, "xfer_share": xfer / per["round_ms"] if per["round_ms"] else 0.0,
         "ttft_ms": {"mean": statistics.fmean(ttft), "p50": statistics.median(ttft), "max": max(ttft)},
-        "gamma": m["gamma"], "path": m["path"], "metrics_diff": m,
+        # the mean draft length of the row's rounds (the service's last gamma may be another
+        # bucket's: a batch shrinks as its requests finish)
+        "gamma": round(m["gamma_sum"] / m["speculative_rounds"]) if m["speculative_rounds"] else m["gamma"],
+        "gamma_mean": m["gamma_sum"] / m["speculative_rounds"] if m["speculative_rounds"] else None,
+        "gamma_by_batch": m["gamma_by_batch"], "path": m["path"], "metrics_diff": m,
         "outputs_sha256": hashlib.sha256(repr([c.token_ids for c in completions]).encode()).hexdigest(),
         "_outputs": [list(c.token_ids) for c in completions],   # kept in memory, not in the JSON
     }

@@ -213,6 +213,8 @@ def test_bench_end_to_end(bench_run):
             assert x["decode_speedup_vs_ar"] == 1.0
         else:
             assert x["metrics_diff"]["speculative_rounds"] == x["metrics_diff"]["rounds"]
+            # every round drafted the fixed gamma (a head start's early part not counted)
+            assert x["gamma_mean"] == GAMMA and x["gamma"] == GAMMA and x["gamma_by_batch"] == {}
             assert x["accept_rate"] == 1.0 and x["mat"] > 1.0 and x["draft_ms"] > 0   # the draft is a copy
             # the exchange wraps the draft's own round, in pearl too (there beside the forward)
             m = x["metrics_diff"]

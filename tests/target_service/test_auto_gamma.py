@@ -2,13 +2,14 @@
 model (PEARL: gamma draft steps about as long as one verify; sd, where they take turns: a cheap
 draft earns a longer gamma), pricing each gamma's verify at its own query length; both stay
 under --max-gamma."""
+import asyncio
 from types import SimpleNamespace
 
 import pytest
 
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.step_timer import VerifyCost, pearl_gamma, sd_gamma
-from target_service.server import TargetService
+from target_service.server import TargetService, TargetServicer
 
 
 def test_pearl_gamma_balances_draft_and_verify_when_the_verify_is_flat():
@@ -55,6 +56,8 @@ def test_service_picks_gamma_per_batch_by_mode(llama_dir, mode, expect):
     service._auto_gamma()
     assert service.tuner.picks == expect
     assert service._gamma_for(1) == expect[1] and service._gamma_for(9) == expect[16]
+    metrics = asyncio.run(TargetServicer(service).Metrics(None, None))   # what `pearl bench` records
+    assert dict(metrics.gamma_by_batch) == expect
 
 
 def test_max_gamma_must_be_positive(llama_dir):
