@@ -398,7 +398,9 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
             drafted_tokens=s.drafted_tokens, accepted_tokens=s.accepted_tokens,
             path=self.service._last_path or "", gamma=self.service.gamma, head_start_rounds=s.head_start_rounds,
             draft_connected=self.service.link is not None and self.service.link.connected,
-            gamma_sum=s.gamma_sum, gamma_by_batch=self.service.tuner.picks)
+            gamma_sum=s.gamma_sum, gamma_by_batch=self.service.tuner.picks,
+            verify_times=[target_pb2.VerifyTime(batch=b, query=q, ms=t)
+                          for q, row in self.service.verify_cost.table.items() for b, t in row.items()])
 
     async def Serve(self, request_iterator, context):
         stream = GatewayStream()

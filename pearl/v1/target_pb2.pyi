@@ -12,7 +12,7 @@ class MetricsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TargetMetrics(_message.Message):
-    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "head_start_rounds", "draft_connected", "exchange_ms", "gamma_sum", "gamma_by_batch")
+    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "head_start_rounds", "draft_connected", "exchange_ms", "gamma_sum", "gamma_by_batch", "verify_times")
     class GammaByBatchEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class TargetMetrics(_message.Message):
     EXCHANGE_MS_FIELD_NUMBER: _ClassVar[int]
     GAMMA_SUM_FIELD_NUMBER: _ClassVar[int]
     GAMMA_BY_BATCH_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_TIMES_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     speculative_rounds: int
     draft_ms: float
@@ -52,7 +53,18 @@ class TargetMetrics(_message.Message):
     exchange_ms: float
     gamma_sum: int
     gamma_by_batch: _containers.ScalarMap[int, int]
-    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ..., gamma_sum: _Optional[int] = ..., gamma_by_batch: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    verify_times: _containers.RepeatedCompositeFieldContainer[VerifyTime]
+    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ..., gamma_sum: _Optional[int] = ..., gamma_by_batch: _Optional[_Mapping[int, int]] = ..., verify_times: _Optional[_Iterable[_Union[VerifyTime, _Mapping]]] = ...) -> None: ...
+
+class VerifyTime(_message.Message):
+    __slots__ = ("batch", "query", "ms")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    MS_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    query: int
+    ms: float
+    def __init__(self, batch: _Optional[int] = ..., query: _Optional[int] = ..., ms: _Optional[float] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

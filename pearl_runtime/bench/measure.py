@@ -60,7 +60,8 @@ async def read_metrics(target_address: str, timeout_s: float = 10.0) -> target_p
 
 def diff(after: target_pb2.TargetMetrics, before: target_pb2.TargetMetrics) -> dict:
     d = {k: getattr(after, k) - getattr(before, k) for k in COUNTERS}
-    d.update(path=after.path, gamma=after.gamma, gamma_by_batch=dict(after.gamma_by_batch))
+    d.update(path=after.path, gamma=after.gamma, gamma_by_batch=dict(after.gamma_by_batch),
+             verify_times=[[v.batch, v.query, v.ms] for v in after.verify_times])
     return d
 
 

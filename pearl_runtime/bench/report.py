@@ -1,5 +1,6 @@
 """What a bench run concludes: speedups, the HBM roofline at ar bs=1, the separate-GPU
 projection, the printed tables."""
+from pearl_runtime.engine.step_timer import VerifyCost
 from pearl_runtime.bench import projection, roofline
 
 
@@ -79,7 +80,12 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1) -> list[dict
         w = projection.head_start_for(g, head_start)   # the target's head start at this gamma
         alpha = projection.fit_alpha(src["accept_rate"], g, src["mode"], w if src["mode"] == "pearl" else 0)
         p = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, g, w)
-        best_g, best = projection.best_gamma(ar["round_ms"], t_d, t_v, t_x, alpha, head_start=head_start)
+        # with the target's table of verify times by query length, other gammas' verifies are
+        # the measured one scaled by it (at batch 32 on 72B: 45 ms at 8 tokens, 75 at 16)
+        cost = VerifyCost.from_rows(src["metrics_diff"].get("verify_times") or [])
+        at = (lambda x: t_v * cost.scale(bs, x) / cost.scale(bs, g)) if cost.table else t_v
+        gammas = range(1, max(cost.table) if cost.table else 17)
+        best_g, best = projection.best_gamma(ar["round_ms"], t_d, at, t_x, alpha, gammas, head_start=head_start)
         pearl = by.get(("pearl", bs))
         sd = by.get(("sd", bs))
         pg = pearl["gamma"] if pearl and pearl["gamma"] else g   # pearl may run its own gamma

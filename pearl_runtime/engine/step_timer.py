@@ -72,6 +72,14 @@ class VerifyCost:
     def __init__(self, table: dict[int, dict[int, float]] | None = None):
         self.table = table or {}   # query bucket -> batch bucket -> ms
 
+    @classmethod
+    def from_rows(cls, rows) -> "VerifyCost":
+        """From [batch, query, ms] rows (TargetMetrics.verify_times as the bench records them)."""
+        table: dict[int, dict[int, float]] = {}
+        for b, q, ms in rows:
+            table.setdefault(int(q), {})[int(b)] = float(ms)
+        return cls(table)
+
     @property
     def batch_buckets(self) -> list[int]:
         return sorted({b for row in self.table.values() for b in row})

@@ -87,6 +87,20 @@ def test_projection_balanced_rounds():
     assert g >= 4 and best >= p["pearl_speedup"]
 
 
+def test_projection_prices_other_gammas_by_the_targets_verify_table():
+    """72B TP=2 at batch 32 (session 5): sd's verify at gamma 7 took 41.8 ms; the target's table
+    says 16 tokens a sequence cost 1.7x 8 tokens and 32 cost 3.1x. Priced flat, the best gamma
+    is the largest; priced by the table, gamma + 1 stays at or under 16."""
+    table = [[32, q, ms] for q, ms in ((2, 25.8), (4, 30.1), (8, 44.6), (16, 74.6), (32, 137.0))]
+    ar = {"mode": "ar", "batch_size": 32, "round_ms": 25.1}
+    sd = {"mode": "sd", "batch_size": 32, "gamma": 7, "draft_ms": 7 * 1.8, "target_ms": 41.8, "round_ms": 56.5,
+          "accept_rate": 0.72, "speedup_vs_ar": 1.89, "host_ms": 0.9, "metrics_diff": {"verify_times": table}}
+    [p] = report.project([ar, sd], same_gpu=False)
+    assert 7 <= p["best_gamma"] <= 15
+    [flat] = report.project([ar, {**sd, "metrics_diff": {}}], same_gpu=False)
+    assert flat["best_gamma"] == 16 and flat["pearl_speedup_best_gamma"] > p["pearl_speedup_best_gamma"]
+
+
 def test_divergence_reports_where_outputs_part():
     ar = [{"mode": "ar", "batch_size": 2, "wall_s": 1.0, "outputs_sha256": "a", "_outputs": [[1, 2, 3], [4, 5, 6]]}]
     sd = {"mode": "sd", "batch_size": 2, "wall_s": 0.5, "outputs_sha256": "b", "_outputs": [[1, 2, 3], [4, 9, 6]]}

@@ -58,6 +58,7 @@ def test_service_picks_gamma_per_batch_by_mode(llama_dir, mode, expect):
     assert service._gamma_for(1) == expect[1] and service._gamma_for(9) == expect[16]
     metrics = asyncio.run(TargetServicer(service).Metrics(None, None))   # what `pearl bench` records
     assert dict(metrics.gamma_by_batch) == expect
+    assert sorted((v.batch, v.query, v.ms) for v in metrics.verify_times) == [(1, 32, 25.0), (16, 32, 30.0)]
 
 
 def test_max_gamma_must_be_positive(llama_dir):
