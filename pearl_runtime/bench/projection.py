@@ -133,12 +133,17 @@ def head_start_for(gamma: int, setting: int = -1) -> int:
     return max(1, gamma // 2) if setting < 0 else setting
 
 
+def as_function(t_v):
+    """A verify's ms as gamma -> ms: a number stands for every gamma."""
+    return t_v if callable(t_v) else (lambda g: t_v)
+
+
 def best_gamma(t_ar: float, t_d: float, t_v, t_x: float, alpha: float,
                gammas: range = range(1, 17), head_start: int = -1) -> tuple[int, float]:
     """The gamma with the highest projected PEARL speedup. `t_v`: the verify's ms, held fixed
     (a verify of a few more tokens costs about the same while decoding is bandwidth-bound),
     or gamma -> ms (a compute-bound verify grows with its gamma + 1 tokens a sequence)."""
-    at = t_v if callable(t_v) else (lambda g: t_v)
+    at = as_function(t_v)
     scored = [(project(t_ar, t_d, at(g), t_x, alpha, g, head_start_for(g, head_start))["pearl_speedup"] or 0.0, g)
               for g in gammas]
     speedup, g = max(scored)

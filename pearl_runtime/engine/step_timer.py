@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from pearl_runtime.bench.projection import head_start_for, project
+from pearl_runtime.bench.projection import as_function, head_start_for, project
 
 
 @torch.inference_mode()
@@ -95,10 +95,6 @@ class VerifyCost:
         bs = sorted(row)
         return row[next((b for b in bs if b >= batch), bs[-1])]
 
-    def at(self, batch: int):
-        """gamma -> the start-time verify ms of `batch` sequences of gamma + 1 tokens."""
-        return lambda g: self.ms(batch, g + 1)
-
     def scale(self, batch: int, gamma: int) -> float:
         """The table's verify ms at gamma (1.0 without a table: every gamma costs the same).
         The tuner keeps observed verifies as ratios to it, so rounds run at different gammas
@@ -117,16 +113,12 @@ def measure_verify_cost(runner, query_lens: list[int], context_len: int = 256) -
     return VerifyCost(table)
 
 
-def _as_function(target_ms):
-    return target_ms if callable(target_ms) else (lambda g: target_ms)
-
-
 SD_PRIOR_ALPHA = 0.8   # acceptance assumed before any is measured
 
 
 def sd_tokens_per_ms(gamma: int, target_ms, draft_ms: float, alpha: float) -> float:
     """sd's expected tokens per ms: sum(alpha^i, i <= g) / (g * draft + verify(g))."""
-    return sum(alpha ** i for i in range(gamma + 1)) / (gamma * draft_ms + _as_function(target_ms)(gamma))
+    return sum(alpha ** i for i in range(gamma + 1)) / (gamma * draft_ms + as_function(target_ms)(gamma))
 
 
 def sd_gamma(target_ms, draft_ms: float, max_gamma: int, alpha: float = SD_PRIOR_ALPHA) -> int:
@@ -138,7 +130,7 @@ def sd_gamma(target_ms, draft_ms: float, max_gamma: int, alpha: float = SD_PRIOR
 def pearl_tokens_per_ms(gamma: int, target_ms, draft_ms: float, alpha: float, head_start: int = -1) -> float:
     """PEARL's expected tokens per ms by the round model (bench/projection.py): the round lasts
     as long as the longer of gamma draft steps and one verify, plus the head start's waits."""
-    r = project(1.0, draft_ms, _as_function(target_ms)(gamma), 0.0, alpha, gamma, head_start_for(gamma, head_start))
+    r = project(1.0, draft_ms, as_function(target_ms)(gamma), 0.0, alpha, gamma, head_start_for(gamma, head_start))
     return r["pearl_tokens_per_round"] / r["pearl_round_ms"]
 
 

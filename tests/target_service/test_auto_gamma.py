@@ -23,17 +23,21 @@ COST = VerifyCost({2: {1: 22.0, 32: 29.0}, 4: {1: 22.0, 32: 29.0}, 8: {1: 22.5, 
                    16: {1: 22.5, 32: 60.0}, 32: {1: 23.0, 32: 90.0}})
 
 
+def verify(batch):
+    return lambda g: COST.scale(batch, g)
+
+
 def test_verify_cost_prices_gamma_at_its_query_bucket():
-    t_v = COST.at(32)
+    t_v = verify(32)
     assert t_v(3) == 29.0 and t_v(7) == 46.0 and t_v(15) == 60.0
     assert t_v(16) == 90.0                  # 17 tokens run in the 32-token bucket, padded
-    assert COST.at(20)(1) == 29.0           # batch 20 runs in the 32 bucket
+    assert verify(20)(1) == 29.0           # batch 20 runs in the 32 bucket
     assert COST.scale(32, 15) == 60.0 and VerifyCost().scale(32, 15) == 1.0   # no table: flat
 
 
 def test_gamma_stays_out_of_a_padded_bucket_when_the_verify_is_compute_bound():
-    flat = [pearl_gamma(COST.at(1), 1.8, 31, alpha=0.9), sd_gamma(COST.at(1), 1.8, 31, alpha=0.9)]
-    bound = [pearl_gamma(COST.at(32), 1.8, 31, alpha=0.9), sd_gamma(COST.at(32), 1.8, 31, alpha=0.9)]
+    flat = [pearl_gamma(verify(1), 1.8, 31, alpha=0.9), sd_gamma(verify(1), 1.8, 31, alpha=0.9)]
+    bound = [pearl_gamma(verify(32), 1.8, 31, alpha=0.9), sd_gamma(verify(32), 1.8, 31, alpha=0.9)]
     assert bound == [15, 3]                 # gamma + 1 fills the 16 (pearl) and 4 (sd) buckets
     assert flat[0] > 10 and flat[1] > 3     # at batch 1 a longer verify costs nothing
     # priced flat at the 4-token time (the rule before), batch 32 would run 17-token verifies
