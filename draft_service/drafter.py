@@ -2,7 +2,7 @@
 what its target said (adds, removes, verdicts), so a restarted draft is rebuilt by replay."""
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -92,9 +92,19 @@ class Drafter:
         """Draft gamma tokens per sequence. With `early` > 0, `on_early` gets the first `early`
         tokens of every sequence as soon as they exist (always exactly once, before this
         returns), so the target can start verifying them while the rest are drafted."""
+        parts = self.parts(mirror, gamma, early if on_early is not None else 0)
+        if 0 < early < gamma and on_early is not None:
+            on_early(next(parts))
+        return next(parts)
+
+    def parts(self, mirror: Mirror, gamma: int, early: int = 0) -> Iterator[DraftResult]:
+        """`draft` as a generator: with 0 < early < gamma it first yields the first `early`
+        tokens of every sequence, then (when resumed, from any thread) the whole round. The
+        caller picks where each part runs: the draft service sends the early part from its
+        event loop before it drafts the rest."""
         seq_ids = list(mirror.seqs)
         seqs = [mirror.seqs[s] for s in seq_ids]
-        early = early if on_early is not None and 0 < early < gamma else 0
+        early = early if 0 < early < gamma else 0
         # all greedy and room for every token: the steps chain on the device, one sync a round
         # (two with an early part)
         if (seqs and self.runner.chains_on_device and all(s.params.greedy for s in seqs)
@@ -102,22 +112,22 @@ class Drafter:
             self._path("chained")
             out = self.runner.greedy_chain(seqs, early) if early else [[] for _ in seqs]
             if early:
-                on_early(DraftResult(seq_ids, torch.tensor(out, dtype=torch.int32), None))
+                yield DraftResult(seq_ids, torch.tensor(out, dtype=torch.int32), None)
             out = [a + b for a, b in zip(out, self.runner.greedy_chain(seqs, gamma - early))]
-            return DraftResult(seq_ids, torch.tensor(out, dtype=torch.int32), None)
+            yield DraftResult(seq_ids, torch.tensor(out, dtype=torch.int32), None)
+            return
         self._path("stepwise")
         tokens = torch.full((len(seqs), gamma), -1, dtype=torch.int32)
         sampled = any(not s.params.greedy for s in seqs)
         probs = torch.zeros(len(seqs), gamma, self.vocab_size) if sampled else None
 
-        def send_early():
-            on_early(DraftResult(seq_ids, tokens[:, :early].clone(),
-                                 None if probs is None else probs[:, :early].clone()))
+        def head():
+            return DraftResult(seq_ids, tokens[:, :early].clone(), None if probs is None else probs[:, :early].clone())
 
         active = list(range(len(seqs)))
         for step in range(gamma):
             if early and step == early:
-                send_early()
+                yield head()
             ready = [i for i in active if self._ready(seqs[i])]
             if len(ready) < len(active):   # those sequences get no more draft tokens this round
                 log.warning("draft KV cache or window full: %d sequence(s) stop drafting at step %d",
@@ -140,5 +150,5 @@ class Drafter:
         else:
             step = gamma
         if early and step < early:   # stopped before the early part was complete: send what exists
-            send_early()
-        return DraftResult(seq_ids, tokens, probs)
+            yield head()
+        yield DraftResult(seq_ids, tokens, probs)

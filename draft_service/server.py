@@ -2,6 +2,7 @@
 import asyncio
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -36,6 +37,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         self.lock = threading.Lock()
         self.streams = 0
         self.closing = False
+        self.head_paths = Counter()   # head-start rounds by where they were drafted
         self.profiler = RoundProfiler.from_env(cuda=self.drafter.runner.device.type == "cuda")
         self.step_ms = measure_step_ms(self.drafter.runner, query_len=1)
         if self.step_ms:
@@ -65,18 +67,27 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         with self.lock:
             return fn(*args)
 
-    def _inline_round(self, mirror: Mirror, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
-        """A round without an early part, run right here on the event loop when the drafter is
-        free: the hop to the forward thread and back costs ~0.15 ms a round on a 2-core CPU,
-        and nothing else can use the loop meanwhile (the target waits for this batch; other
-        targets' rounds would wait for the drafter anyway). None: it is busy, use the thread.
-        The profiler stays on the forward thread, where it starts and stops."""
+    def _inline(self, fn, *args):
+        """fn(*args) right here on the event loop when the drafter is free: the hop to the
+        forward thread and back costs ~0.15 ms a round on a 2-core CPU, and nothing else can
+        use the loop meanwhile (the target waits for this batch; other targets' rounds would
+        wait for the drafter anyway). None: it is busy, use the thread. The profiler stays on
+        the forward thread, where it starts and stops."""
         if self.profiler is not None or not self.lock.acquire(blocking=False):
             return None
         try:
-            return self._round(mirror, rnd)
+            return fn(*args)
         finally:
             self.lock.release()
+
+    def _inline_round(self, mirror: Mirror, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
+        """A round without an early part, on the event loop (`_inline`)."""
+        return self._inline(self._round, mirror, rnd)
+
+    def _head_path(self, name: str) -> None:
+        self.head_paths[name] += 1
+        if self.head_paths[name] in (1, 10, 100, 1000, 10000):
+            log.info("head-start round path", path=name, rounds=self.head_paths[name])
 
     def _round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None) -> draft_pb2.DraftBatch:
         if self.profiler is None:
@@ -88,16 +99,22 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
             self.profiler.end()
 
     def _timed_round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None) -> draft_pb2.DraftBatch:
+        parts = self._parts(mirror, rnd)
+        if on_early is not None and 0 < rnd.early < rnd.gamma:   # runs on the forward thread, mid-round
+            on_early(next(parts))
+        return next(parts)
+
+    def _parts(self, mirror: Mirror, rnd: draft_pb2.Round):
+        """The round's DraftBatches, as they exist: the early one when the round asks for one
+        (0 < early < gamma), then the whole one. The first `next` applies the round."""
         start = time.perf_counter()
         adds = [(a.seq_id, list(a.token_ids), wire_params.from_proto(a.params)) for a in rnd.adds]
         verdicts = tensors.decode_ints(rnd.verdicts) if not tensors.is_empty(rnd.verdicts) else []
         self.drafter.apply(mirror, adds, list(rnd.removes), verdicts)
-
-        def early(result):   # runs on the forward thread, mid-round
-            on_early(_batch(rnd.round_id, result, start, early=True))
-
-        result = self.drafter.draft(mirror, rnd.gamma, rnd.early, early if on_early else None)
-        return _batch(rnd.round_id, result, start)
+        parts = self.drafter.parts(mirror, rnd.gamma, rnd.early)
+        if 0 < rnd.early < rnd.gamma:
+            yield _batch(rnd.round_id, next(parts), start, early=True)
+        yield _batch(rnd.round_id, next(parts), start)
 
     async def Speculate(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await anext(aiter(request_iterator), None)
@@ -116,18 +133,32 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != "round":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a Round after the Hello")
-                if msg.round.early and msg.round.early < msg.round.gamma:
+                if 0 < msg.round.early < msg.round.gamma:
                     # the early part goes out while the rest of the round is still drafting
-                    # a bare future, not a queue and a task to read it: one loop step fewer
-                    head = loop.create_future()
-                    send = partial(loop.call_soon_threadsafe, _resolve, head)
-                    work = loop.run_in_executor(self.executor, self._locked, self._round, mirror, msg.round, send)
-                    await asyncio.wait({head, work}, return_when=asyncio.FIRST_COMPLETED)
-                    if not head.done() and work.exception() is not None:
-                        head.cancel()   # the round failed before its early part: raise its error
-                        await work
-                    yield draft_pb2.FromDraft(batch=await head)
-                    batch = await work
+                    parts = self._parts(mirror, msg.round)
+                    if (head := self._inline(next, parts)) is not None:
+                        # grpc resumes this generator once the early part is on its way, and
+                        # the rest is drafted here too: two thread hops fewer, and no fight
+                        # for the GIL between the send and the drafting
+                        yield draft_pb2.FromDraft(batch=head)
+                        if (batch := self._inline(next, parts)) is not None:
+                            self._head_path("event loop")
+                        else:   # the drafter was taken meanwhile (another target, a release)
+                            self._head_path("early part on the event loop, rest on the forward thread")
+                            batch = await loop.run_in_executor(self.executor, self._locked, next, parts)
+                    else:   # the whole round on the thread, which hands the early part back
+                        self._head_path("forward thread")
+                        # a bare future, not a queue and a task to read it: one loop step fewer
+                        head = loop.create_future()
+                        send = partial(loop.call_soon_threadsafe, _resolve, head)
+                        work = loop.run_in_executor(self.executor, self._locked, self._round, mirror, msg.round,
+                                                    send)
+                        await asyncio.wait({head, work}, return_when=asyncio.FIRST_COMPLETED)
+                        if not head.done() and work.exception() is not None:
+                            head.cancel()   # the round failed before its early part: raise its error
+                            await work
+                        yield draft_pb2.FromDraft(batch=await head)
+                        batch = await work
                 elif (batch := self._inline_round(mirror, msg.round)) is None:
                     batch = await loop.run_in_executor(self.executor, self._locked, self._round, mirror, msg.round)
                 yield draft_pb2.FromDraft(batch=batch)

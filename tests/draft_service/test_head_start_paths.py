@@ -1,0 +1,129 @@
+"""Where a head-start round (a Round with an early part) is drafted: on the event loop when the
+drafter is free (the early part is sent, then the rest drafted right there), the rest on the
+forward thread when the drafter was taken in between, or the whole round on the forward thread
+when it is taken from the start. Every path sends the same two batches, the early one first."""
+import asyncio
+import queue
+import threading
+
+import grpc
+import pytest
+
+from pearl.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from pearl_runtime.config import EngineConfig
+from pearl_runtime.rpc import tensors
+
+PROMPT = [5, 6, 7, 8, 9]
+EARLY, GAMMA = 2, 6
+
+
+@pytest.fixture
+def servicer(llama_dir, monkeypatch):
+    from draft_service.server import DraftServicer
+    monkeypatch.delenv("PEARL_PROFILE_ROUNDS", raising=False)
+    s = DraftServicer(EngineConfig(model=str(llama_dir), num_blocks=64))
+    yield s
+    s.close()
+
+
+def _round() -> draft_pb2.ToDraft:
+    rnd = draft_pb2.Round(round_id=1, gamma=GAMMA, early=EARLY)
+    rnd.adds.add(seq_id=1, token_ids=PROMPT, params=common_pb2.SamplingParams(max_tokens=100))
+    return draft_pb2.ToDraft(round=rnd)
+
+
+def _hello(servicer) -> draft_pb2.ToDraft:
+    return draft_pb2.ToDraft(hello=draft_pb2.Hello(target_id="t", tokenizer_hash=servicer.tok_hash,
+                                                   vocab_size=servicer.drafter.vocab_size))
+
+
+async def _one_round(servicer, taken: str | None):
+    """Drive Speculate directly. taken: when the drafter is held by someone else ('start': from
+    before the round, 'middle': once the early part is out), released 50 ms later."""
+    loop = asyncio.get_running_loop()
+
+    async def requests():
+        yield _hello(servicer)
+        yield _round()
+
+    stream = servicer.Speculate(requests(), None)
+    assert (await anext(stream)).hello.accepted
+    if taken == "start":
+        servicer.lock.acquire()
+        loop.call_later(0.05, servicer.lock.release)
+    early = (await anext(stream)).batch
+    if taken == "middle":
+        servicer.lock.acquire()
+        loop.call_later(0.05, servicer.lock.release)
+    whole = (await anext(stream)).batch
+    await stream.aclose()
+    return early, whole
+
+
+@pytest.mark.parametrize("taken,path", [(None, "event loop"),
+                                        ("middle", "early part on the event loop, rest on the forward thread"),
+                                        ("start", "forward thread")])
+def test_each_path_sends_the_early_part_then_the_whole_batch(servicer, taken, path):
+    early, whole = asyncio.run(_one_round(servicer, taken))
+    assert servicer.head_paths == {path: 1}
+    assert early.early and not whole.early and early.round_id == whole.round_id == 1
+    toks = tensors.decode_ints(whole.tokens)
+    assert tensors.decode_ints(early.tokens) == [row[:EARLY] for row in toks]
+    assert len(toks[0]) == GAMMA and all(t >= 0 for t in toks[0])
+    # the same tokens whichever path drafted them (a fresh mirror, greedy)
+    _, ref = asyncio.run(_one_round(servicer, None))
+    assert tensors.decode_ints(ref.tokens) == toks
+
+
+def test_the_early_part_reaches_the_target_before_the_rest_is_drafted(servicer):
+    """Over real gRPC: the rest of the round is held back until the client holds the early part
+    (the rest runs on the draft's event loop, so an early part still queued there would never
+    arrive and the round would time out)."""
+    got_early = threading.Event()
+    real_parts = servicer.drafter.parts
+
+    def parts(*args):
+        it = real_parts(*args)
+        yield next(it)
+        assert got_early.wait(10), "the early part did not arrive before the rest was drafted"
+        yield next(it)
+
+    servicer.drafter.parts = parts
+    ready = queue.Queue()
+
+    def serve():
+        loop = asyncio.new_event_loop()
+
+        async def main():
+            server = grpc.aio.server()
+            draft_pb2_grpc.add_DraftServicer_to_server(servicer, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            ready.put((loop, asyncio.current_task(), port))
+            await server.wait_for_termination()
+
+        try:
+            loop.run_until_complete(main())
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    loop, task, port = ready.get(timeout=30)
+    out = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = draft_pb2_grpc.DraftStub(ch).Speculate(iter([_hello(servicer), _round()]), timeout=30)
+            for msg in call:
+                out.append(msg)
+                if msg.WhichOneof("kind") == "batch" and msg.batch.early:
+                    got_early.set()
+                if len(out) == 3:
+                    break
+            call.cancel()
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(timeout=10)
+    assert [m.WhichOneof("kind") for m in out] == ["hello", "batch", "batch"]
+    assert out[1].batch.early and not out[2].batch.early
+    assert servicer.head_paths == {"event loop": 1}
