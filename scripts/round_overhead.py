@@ -21,10 +21,8 @@ when the service stops); the script prints the top functions of each.
 """
 import argparse
 import asyncio
-import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ import grpc  # noqa: E402
 
 from pearl.v1 import common_pb2, target_pb2, target_pb2_grpc  # noqa: E402
 from pearl_runtime.rpc.server import GRPC_OPTIONS  # noqa: E402
+from tests.services.procs import Service  # noqa: E402
 
 COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms",
             "committed_tokens", "head_start_rounds")
@@ -72,45 +71,12 @@ def build_models(root: Path, kind: str) -> tuple[Path, Path]:
     return target, derive_draft(target, root / f"draft-{kind}", kind)
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(kind: str, args: list[str], port: int, log: Path, profile: str | None) -> subprocess.Popen:
-    argv = [kind, *args, "--port", str(port), "--log-level", "info" if kind == "draft" else "warning"]
-    cmd = ([sys.executable, __file__, "--child", f"{profile}.{kind}", "--", *argv] if profile
-           else [sys.executable, "-m", "pearl_runtime.cli", *argv])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEARL_")}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def wait_ready(address: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.time() + timeout_s
-    with grpc.insecure_channel(address) as ch:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"service exited; log:\n{log.read_text()[-3000:]}")
-            try:
-                grpc.channel_ready_future(ch).result(timeout=0.25)
-                return
-            except grpc.FutureTimeoutError:
-                if time.time() > deadline:
-                    raise TimeoutError(f"{address} not listening; log:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def service(kind: str, args: list[str], log_dir: Path, name: str, profile: str | None) -> Service:
+    """tests/services/procs.Service, under cProfile when asked (the same argv after the program)."""
+    svc = Service(kind, args, log_dir, name, log_level="info" if kind == "draft" else "warning")
+    if profile:
+        svc.argv = [sys.executable, __file__, "--child", f"{profile}.{kind}", "--", *svc.argv[3:]]
+    return svc
 
 
 async def metrics(stub) -> dict:
@@ -207,22 +173,18 @@ def main() -> None:
         target_dir, draft_dir = build_models(tmp, args.draft_kind)
         engine = ["--kv-cache-gb", "0.05", "--threads", "1"]
         for mode in args.modes.split(","):
-            dport, tport = free_port(), free_port()
             prof = f"{args.profile}.{mode}" if args.profile else None
-            draft = start("draft", ["--model", str(draft_dir), *engine], dport, tmp / f"draft-{mode}.log", prof)
-            target = None
+            draft = service("draft", ["--model", str(draft_dir), *engine], tmp, f"draft-{mode}", prof)
+            target = service("target", ["--model", str(target_dir), *engine, "--mode", mode, "--gamma",
+                                        str(args.gamma), "--draft", draft.address], tmp, f"target-{mode}", prof)
             try:
-                wait_ready(f"127.0.0.1:{dport}", draft, tmp / f"draft-{mode}.log")
-                target = start("target", ["--model", str(target_dir), *engine, "--mode", mode, "--gamma",
-                                          str(args.gamma), "--draft", f"127.0.0.1:{dport}"],
-                               tport, tmp / f"target-{mode}.log", prof)
-                wait_ready(f"127.0.0.1:{tport}", target, tmp / f"target-{mode}.log")
-                results[mode] = asyncio.run(measure_mode(f"127.0.0.1:{tport}", batch_sizes, args.max_tokens,
+                for svc in (draft, target):
+                    svc.start().wait_listening(time.time() + 120)
+                results[mode] = asyncio.run(measure_mode(target.address, batch_sizes, args.max_tokens,
                                                          args.repeats))
             finally:
-                for proc in (target, draft):
-                    if proc is not None:
-                        stop(proc)
+                for svc in (target, draft):   # SIGTERM: a profiled service dumps its stats on the way out
+                    svc.kill(signal.SIGTERM, timeout_s=20)
     print(f"\nper round, ms (mean over {args.repeats} runs of {args.max_tokens} tokens a request; "
           f"[min-max] of the runs); gamma {args.gamma}, draft {args.draft_kind}")
     print(f"{'mode':6} {'bs':>3} {'rounds':>6} " + " ".join(f"{c:>15}" for c in COLS))
