@@ -40,6 +40,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=0)
     p.add_argument("--attention", default="auto", help="auto | reference | triton | flash-attn")
+    p.add_argument("--skinny-linears", default=_env("SKINNY_LINEARS", "auto"),
+                   help="steps of <= 16 tokens with norm/SiLU/residual folded into the linears: "
+                        "auto (Triton on GPU) | triton | reference | off")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="recompute every prompt (default: reuse cached KV blocks of shared prefixes)")
     p.add_argument("--threads", type=int, default=int(_env("THREADS", 1)), help="CPU threads for torch")
@@ -52,7 +55,7 @@ def _engine_config(args, model: str):
     return EngineConfig(model=model, dtype=dtype, device=args.device, block_size=args.block_size,
                         kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, attention_backend=args.attention,
-                        tp_size=args.tp, enable_prefix_cache=args.prefix_cache, extra={"threads": args.threads})
+                        skinny_linears=args.skinny_linears, tp_size=args.tp, enable_prefix_cache=args.prefix_cache, extra={"threads": args.threads})
 
 
 def cmd_draft(args) -> None:

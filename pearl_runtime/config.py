@@ -108,6 +108,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | reference | triton | flash-attn
     compile_ops: bool = True         # GPU only: torch.compile the elementwise ops (layers/fused.py)
     cuda_graphs: bool = True         # GPU only: graphs for small uniform steps, eager otherwise
+    # steps of <= 16 tokens: norm, SiLU and residual add folded into the linears (layers/skinny.py);
+    # auto: the Triton kernel on CUDA, off elsewhere | triton | reference (the torch ops) | off
+    skinny_linears: str = "auto"
     # query buckets (draft decode: 1; verify: up to gamma + 1, so 32 holds the default max gamma of 16:
     # a verify past the buckets runs eagerly and its first new shape waits for Triton to compile)
     graph_query_lens: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -118,6 +121,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.skinny_linears not in ("auto", "triton", "reference", "off"):
+            raise ValueError(f"skinny_linears must be auto, triton, reference or off, got {self.skinny_linears!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if "," in self.device:   # "cuda:0,1": one GPU per rank

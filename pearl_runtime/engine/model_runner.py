@@ -12,6 +12,7 @@ from pearl_runtime.config import EngineConfig, ModelConfig
 from pearl_runtime.engine.cuda_graph import GraphRunner
 from pearl_runtime.engine.gemm_check import check_gemms, needs_check
 from pearl_runtime.engine.sequence import Sequence
+from pearl_runtime.layers import skinny
 from pearl_runtime.layers.fused import enable_compile
 from pearl_runtime.models.decoder import CausalLM
 from pearl_runtime.models.synthetic import calibrate, init_synthetic, synthetic_spec
@@ -74,6 +75,7 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.graphs = None
         self._eager_shapes: Counter[tuple[int, int]] = Counter()   # eager steps by (batch, query) class
+        self.model.model.skinny_ops = self._skinny_ops(cfg.skinny_linears)
         if self.synthetic and self.synthetic.get("accept") is not None:
             self.synthetic["measured_accept"] = calibrate(self, self.synthetic)
         if self.device.type == "cuda" and cfg.compile_ops:
@@ -85,6 +87,21 @@ class ModelRunner:
             self.graphs.capture()
         log.info("forward path: %s", "cuda graphs for steps within buckets, eager otherwise"
                  if self.graphs else "eager")
+
+    def _skinny_ops(self, choice: str):
+        if choice == "auto":
+            choice = "triton" if self.device.type == "cuda" and skinny.TRITON is not None else "off"
+        if choice == "off":
+            log.info("linears: cuBLAS for every step")
+            return None
+        ops = skinny.REFERENCE if choice == "reference" else skinny.TRITON
+        if ops is None:
+            raise RuntimeError("skinny_linears=triton but triton is not installed")
+        if choice == "triton" and self.device.type != "cuda":
+            raise RuntimeError("skinny_linears=triton needs a CUDA device")
+        log.info("linears: one-token steps fold norm/SiLU/residual into %s kernels, larger steps cuBLAS",
+                 ops.name)
+        return ops
 
     def _block_bytes(self) -> int:
         c = self.model_cfg

@@ -82,3 +82,9 @@ class RowParallelLinear(ReplicatedLinear):
             y = all_reduce(y)
         # bias is added once, after the reduction
         return y if self.bias is None else y + self.bias
+
+    def forward_add(self, ops, x, residual):
+        """residual + self(x); on one rank the add rides in the linear's epilogue."""
+        if self.tp == 1 and self.bias is None:
+            return ops.linear_add(x, self.weight, residual)
+        return self(x) + residual

@@ -5,6 +5,7 @@ from torch import nn
 
 from pearl_runtime.config import ModelConfig
 from pearl_runtime.layers.attention import Attention
+from pearl_runtime.layers import skinny
 from pearl_runtime.layers.fused import ops
 from pearl_runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from pearl_runtime.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -41,6 +42,19 @@ class SelfAttention(nn.Module):
         o = self.attn(q, k, v, rope)
         return self.o_proj(o.flatten(1))
 
+    def forward_skinny(self, ops, rope, h, norm: RMSNorm):
+        """h + attention(norm(h)) with the norm and the residual add folded into the linears."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        qkv = ops.norm_linear(h, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        o = self.attn(q, k, v, rope)
+        return self.o_proj.forward_add(ops, o.flatten(1), h)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -50,6 +64,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+
+    def forward_skinny(self, ops, h, norm: RMSNorm):
+        """h + mlp(norm(h)): norm, both projections and SiLU in one kernel, the add in the next."""
+        a = ops.norm_gate_up(h, norm.weight, norm.eps, self.gate_up_proj.weight)
+        return self.down_proj.forward_add(ops, a, h)
 
 
 class DecoderLayer(nn.Module):
@@ -68,6 +87,11 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
+    def forward_skinny(self, ops, rope, h):
+        """The same layer for a step of a few tokens: h is the residual stream itself."""
+        h = self.self_attn.forward_skinny(ops, rope, h, self.input_layernorm)
+        return self.mlp.forward_skinny(ops, h, self.post_attention_layernorm)
+
 
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -76,10 +100,15 @@ class DecoderModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.skinny_ops = None   # set by the model runner: steps of <= skinny.MAX_ROWS tokens take it
 
     def forward(self, ids, positions):
         x, residual = self.embed_tokens(ids), None
         rope = self.rotary.cos_sin(positions, x.dtype)
+        if self.skinny_ops is not None and x.shape[0] <= skinny.MAX_ROWS:
+            for layer in self.layers:
+                x = layer.forward_skinny(self.skinny_ops, rope, x)
+            return self.norm(x)
         for layer in self.layers:
             x, residual = layer(rope, x, residual)
         return self.norm(x, residual)[0]

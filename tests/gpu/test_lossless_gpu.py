@@ -23,14 +23,16 @@ def _prompts(n=12, seed=0):
     return [[rng.randrange(3, 440) for _ in range(k)] for k in lens]
 
 
-def test_engine_with_graphs_matches_cpu_reference(llama_dir):
-    """Triton attention + CUDA graphs vs the CPU reference path (which CI checks against
-    transformers token for token)."""
+@pytest.mark.parametrize("skinny_linears", ["triton", "off"])
+def test_engine_with_graphs_matches_cpu_reference(llama_dir, skinny_linears):
+    """Triton attention + CUDA graphs (+ the skinny linears, or cuBLAS for every step) vs the
+    CPU reference path (which CI checks against transformers token for token)."""
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     prompts = _prompts()
     cpu = LLMEngine(EngineConfig(model=str(llama_dir), num_blocks=2048)).generate(prompts, params)
     eng = LLMEngine(EngineConfig(model=str(llama_dir), device="cuda", dtype="float32", num_blocks=2048,
-                                 max_num_seqs=16))
+                                 max_num_seqs=16, skinny_linears=skinny_linears))
+    assert (eng.runner.model.model.skinny_ops is not None) == (skinny_linears == "triton")
     assert eng.runner.graphs is not None and eng.runner.graphs.graphs
     gpu = eng.generate(prompts, params)
     assert eng.runner.graphs.hits > 0, "decode steps never replayed a graph"

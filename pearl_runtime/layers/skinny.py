@@ -1,0 +1,136 @@
+"""Skinny linears: a decode step of one sequence multiplies one row by each weight.
+
+Such a step is a chain of matrix-vector products, each short enough that the kernels
+around it (RMSNorm, SiLU, the residual add) and their launch gaps cost as much as the
+product itself: a 0.5B draft layer reads ~29 MB of weights (~7 us at H200 bandwidth) but
+ran ~11 kernels. The Triton kernel here folds those pieces into the product:
+
+  norm_linear      y = norm(x) @ W.T (+ bias)            RMSNorm in the prologue
+  linear_add       y = x @ W.T + residual                 the residual add in the epilogue
+  norm_gate_up     y = silu(norm(x) @ Wg.T) * (norm(x) @ Wu.T)
+
+so a layer is norm_linear(qkv), attention, linear_add(o), norm_gate_up, linear_add(down).
+Each keeps the reference's bf16 rounding points (norm output, weight * norm, product,
+then the add or the SiLU), so results differ from the torch path only in the order of the
+dot product's fp32 sums. `reference_*` are the torch definitions: CPU runs them, GPU tests
+check the kernel against them.
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from pearl_runtime.layers.fused import rms_norm
+
+log = logging.getLogger(__name__)
+
+# Steps of more rows (a batch, a verify) stay on cuBLAS: a tensor-core variant of this kernel
+# for 2-16 rows lost to it by 5-20% on an H200 (BENCHMARKS.md, session 6), while the one-row
+# kernel beat it by 8% (7B shape) to 29% (0.5B) on a layer chain.
+MAX_ROWS = 1
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # CPU installs: the reference ops below are the only path
+    triton = None
+
+
+def reference_norm_linear(x, norm_w, eps, w, bias=None):
+    h = rms_norm(x, norm_w, eps) if norm_w is not None else x
+    return F.linear(h, w, bias)
+
+
+def reference_linear_add(x, w, residual):
+    return F.linear(x, w) + residual
+
+
+def reference_norm_gate_up(x, norm_w, eps, w):
+    gate, up = F.linear(rms_norm(x, norm_w, eps), w).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+if triton is not None:
+    @triton.jit
+    def _skinny(X, W, B, R, G, Y, N, K, eps, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_RES: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program n: rows [n*BLOCK_N, +BLOCK_N) of W (and the same rows + N, the up half, when
+        GATED) against the one input row. Each lane keeps partial sums across the K loop and
+        they are reduced once at the end, so the loop is loads and FMAs only."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        if HAS_NORM:
+            # every program recomputes the row's RMS: x is a few KB and sits in L2
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                xs = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
+                ss += xs * xs
+            rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            x = tl.load(X + rk, mask=k_ok, other=0.0)
+            if HAS_NORM:   # the reference's rounding points: norm(x) in the dtype, then weight * it
+                g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
+                x = (g * (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+            xf = x.to(tl.float32)[None, :]
+            mask = n_ok[:, None] & k_ok[None, :]
+            acc += tl.load(W + rn[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32) * xf
+            if GATED:
+                acc_up += tl.load(W + (rn + N)[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32) * xf
+        out_ty = Y.dtype.element_ty
+        y = tl.sum(acc, 1).to(out_ty).to(tl.float32)
+        if HAS_BIAS:
+            y = (y + tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
+        if GATED:
+            up = tl.sum(acc_up, 1).to(out_ty).to(tl.float32)
+            y = (y / (1.0 + tl.exp(-y))).to(out_ty).to(tl.float32) * up
+        if HAS_RES:
+            y = y + tl.load(R + rn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(Y + rn, y.to(out_ty), mask=n_ok)
+
+
+def default_config(K: int) -> dict:
+    """Four weight rows a program: enough programs to fill the SMs several times over. Picked
+    by a sweep on an H200 (BENCHMARKS.md, session 6): one K tile of 1024 for K <= 1024 (the
+    0.5B draft), else 512-wide tiles with 4 warps."""
+    if K <= 1024:
+        return dict(block_n=4, block_k=1024, num_warps=8)
+    return dict(block_n=4, block_k=512, num_warps=4)
+
+
+def _launch(x, w, *, out_features, bias=None, residual=None, norm_w=None, eps=0.0, gated=False, config=None):
+    M, K = x.shape
+    assert M == 1 and x.is_contiguous() and w.is_contiguous(), "the skinny kernel takes one contiguous row"
+    y = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
+    c = config or default_config(K)
+    _skinny[(triton.cdiv(out_features, c["block_n"]),)](
+        x, w, w if bias is None else bias, w if residual is None else residual, w if norm_w is None else norm_w,
+        y, out_features, K, eps, HAS_NORM=norm_w is not None, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, GATED=gated, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
+        num_warps=c["num_warps"], num_stages=1)
+    return y
+
+
+def norm_linear(x, norm_w, eps, w, bias=None, config=None):
+    return _launch(x, w, out_features=w.shape[0], bias=bias, norm_w=norm_w, eps=eps, config=config)
+
+
+def linear_add(x, w, residual, config=None):
+    return _launch(x, w, out_features=w.shape[0], residual=residual, config=config)
+
+
+def norm_gate_up(x, norm_w, eps, w, config=None):
+    return _launch(x, w, out_features=w.shape[0] // 2, norm_w=norm_w, eps=eps, gated=True, config=config)
+
+
+class SkinnyOps:
+    def __init__(self, name, norm_linear, linear_add, norm_gate_up):
+        self.name, self.norm_linear, self.linear_add, self.norm_gate_up = name, norm_linear, linear_add, norm_gate_up
+
+
+REFERENCE = SkinnyOps("torch reference", reference_norm_linear, reference_linear_add, reference_norm_gate_up)
+TRITON = SkinnyOps("triton", norm_linear, linear_add, norm_gate_up) if triton is not None else None

@@ -1,0 +1,201 @@
+"""Skinny linears on the GPU: correctness against the torch ops, the layer chain (a decoder
+layer minus attention, distinct weights per layer so nothing sits in L2) timed in a CUDA
+graph for the torch path and for the Triton kernel with a few configs, then ar decode of
+whole engines with the skinny path off and on.
+
+    python3 scripts/gpu_skinny_bench.py [--sweep] [--engines qwen2.5-7b,qwen2.5-0.5b]
+"""
+import argparse
+import gc
+import itertools
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pearl_runtime.layers import skinny as S
+from pearl_runtime.layers.fused import enable_compile, ops as fused
+
+# name: (layers, hidden, intermediate, q+k+v width)
+SHAPES = {"qwen2.5-0.5b": (24, 896, 4864, 1152), "qwen2.5-1.5b": (28, 1536, 8960, 2048),
+          "qwen2.5-7b": (28, 3584, 18944, 4608)}
+
+
+def copy_gbps() -> float:
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    best = 1e9
+    for _ in range(10):
+        s = time.perf_counter()
+        y.copy_(x)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - s)
+    return 2 * 2**30 / best / 1e9
+
+
+def graph_ms(fn, reps=20) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def correctness():
+    torch.manual_seed(0)
+    worst = {}
+    for dtype, M, (N, K) in itertools.product((torch.float32, torch.bfloat16), (1,),
+                                              ((40, 72), (1152, 896), (333, 1000))):
+        x = torch.randn(M, K, dtype=dtype, device="cuda")
+        w = torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5
+        w2 = torch.randn(2 * N, K, dtype=dtype, device="cuda") / K**0.5
+        b = torch.randn(N, dtype=dtype, device="cuda")
+        g = torch.rand(K, dtype=dtype, device="cuda") + 0.5
+        r = torch.randn(M, N, dtype=dtype, device="cuda")
+        for name, kern, ref, args in (("norm_linear", S.norm_linear, S.reference_norm_linear, (x, g, 1e-6, w, b)),
+                                      ("linear_add", S.linear_add, S.reference_linear_add, (x, w, r)),
+                                      ("norm_gate_up", S.norm_gate_up, S.reference_norm_gate_up, (x, g, 1e-6, w2))):
+            got, want = kern(*args), ref(*args)
+            exact = ref(*[a.double() if torch.is_tensor(a) else a for a in args])
+            e_k = (got.double() - exact).abs().max().item()
+            e_r = (want.double() - exact).abs().max().item()
+            key = (str(dtype)[6:], name)
+            worst[key] = max(worst.get(key, 0), e_k / max(e_r, 1e-12))
+            print(f"  {key[0]:8} {name:12} M={M:2} N={N:4} K={K:4}: kernel err {e_k:.2e}, torch err {e_r:.2e}")
+    print("worst kernel/torch error ratio:", {f"{a}/{b}": round(v, 2) for (a, b), v in worst.items()})
+
+
+class Chain:
+    """L layers of (norm+qkv, o + add, norm+gate_up+silu, down + add), distinct weights."""
+
+    def __init__(self, shape, M, dtype=torch.bfloat16):
+        L, H, I, Q = shape
+        d = dict(dtype=dtype, device="cuda")
+        self.layers = [dict(qkv=torch.randn(Q, H, **d) * 0.02, bias=torch.randn(Q, **d) * 0.02,
+                            o=torch.randn(H, H, **d) * 0.02, gu=torch.randn(2 * I, H, **d) * 0.02,
+                            down=torch.randn(H, I, **d) * 0.02, g1=torch.ones(H, **d), g2=torch.ones(H, **d))
+                       for _ in range(L)]
+        self.bytes = sum(t.numel() * t.element_size() for lay in self.layers for t in lay.values())
+        self.h = torch.randn(M, H, **d)
+        self.a = torch.randn(M, H, **d)      # stands in for attention's output
+        self.H = H
+
+    def torch_path(self):
+        x, res = self.h, self.h
+        for lay in self.layers:
+            h, res = fused.add_rms_norm(x, res, lay["g1"], 1e-6)
+            F.linear(h, lay["qkv"], lay["bias"])
+            x = F.linear(self.a, lay["o"])
+            h, res = fused.add_rms_norm(x, res, lay["g2"], 1e-6)
+            x = F.linear(fused.silu_mul(F.linear(h, lay["gu"])), lay["down"])
+        return x
+
+    def skinny_path(self, config=None):
+        h = self.h
+        for lay in self.layers:
+            S.norm_linear(h, lay["g1"], 1e-6, lay["qkv"], lay["bias"], config=config)
+            h = S.linear_add(self.a, lay["o"], h, config=config)
+            m = S.norm_gate_up(h, lay["g2"], 1e-6, lay["gu"], config=config)
+            h = S.linear_add(m, lay["down"], h, config=config)
+        return h
+
+
+def sweep_configs():
+    for bn, bk, nw in itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (4, 8)):
+        if bn * bk <= 1024 * nw * 2:
+            yield dict(block_n=bn, block_k=bk, num_warps=nw)
+
+
+def chains(names, rows, sweep, copy):
+    print("\n| shape | M | weights MB | torch ms | skinny ms (default) | GB/s (default) | % copy | best sweep ms | best config |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        for M in rows:
+            c = Chain(SHAPES[name], M)
+            t_torch = graph_ms(c.torch_path)
+            t_sk = graph_ms(c.skinny_path)
+            best, best_cfg = t_sk, "default"
+            if sweep:
+                for cfg in sweep_configs():
+                    try:
+                        t = graph_ms(lambda: c.skinny_path(cfg))
+                    except Exception as e:   # a config that does not compile or fit
+                        print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
+                        continue
+                    if t < best:
+                        best, best_cfg = t, cfg
+            gbps = c.bytes / (t_sk / 1e3) / 1e9
+            print(f"| {name} | {M} | {c.bytes / 1e6:.0f} | {t_torch:.3f} | {t_sk:.3f} | {gbps:.0f} | "
+                  f"{100 * gbps / copy:.0f}% | {best:.3f} | {best_cfg} |", flush=True)
+            del c
+            torch.cuda.empty_cache()
+
+
+def engines(names, copy):
+    from pearl_runtime.config import EngineConfig
+    from pearl_runtime.engine.llm_engine import LLMEngine
+    from pearl_runtime.models.synthetic import prepare_synthetic_pair
+    from pearl_runtime.sampling import SamplingParams
+    print("\n| model | linears | bs | ms/step | weight GB/s | % copy |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        tdir, _ = prepare_synthetic_pair(name, "qwen2.5-0.5b", 0.8) if name != "qwen2.5-0.5b" else \
+            prepare_synthetic_pair("qwen2.5-7b", name, 0.8)[::-1]
+        for mode in ("off", "triton"):
+            eng = LLMEngine(EngineConfig(model=str(tdir), device="cuda", dtype="bfloat16", kv_cache_gb=2,
+                                         max_num_seqs=16, skinny_linears=mode))
+            weights = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+            emb = eng.runner.model.model.embed_tokens.weight
+            if eng.runner.model.lm_head.weight is not emb:
+                weights -= emb.numel() * emb.element_size()
+            for bs in (1,):
+                prompts = [[(i * 7 + j) % 1000 + 300 for j in range(128)] for i in range(bs)]
+                eng.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
+                torch.cuda.synchronize()
+                s = time.perf_counter()
+                eng.generate(prompts, SamplingParams(max_tokens=200, ignore_eos=True))
+                torch.cuda.synchronize()
+                dt = (time.perf_counter() - s) / 200
+                gbps = weights / dt / 1e9
+                print(f"| {name} | {mode} | {bs} | {dt * 1e3:.3f} | {gbps:.0f} | {100 * gbps / copy:.0f}% |", flush=True)
+            del eng
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--chains", default="qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b")
+    p.add_argument("--rows", default="1")
+    p.add_argument("--engines", default="qwen2.5-7b,qwen2.5-0.5b")
+    p.add_argument("--skip-correctness", action="store_true")
+    args = p.parse_args()
+    enable_compile()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    copy = copy_gbps()
+    print(f"copy bandwidth {copy:.0f} GB/s (1 GiB device copy, read + write, best of 10)")
+    if not args.skip_correctness:
+        correctness()
+    chains([n for n in args.chains.split(",") if n], [int(m) for m in args.rows.split(",")], args.sweep, copy)
+    if args.engines:
+        engines(args.engines.split(","), copy)
+
+
+if __name__ == "__main__":
+    main()
