@@ -44,7 +44,8 @@ def hbm(rows: list[dict], target_dir: str, dtype: str, prompt_len: int, probe: d
     b = roofline.decode_step_bytes(target_dir, dtype, mean_context=prompt_len + n / 2)
     b = {**b, "total_bytes": b["total_bytes"] / gpus, "weight_bytes": b["weight_bytes"] / gpus,
          "kv_bytes": b["kv_bytes"] / gpus, "target_gpus": gpus}
-    step_ms = ar1["wall_s"] / n * 1e3
+    # a bs=1 row may run several batches one after another (--min-seqs): its wall covers them all
+    step_ms = ar1["wall_s"] / (n * ar1.get("batches", 1)) * 1e3
     copy = probe.get("copy", {}).get("gbps")
     out = {**b, "step_ms": step_ms, "achieved_gbps": roofline.achieved_gbps(b["total_bytes"], step_ms),
            "forward_ms": ar1["target_ms"],

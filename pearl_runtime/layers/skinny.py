@@ -52,45 +52,51 @@ def reference_norm_gate_up(x, norm_w, eps, w):
 
 if triton is not None:
     @triton.jit
-    def _skinny(X, W, B, R, G, Y, N, K, eps, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _skinny(X, W, B, R, G, Y, N, K, stride_w, eps, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program n: rows [n*BLOCK_N, +BLOCK_N) of W (and the same rows + N, the up half, when
         GATED) against the one input row. Each lane keeps partial sums across the K loop and
-        they are reduced once at the end, so the loop is loads and FMAs only."""
+        they are reduced once at the end, so the loop is loads and FMAs only. The row is held
+        as a [1, BLOCK_K] tile: a 1-D load broadcast against the weights measured slower."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, 1)
         n_ok = rn < N
         if HAS_NORM:
             # every program recomputes the row's RMS: x is a few KB and sits in L2
-            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            ss = tl.zeros([1], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
-                xs = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)
-                ss += xs * xs
-            rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+                xs = tl.load(X + rm[:, None] * 0 + rk[None, :], mask=(rk < K)[None, :], other=0.0).to(tl.float32)
+                ss += tl.sum(xs * xs, 1)
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if GATED:
+            acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            x = tl.load(X + rk, mask=k_ok, other=0.0)
+            x = tl.load(X + rm[:, None] * 0 + rk[None, :], mask=k_ok[None, :], other=0.0)
             if HAS_NORM:   # the reference's rounding points: norm(x) in the dtype, then weight * it
                 g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
-                x = (g * (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
-            xf = x.to(tl.float32)[None, :]
+                xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
+                x = (g[None, :] * xn.to(tl.float32)).to(x.dtype)
+            xf = x.to(tl.float32)
             mask = n_ok[:, None] & k_ok[None, :]
-            acc += tl.load(W + rn[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32) * xf
+            w = tl.load(W + rn[:, None] * stride_w + rk[None, :], mask=mask, other=0.0)
+            acc += w.to(tl.float32) * xf
             if GATED:
-                acc_up += tl.load(W + (rn + N)[:, None] * K + rk[None, :], mask=mask, other=0.0).to(tl.float32) * xf
+                wu = tl.load(W + (rn + N)[:, None] * stride_w + rk[None, :], mask=mask, other=0.0)
+                acc_up += wu.to(tl.float32) * xf
         out_ty = Y.dtype.element_ty
-        y = tl.sum(acc, 1).to(out_ty).to(tl.float32)
+        y = tl.sum(acc, 1)[None, :].to(out_ty).to(tl.float32)
         if HAS_BIAS:
-            y = (y + tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
+            y = (y + tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(out_ty).to(tl.float32)
         if GATED:
-            up = tl.sum(acc_up, 1).to(out_ty).to(tl.float32)
+            up = tl.sum(acc_up, 1)[None, :].to(out_ty).to(tl.float32)
             y = (y / (1.0 + tl.exp(-y))).to(out_ty).to(tl.float32) * up
         if HAS_RES:
-            y = y + tl.load(R + rn, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(Y + rn, y.to(out_ty), mask=n_ok)
+            y = y + tl.load(R + rm[:, None] * 0 + rn[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
+        tl.store(Y + rm[:, None] * 0 + rn[None, :], y.to(out_ty), mask=n_ok[None, :])
 
 
 def default_config(K: int) -> dict:
@@ -109,7 +115,7 @@ def _launch(x, w, *, out_features, bias=None, residual=None, norm_w=None, eps=0.
     c = config or default_config(K)
     _skinny[(triton.cdiv(out_features, c["block_n"]),)](
         x, w, w if bias is None else bias, w if residual is None else residual, w if norm_w is None else norm_w,
-        y, out_features, K, eps, HAS_NORM=norm_w is not None, HAS_BIAS=bias is not None,
+        y, out_features, K, w.stride(0), eps, HAS_NORM=norm_w is not None, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, GATED=gated, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
         num_warps=c["num_warps"], num_stages=1)
     return y

@@ -304,3 +304,14 @@ def test_batches_cover_min_seqs_with_distinct_prompts():
     assert bench_prompts.batches(p, 4, 8) == [[[0], [1], [2], [3]], [[4], [5], [6], [7]]]
     assert bench_prompts.batches(p, 32, 8) == [bench_prompts.take(p, 32)]   # one batch, prompts cycled
     assert bench_prompts.batches(p, 3, 1) == [[[0], [1], [2]]]
+
+
+def test_hbm_step_time_counts_every_batch_of_the_row(monkeypatch):
+    """A bs=1 row of 8 batches: its wall covers 8 x max_tokens steps, not max_tokens."""
+    from pearl_runtime.bench import report, roofline
+    monkeypatch.setattr(roofline, "decode_step_bytes",
+                        lambda *a, **k: {"weight_bytes": 4e9, "kv_bytes": 0.0, "total_bytes": 4e9})
+    row = {"mode": "ar", "batch_size": 1, "batches": 8, "max_tokens": 100, "wall_s": 4.0, "target_ms": 4.5}
+    h = report.hbm([row], "unused", "bfloat16", 256, {"copy": {"gbps": 2000.0}})
+    assert h["step_ms"] == 5.0
+    assert h["achieved_gbps"] == 800.0 and h["fraction_of_copy"] == 0.4
