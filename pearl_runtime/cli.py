@@ -42,7 +42,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto", help="auto | reference | triton | flash-attn")
     p.add_argument("--skinny-linears", default=_env("SKINNY_LINEARS", "auto"),
                    help="steps of <= 16 tokens with norm/SiLU/residual folded into the linears: "
-                        "auto (Triton on GPU) | triton | reference | off")
+                        "auto (Triton on GPU for hidden size <= 2048) | triton | reference | off")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="recompute every prompt (default: reuse cached KV blocks of shared prefixes)")
     p.add_argument("--threads", type=int, default=int(_env("THREADS", 1)), help="CPU threads for torch")

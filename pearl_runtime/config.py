@@ -109,7 +109,8 @@ class EngineConfig:
     compile_ops: bool = True         # GPU only: torch.compile the elementwise ops (layers/fused.py)
     cuda_graphs: bool = True         # GPU only: graphs for small uniform steps, eager otherwise
     # steps of <= 16 tokens: norm, SiLU and residual add folded into the linears (layers/skinny.py);
-    # auto: the Triton kernel on CUDA, off elsewhere | triton | reference (the torch ops) | off
+    # auto: the Triton kernel on CUDA for models of hidden size <= 2048, else off | triton |
+    # reference (the torch ops) | off
     skinny_linears: str = "auto"
     # query buckets (draft decode: 1; verify: up to gamma + 1, so 32 holds the default max gamma of 16:
     # a verify past the buckets runs eagerly and its first new shape waits for Triton to compile)

@@ -90,9 +90,11 @@ class ModelRunner:
 
     def _skinny_ops(self, choice: str):
         if choice == "auto":
-            choice = "triton" if self.device.type == "cuda" and skinny.TRITON is not None else "off"
+            small = self.model_cfg.hidden_size <= skinny.AUTO_MAX_HIDDEN
+            choice = "triton" if self.device.type == "cuda" and skinny.TRITON is not None and small else "off"
         if choice == "off":
-            log.info("linears: cuBLAS for every step")
+            log.info("linears: cuBLAS for every step (skinny_linears=%s, hidden size %d)",
+                     self.cfg.skinny_linears, self.model_cfg.hidden_size)
             return None
         ops = skinny.REFERENCE if choice == "reference" else skinny.TRITON
         if ops is None:

@@ -99,13 +99,18 @@ if triton is not None:
         tl.store(Y + rm[:, None] * 0 + rn[None, :], y.to(out_ty), mask=n_ok[None, :])
 
 
+# "auto" takes the kernel for models up to this hidden size: on an H200 it beat cuBLAS on the
+# 0.5B and 1.5B shapes (engine step 1.10 -> 0.98 ms at 0.5B) but lost on the 7B one (4.61 ->
+# 4.92 ms), whose large GEMVs cuBLAS already streams at ~80% of copy bandwidth.
+AUTO_MAX_HIDDEN = 2048
+
+
 def default_config(K: int) -> dict:
-    """Four weight rows a program: enough programs to fill the SMs several times over. Picked
-    by a sweep on an H200 (BENCHMARKS.md, session 6): one K tile of 1024 for K <= 1024 (the
-    0.5B draft), else 512-wide tiles with 4 warps."""
-    if K <= 1024:
-        return dict(block_n=4, block_k=1024, num_warps=8)
-    return dict(block_n=4, block_k=512, num_warps=4)
+    """Few weight rows a program, so the programs fill the SMs several times over. Picked by
+    sweeps on an H200 (BENCHMARKS.md, session 6)."""
+    if K <= 2048:
+        return dict(block_n=2, block_k=1024, num_warps=4)
+    return dict(block_n=8, block_k=512, num_warps=4)
 
 
 def _launch(x, w, *, out_features, bias=None, residual=None, norm_w=None, eps=0.0, gated=False, config=None):
