@@ -65,6 +65,17 @@ def pearl_tokens_per_round(alpha: float, gamma: int, head_start: int = 0) -> flo
     return pi_pre * pre + (1.0 - pi_pre) * post
 
 
+def head_start_granted(alpha: float, gamma: int, head_start: int, share: float | None) -> float:
+    """The fraction of pre-verify rounds that got the head start. The target grants it to a
+    whole batch, and only when at least half of the batch is in pre-verify: at batch 1 that is
+    every pre-verify round, at batch 32 (pi_P ~ 0.4) almost none. `share`: the measured
+    fraction of all rounds that waited for one (None: the design's every pre-verify round)."""
+    if share is None or head_start == 0:
+        return 1.0
+    pi_pre = _pre_verify_share(alpha, gamma, head_start)
+    return min(1.0, share / pi_pre) if pi_pre > 0 else 0.0
+
+
 def simulate_pearl(alpha: float, gamma: int, rounds: int = 100_000, seed: int = 0,
                    head_start: int = 0) -> tuple[float, float]:
     """Monte-Carlo of the PEARL rules at iid acceptance `alpha`: (tokens per round, accepted /
@@ -117,11 +128,20 @@ def fit_alpha(rate: float, gamma: int, mode: str, head_start: int = 0) -> float:
 
 
 def project(t_ar: float, t_d: float, t_v: float, t_x: float, alpha: float, gamma: int,
-            head_start: int = 0) -> dict:
-    """Round times, tokens per round and speedups over ar of sd and PEARL (separate GPUs)."""
+            head_start: int = 0, head_start_share: float | None = None) -> dict:
+    """Round times, tokens per round and speedups over ar of sd and PEARL (separate GPUs).
+    With `head_start_share` (measured), only that share of the rounds wait for the head start
+    and the tokens are the mix of the two chains (see head_start_granted)."""
     sd_round = gamma * t_d + t_v + t_x
-    pearl_round = max(gamma * t_d, t_v) + t_x + _pre_verify_share(alpha, gamma, head_start) * head_start * t_d
-    e_sd, e_pearl = sd_tokens_per_round(alpha, gamma), pearl_tokens_per_round(alpha, gamma, head_start)
+    e_sd = sd_tokens_per_round(alpha, gamma)
+    if head_start_share is None:
+        waited = _pre_verify_share(alpha, gamma, head_start)
+        e_pearl = pearl_tokens_per_round(alpha, gamma, head_start)
+    else:
+        f = head_start_granted(alpha, gamma, head_start, head_start_share)
+        waited = head_start_share
+        e_pearl = f * pearl_tokens_per_round(alpha, gamma, head_start) + (1 - f) * pearl_tokens_per_round(alpha, gamma)
+    pearl_round = max(gamma * t_d, t_v) + t_x + waited * head_start * t_d
     return {"sd_round_ms": sd_round, "pearl_round_ms": pearl_round,
             "sd_tokens_per_round": e_sd, "pearl_tokens_per_round": e_pearl,
             "sd_speedup": t_ar * e_sd / sd_round if sd_round > 0 else None,

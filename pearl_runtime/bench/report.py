@@ -80,17 +80,23 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1) -> list[dict
             t_x = src["host_ms"]                                           # transport hidden
         w = projection.head_start_for(g, head_start)   # the target's head start at this gamma
         alpha = projection.fit_alpha(src["accept_rate"], g, src["mode"], w if src["mode"] == "pearl" else 0)
-        p = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, g, w)
+        pearl = by.get(("pearl", bs))
+        # how often the pearl run's rounds waited for a head start (the target grants it to the
+        # whole batch when half of it is in pre-verify: rarely at large batch)
+        pm = pearl["metrics_diff"] if pearl else {}
+        share = (pm["head_start_rounds"] / pm["speculative_rounds"]
+                 if pm.get("speculative_rounds") and "head_start_rounds" in pm else None)
+        p = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, g, w, share)
         # with the target's table of verify times by query length, other gammas' verifies are
         # the measured one scaled by it (at batch 32 on 72B: 45 ms at 8 tokens, 75 at 16)
         cost = VerifyCost.from_rows(src["metrics_diff"].get("verify_times") or [])
         at = (lambda x: t_v * cost.scale(bs, x) / cost.scale(bs, g)) if cost.table else t_v
         gammas = range(1, max(cost.table) if cost.table else 17)
         best_g, best = projection.best_gamma(ar["round_ms"], t_d, at, t_x, alpha, gammas, head_start=head_start)
-        pearl = by.get(("pearl", bs))
         sd = by.get(("sd", bs))
         pg = pearl["gamma"] if pearl and pearl["gamma"] else g   # pearl may run its own gamma
-        mat_model = projection.pearl_tokens_per_round(alpha, pg, projection.head_start_for(pg, head_start))
+        mat_model = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, pg, projection.head_start_for(pg, head_start),
+                                       share)["pearl_tokens_per_round"]
         out.append({
             "batch_size": bs, "source": src["mode"], "contended": src["mode"] == "pearl" and same_gpu,
             "gamma": g, "alpha": alpha, "t_ar_ms": ar["round_ms"], "t_d_ms": t_d, "t_v_ms": t_v, "t_x_ms": t_x,
@@ -98,7 +104,7 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1) -> list[dict
             # checks of the model against this run: sd's wall-clock speedup; PEARL's tokens per
             # round at alpha (fitted to sd's acceptance, or to pearl's own without an sd run)
             "sd_speedup_measured": sd["speedup_vs_ar"] if sd else None,
-            "head_start": w, "pearl_mat_model": mat_model,
+            "head_start": w, "head_start_share": share, "pearl_mat_model": mat_model,
             "pearl_mat_measured": pearl["mat"] if pearl else None,
             "best_gamma": best_g, "pearl_speedup_best_gamma": best,
         })
@@ -174,18 +180,22 @@ def hbm_text(h: dict | None) -> str:
 def projection_text(proj: list[dict]) -> str:
     if not proj:
         return "projection: needs ar and sd (or pearl) runs"
-    head = (f"{'bs':>4}{'src':>6}{'gamma':>6}{'w':>3}{'alpha':>7}{'t_ar':>8}{'t_d':>8}{'t_v':>8}{'t_x':>8}"
+    head = (f"{'bs':>4}{'src':>6}{'gamma':>6}{'w':>3}{'hs%':>5}{'alpha':>7}{'t_ar':>8}{'t_d':>8}{'t_v':>8}{'t_x':>8}"
             f"{'sd x':>7}{'sd meas':>8}{'MAT mod':>8}{'MAT meas':>9}{'PEARL x':>9}{'best g':>7}{'at best':>8}")
     lines = ["PROJECTED PEARL speedup over ar with draft and target on separate GPUs (round model, "
              "benchmarks/README.md); ms", head]
     for p in proj:
-        lines.append(f"{p['batch_size']:>4}{p['source']:>6}{p['gamma']:>6}{p['head_start']:>3}{p['alpha']:>7.3f}"
+        hs = p.get("head_start_share")
+        lines.append(f"{p['batch_size']:>4}{p['source']:>6}{p['gamma']:>6}{p['head_start']:>3}"
+                     f"{_f(hs if hs is None else 100 * hs, '.0f'):>5}{p['alpha']:>7.3f}"
                      f"{p['t_ar_ms']:>8.2f}"
                      f"{p['t_d_ms']:>8.2f}{p['t_v_ms']:>8.2f}{p['t_x_ms']:>8.2f}{_f(p['sd_speedup']):>7}"
                      f"{_f(p['sd_speedup_measured']):>8}{_f(p['pearl_mat_model']):>8}{_f(p['pearl_mat_measured']):>9}"
                      f"{_f(p['pearl_speedup']):>9}{p['best_gamma']:>7}"
                      f"{_f(p['pearl_speedup_best_gamma']):>8}" + ("  (contended inputs)" if p["contended"] else ""))
-    lines.append("w: PEARL's head start (draft tokens waited for in pre-verify); sd x / PEARL x: model speedups "
+    lines.append("w: PEARL's head start (draft tokens waited for in pre-verify); hs%: share of the pearl run's "
+                 "rounds that waited for it (the model uses it: pre-verify rounds without it judge 1 token; "
+                 "'best g' assumes every pre-verify round gets it); sd x / PEARL x: model speedups "
                  "over ar; sd meas: measured sd wall-clock speedup; MAT mod / meas: PEARL tokens per "
                  "sequence-round, model at alpha vs measured")
     return "\n".join(lines)

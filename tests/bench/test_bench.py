@@ -315,3 +315,20 @@ def test_hbm_step_time_counts_every_batch_of_the_row(monkeypatch):
     h = report.hbm([row], "unused", "bfloat16", 256, {"copy": {"gbps": 2000.0}})
     assert h["step_ms"] == 5.0
     assert h["achieved_gbps"] == 800.0 and h["fraction_of_copy"] == 0.4
+
+
+def test_projection_uses_the_measured_head_start_share():
+    """A pearl run whose rounds rarely waited for a head start (large batch: the target grants
+    it only when half the batch is in pre-verify) is modelled as plain PEARL; one that waited in
+    every pre-verify round as the head-start chain; None keeps the design's assumption."""
+    a, g, w = 0.93, 8, 4
+    design = projection.project(25.0, 2.0, 44.0, 1.0, a, g, w)
+    none = projection.project(25.0, 2.0, 44.0, 1.0, a, g, w, head_start_share=0.0)
+    every = projection.project(25.0, 2.0, 44.0, 1.0, a, g, w,
+                               head_start_share=projection._pre_verify_share(a, g, w))
+    plain = projection.project(25.0, 2.0, 44.0, 1.0, a, g, 0)
+    assert none["pearl_tokens_per_round"] == pytest.approx(plain["pearl_tokens_per_round"])
+    assert none["pearl_round_ms"] == pytest.approx(plain["pearl_round_ms"])
+    assert every["pearl_tokens_per_round"] == pytest.approx(design["pearl_tokens_per_round"])
+    assert every["pearl_round_ms"] == pytest.approx(design["pearl_round_ms"])
+    assert none["pearl_tokens_per_round"] < design["pearl_tokens_per_round"]
