@@ -44,12 +44,14 @@ class Drafter:
         mirror.seqs.clear()
 
     def apply(self, mirror: Mirror, adds: list[tuple[int, list[int], SamplingParams]], removes: list[int],
-              verdicts: list[tuple[int, int, int]]) -> None:
+              verdicts: list[list[int]]) -> None:
+        """verdicts: (seq_id, length, last token[, keep]) rows; keep 0 drops the drafts past
+        `length` (the target trimmed what it carries), -1 or absent keeps them."""
         for sid in removes:
             seq = mirror.seqs.pop(sid, None)
             if seq is not None:
                 self.blocks.free_seq(seq)
-        for sid, num, last in verdicts:
+        for sid, num, last, *rest in verdicts:
             seq = mirror.seqs.get(sid)
             if seq is None:
                 continue
@@ -57,6 +59,9 @@ class Drafter:
                 # accepted: the tokens drafted past it (PEARL drafts on while the target
                 # verifies) and their K/V stand; dropping the K/V made the next round re-feed up
                 # to gamma tokens in an eager step outside the draft's graphs
+                if rest and rest[0] >= 0 and len(seq) > num + rest[0]:
+                    del seq.token_ids[num + rest[0]:]   # past what the target carries: drafted again
+                    self.blocks.truncate(seq, min(seq.num_kv, len(seq) - 1))
                 continue
             del seq.token_ids[num - 1:]            # rejected: roll back, take the target's token
             seq.token_ids.append(last)

@@ -32,6 +32,7 @@ class Request:
     new_tokens: list[int] = field(default_factory=list)   # committed, not yet streamed
     accepted: int = 0
     drafted: int = 0
+    trimmed: bool = False                # pending was cut short: the draft must drop what follows
 
     @property
     def finished(self) -> bool:
@@ -143,8 +144,11 @@ class TargetCore:
         return done
 
     def finish_round(self, reqs: list[Request], logits: list[tuple[torch.Tensor, list[int]]],
-                     drafts: dict[int, DraftTokens]) -> list[Request]:
-        """Judge and commit every request. Returns the requests that finished."""
+                     drafts: dict[int, DraftTokens], max_pending: int | None = None) -> list[Request]:
+        """Judge and commit every request. `max_pending` caps what a request carries into the
+        next round (PEARL: gamma - 1): a post-verify sequence of a head-start round got gamma +
+        early fresh tokens, and carrying them all would verify gamma + early tokens next round,
+        past the query bucket the rounds run in. Returns the requests that finished."""
         done = []
         for req, (rows, best) in zip(reqs, logits):
             seq = req.seq
@@ -157,6 +161,11 @@ class TargetCore:
             del seq.token_ids[len(seq) - len(req.pending):]      # back to the committed tokens
             req.new_tokens += commit(seq, verdict.tokens, self.eos_ids, self.max_model_len)
             req.pending, req.pending_probs = verdict.pending, verdict.pending_probs
+            if max_pending is not None and len(req.pending) > max_pending:
+                req.pending = req.pending[:max_pending]
+                if req.pending_probs is not None:
+                    req.pending_probs = req.pending_probs[:max_pending]
+                req.trimmed = True
             self._settle(req, done)
         return done
 
@@ -169,6 +178,14 @@ class TargetCore:
             self._forget(req)
             done.append(req)
 
-    def draft_verdicts(self) -> list[tuple[int, int, int]]:
-        """(seq_id, committed length, last committed token) of every sequence on the draft."""
-        return [(r.seq.seq_id, len(r.seq), r.seq.last_token) for r in self.requests.values() if r.on_draft]
+    def draft_verdicts(self) -> list[tuple[int, int, int, int]]:
+        """(seq_id, length, last token, keep) of every sequence on the draft, where length
+        counts the committed tokens and the pending ones the round verifies (schedule() put
+        them in the sequence). keep 0: drop the drafts past them (pending was trimmed); -1:
+        the drafts past them stand."""
+        out = []
+        for r in self.requests.values():
+            if r.on_draft:
+                out.append((r.seq.seq_id, len(r.seq), r.seq.last_token, 0 if r.trimmed else -1))
+                r.trimmed = False
+        return out

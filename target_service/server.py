@@ -201,7 +201,10 @@ class TargetService:
                         self.head_start, batch, head = 0, head, None
                     elif head is not None:
                         self.stats.head_start_rounds += 1
-                        taken = self.core.attach(reqs, self._parse(head))
+                        # pre-verify sequences judge the early tokens now; post-verify ones
+                        # keep their query at gamma (adding the early tokens after their
+                        # pending ones would push the verify into the next query bucket)
+                        taken = self.core.attach([r for r in reqs if not r.pending], self._parse(head))
                 # the heart of PEARL: verify while the draft drafts the next gamma tokens
                 forward = loop.run_in_executor(self.executor, self._timed_forward, reqs)
                 sent = time.perf_counter()
@@ -227,7 +230,9 @@ class TargetService:
         else:
             logits, target_ms, _ = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
         before = [(len(r.seq) - len(r.pending), r.drafted, r.accepted) for r in reqs]
-        self.core.finish_round(reqs, logits, drafts)
+        # PEARL carries at most gamma - 1 pending tokens a sequence into the next round
+        cap = rnd.gamma - rnd.early - 1 if batch is not None and self.mode == "pearl" else None
+        self.core.finish_round(reqs, logits, drafts, max_pending=cap)
         self._publish(reqs)
         s = self.stats
         s.rounds += 1
@@ -348,8 +353,8 @@ class TargetService:
         """Draft tokens PEARL waits for before a round where at least half of the sequences are
         in pre-verify (after a rejection, or new): judging `early` more tokens a sequence costs
         `early` draft steps, where plain PEARL spends the whole forward on one token for them.
-        Post-verify sequences of that round get the early tokens too, after their pending
-        ones. 0: plain PEARL.
+        Post-verify sequences of that round take none (their query stays at gamma; they carry
+        gamma - 1 of the round's fresh tokens on). 0: plain PEARL.
 
         Never in a round that prefills a prompt: the draft's prefill then runs beside the
         target's instead of before it (72B + 1.5B at batch 32: 8192 prompt tokens, ~60 ms of

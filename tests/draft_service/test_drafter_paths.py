@@ -126,3 +126,29 @@ def test_an_accepting_verdict_keeps_the_drafts_past_it_and_their_kv(tiny_model_f
     other = Mirror()
     fresh.apply(other, [(0, prompt + first + second, SamplingParams())], [], [])
     assert third == fresh.draft(other, GAMMA).tokens[0].tolist()
+
+
+@pytest.mark.parametrize("chained", [True, False])
+def test_a_verdict_with_keep_zero_drops_the_drafts_past_it(tiny_model_factory, chained):
+    """The target trimmed what it carries into the next round (a post-verify sequence of a
+    head-start round): the verdict says keep 0, the mirror ends at its length, the K/V past it
+    goes, and the next drafts continue from there, equal to a mirror built from those tokens."""
+    model = tiny_model_factory("llama")
+    prompt = list(range(3, 30))
+    d, fresh = drafter(model, chained), drafter(model, chained)
+    mirror = Mirror()
+    d.apply(mirror, [(0, prompt, SamplingParams())], [], [])
+    first = d.draft(mirror, 2 * GAMMA).tokens[0].tolist()
+    seq = mirror.seqs[0]
+    num = len(prompt) + GAMMA                                   # the target holds GAMMA of them
+    d.apply(mirror, [], [], [(0, num, first[GAMMA - 1], 0)])
+    assert seq.token_ids == prompt + first[:GAMMA] and seq.num_kv <= num - 1
+    nxt = d.draft(mirror, GAMMA).tokens[0].tolist()
+    other = Mirror()
+    fresh.apply(other, [(0, prompt + first[:GAMMA], SamplingParams())], [], [])
+    assert nxt == fresh.draft(other, GAMMA).tokens[0].tolist()
+    # keep -1 (and the old three-column rows) leave the drafts past the verdict standing
+    tokens = list(seq.token_ids)
+    d.apply(mirror, [], [], [(0, num, first[GAMMA - 1], -1)])
+    d.apply(mirror, [], [], [(0, num, first[GAMMA - 1])])
+    assert seq.token_ids == tokens
