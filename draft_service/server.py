@@ -51,6 +51,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
 
     def _hello(self, hello: draft_pb2.Hello) -> draft_pb2.HelloReply:
         reply = draft_pb2.HelloReply(accepted=True, draft_model=self.model, tokenizer_hash=self.tok_hash,
+                                     verdict_keep=True,
                                      vocab_size=self.drafter.vocab_size, step_batch_sizes=list(self.step_ms),
                                      step_ms=list(self.step_ms.values()))
         if hello.tokenizer_hash != self.tok_hash:

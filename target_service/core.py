@@ -178,14 +178,16 @@ class TargetCore:
             self._forget(req)
             done.append(req)
 
-    def draft_verdicts(self) -> list[tuple[int, int, int, int]]:
-        """(seq_id, length, last token, keep) of every sequence on the draft, where length
+    def draft_verdicts(self, keep_column: bool = True) -> list[tuple[int, ...]]:
+        """(seq_id, length, last token[, keep]) of every sequence on the draft, where length
         counts the committed tokens and the pending ones the round verifies (schedule() put
         them in the sequence). keep 0: drop the drafts past them (pending was trimmed); -1:
-        the drafts past them stand."""
+        the drafts past them stand. Without `keep_column` (a draft that predates it) the
+        rows have three columns."""
         out = []
         for r in self.requests.values():
             if r.on_draft:
-                out.append((r.seq.seq_id, len(r.seq), r.seq.last_token, 0 if r.trimmed else -1))
+                row = (r.seq.seq_id, len(r.seq), r.seq.last_token)
+                out.append(row + (0 if r.trimmed else -1,) if keep_column else row)
                 r.trimmed = False
         return out

@@ -204,7 +204,8 @@ class TargetService:
                         # pre-verify sequences judge the early tokens now; post-verify ones
                         # keep their query at gamma (adding the early tokens after their
                         # pending ones would push the verify into the next query bucket)
-                        taken = self.core.attach([r for r in reqs if not r.pending], self._parse(head))
+                        pre = [r for r in reqs if not r.pending] if self._trims else reqs
+                        taken = self.core.attach(pre, self._parse(head))
                 # the heart of PEARL: verify while the draft drafts the next gamma tokens
                 forward = loop.run_in_executor(self.executor, self._timed_forward, reqs)
                 sent = time.perf_counter()
@@ -230,8 +231,9 @@ class TargetService:
         else:
             logits, target_ms, _ = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
         before = [(len(r.seq) - len(r.pending), r.drafted, r.accepted) for r in reqs]
-        # PEARL carries at most gamma - 1 pending tokens a sequence into the next round
-        cap = rnd.gamma - rnd.early - 1 if batch is not None and self.mode == "pearl" else None
+        # PEARL carries at most gamma - 1 pending tokens a sequence into the next round (when
+        # the draft reads the verdicts' keep column, so it can drop what it drafted past them)
+        cap = rnd.gamma - rnd.early - 1 if batch is not None and self.mode == "pearl" and self._trims else None
         self.core.finish_round(reqs, logits, drafts, max_pending=cap)
         self._publish(reqs)
         s = self.stats
@@ -326,7 +328,7 @@ class TargetService:
         self.gamma = self._gamma_for(len(reqs))
         rnd = draft_pb2.Round(round_id=self.round_id, gamma=self.gamma, removes=self.core.removed)
         self.core.removed = []
-        verdicts = self.core.draft_verdicts()
+        verdicts = self.core.draft_verdicts(keep_column=self._trims)
         if verdicts:
             rnd.verdicts.CopyFrom(tensors.encode_ints(verdicts, "int64"))
         for r in reqs:
@@ -348,6 +350,14 @@ class TargetService:
             k = skip.get(sid, 0) if skip else 0
             out[sid] = DraftTokens(toks[i][k:], None if probs is None else probs[i][k:])
         return out
+
+    @property
+    def _trims(self) -> bool:
+        """The draft reads the verdicts' keep column: post-verify sequences of a head-start
+        round then take no early tokens and carry gamma - 1 pending ones (older drafts: they
+        take them, and carry what they got)."""
+        info = self.link.info if self.link is not None else None
+        return bool(info is not None and info.verdict_keep)
 
     def _head_start(self, reqs: list[Request]) -> int:
         """Draft tokens PEARL waits for before a round where at least half of the sequences are

@@ -22,7 +22,7 @@ class Hello(_message.Message):
     def __init__(self, target_id: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., host_id: _Optional[str] = ..., device: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("accepted", "reason", "draft_model", "tokenizer_hash", "vocab_size", "step_batch_sizes", "step_ms")
+    __slots__ = ("accepted", "reason", "draft_model", "tokenizer_hash", "vocab_size", "step_batch_sizes", "step_ms", "verdict_keep")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class HelloReply(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     STEP_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_KEEP_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     draft_model: str
@@ -37,7 +38,8 @@ class HelloReply(_message.Message):
     vocab_size: int
     step_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     step_ms: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., draft_model: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., step_batch_sizes: _Optional[_Iterable[int]] = ..., step_ms: _Optional[_Iterable[float]] = ...) -> None: ...
+    verdict_keep: bool
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., draft_model: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., step_batch_sizes: _Optional[_Iterable[int]] = ..., step_ms: _Optional[_Iterable[float]] = ..., verdict_keep: _Optional[bool] = ...) -> None: ...
 
 class SeqAdd(_message.Message):
     __slots__ = ("seq_id", "token_ids", "params")

@@ -127,3 +127,9 @@ def test_the_early_part_reaches_the_target_before_the_rest_is_drafted(servicer):
     assert [m.WhichOneof("kind") for m in out] == ["hello", "batch", "batch"]
     assert out[1].batch.early and not out[2].batch.early
     assert servicer.head_paths == {"event loop": 1}
+
+
+def test_the_draft_announces_that_it_reads_the_verdict_keep_column(servicer):
+    """The target trims pending tokens (and sends the keep column) only to drafts that say so."""
+    reply = servicer._hello(_hello(servicer).hello)
+    assert reply.accepted and reply.verdict_keep

@@ -23,9 +23,9 @@ class ScriptedDraft:
     acceptance is high but not total and the batch mixes pre- and post-verify sequences.
     Early part, then the whole round, as the draft service sends them."""
     connected, generation = True, 1
-    info = draft_pb2.HelloReply(accepted=True)
 
-    def __init__(self, prompts, refs):
+    def __init__(self, prompts, refs, verdict_keep: bool = True):
+        self.info = draft_pb2.HelloReply(accepted=True, verdict_keep=verdict_keep)
         self.full = {tuple(p): p + r for p, r in zip(prompts, refs)}
         self.seqs, self.at, self.verdicts = {}, {}, []
         self.pending_round = None
@@ -35,7 +35,8 @@ class ScriptedDraft:
         out = []
         for p in range(pos, pos + n):
             tok = full[p] if p < len(full) else 0
-            out.append(tok + 1 if (p * 2654435761 + sid * 40503) % 4099 % 7 == 0 else tok)
+            wrong = tok - 1 if tok > 0 else tok + 1
+            out.append(wrong if (p * 2654435761 + sid * 40503) % 4099 % 7 == 0 else tok)
         return out
 
     async def exchange(self, rnd):
@@ -44,7 +45,7 @@ class ScriptedDraft:
             self.at[a.seq_id] = len(a.token_ids)
         rows = tensors.decode_ints(rnd.verdicts) if not tensors.is_empty(rnd.verdicts) else []
         self.verdicts += rows
-        for sid, num, _last, _keep in rows:
+        for sid, num, *_ in rows:
             self.at[sid] = num
         ids = sorted(self.seqs)
         tokens = torch.tensor([self._propose(sid, rnd.gamma) for sid in ids], dtype=torch.int32)
@@ -58,7 +59,7 @@ class ScriptedDraft:
         return self.pending_round
 
 
-def test_mixed_head_start_rounds_keep_queries_within_gamma(llama_dir):
+def run_mixed(llama_dir, verdict_keep: bool):
     prompts = [[5 + i, 6, 7, 8 + 2 * i] for i in range(6)]
     n = 60
     refs = reference_greedy(llama_dir, prompts, [n] * len(prompts))
@@ -66,7 +67,7 @@ def test_mixed_head_start_rounds_keep_queries_within_gamma(llama_dir):
     async def main():
         service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=256), mode="pearl", gamma=GAMMA,
                                 head_start=EARLY)
-        service.link = link = ScriptedDraft(prompts, refs)
+        service.link = link = ScriptedDraft(prompts, refs, verdict_keep)
         queries, mixed, batch = [], 0, []
         forward, attach, schedule = service.core.forward, service.core.attach, service.core.schedule
 
@@ -101,9 +102,23 @@ def test_mixed_head_start_rounds_keep_queries_within_gamma(llama_dir):
     service, link, queries, mixed, got = asyncio.run(main())
     for i, ref in enumerate(refs):
         assert got[f"r{i}"] == ref, f"request {i}"
+    return service, link, queries, mixed
+
+
+def test_mixed_head_start_rounds_keep_queries_within_gamma(llama_dir):
+    service, link, queries, mixed = run_mixed(llama_dir, verdict_keep=True)
     assert max(queries) <= GAMMA, f"a verify fed {max(queries)} tokens a sequence (gamma {GAMMA})"
     assert service.stats.head_start_rounds > 0, "no head-start round ran"
     assert mixed > 0, "no head-start round mixed pre- and post-verify sequences"
     assert any(row[3] == 0 for row in link.verdicts), "no pending was trimmed: the test did not reach the case"
     s = service.stats
     assert s.accepted_tokens / s.drafted_tokens > 0.5, "acceptance fell: proposals and verdicts drifted apart"
+
+
+def test_a_draft_without_the_keep_column_gets_three_columns_and_no_trimming(llama_dir):
+    """A draft from before the keep column (rolling restart): verdicts stay three columns, the
+    target trims nothing (its mirror could not follow), post-verify sequences take the early
+    tokens as before, and the output is still the target's."""
+    service, link, queries, mixed = run_mixed(llama_dir, verdict_keep=False)
+    assert link.verdicts and all(len(row) == 3 for row in link.verdicts)
+    assert mixed > 0 and max(queries) > GAMMA, "the old behaviour (early tokens after pending ones) did not run"
