@@ -3,7 +3,8 @@
 Such a step is a chain of matrix-vector products, each short enough that the kernels
 around it (RMSNorm, SiLU, the residual add) and their launch gaps cost as much as the
 product itself: a 0.5B draft layer reads ~29 MB of weights (~7 us at H200 bandwidth) but
-ran ~11 kernels. The Triton kernel here folds those pieces into the product:
+ran 10 kernels. The Triton kernel here folds those pieces into the product (7 kernels a
+layer, rotary and attention's two included):
 
   norm_linear      y = norm(x) @ W.T (+ bias)            RMSNorm in the prologue
   linear_add       y = x @ W.T + residual                 the residual add in the epilogue
