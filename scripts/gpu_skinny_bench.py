@@ -13,27 +13,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pearl_runtime.bench.probe import copy_bandwidth
 from pearl_runtime.layers import skinny as S
 from pearl_runtime.layers.fused import enable_compile, ops as fused
 
 # name: (layers, hidden, intermediate, q+k+v width)
 SHAPES = {"qwen2.5-0.5b": (24, 896, 4864, 1152), "qwen2.5-1.5b": (28, 1536, 8960, 2048),
           "qwen2.5-7b": (28, 3584, 18944, 4608)}
-
-
-def copy_gbps() -> float:
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    best = 1e9
-    for _ in range(10):
-        s = time.perf_counter()
-        y.copy_(x)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - s)
-    return 2 * 2**30 / best / 1e9
 
 
 def graph_ms(fn, reps=20) -> float:
@@ -188,7 +174,7 @@ def main():
     args = p.parse_args()
     enable_compile()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    copy = copy_gbps()
+    copy = copy_bandwidth("cuda")["gbps"]
     print(f"copy bandwidth {copy:.0f} GB/s (1 GiB device copy, read + write, best of 10)")
     if not args.skip_correctness:
         correctness()

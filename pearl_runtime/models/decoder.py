@@ -32,28 +32,23 @@ class SelfAttention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        o = self.attn(q, k, v, rope)
-        return self.o_proj(o.flatten(1))
+        return self.o_proj(self._attend(rope, self.qkv_proj(x)))
 
     def forward_skinny(self, ops, rope, h, norm: RMSNorm):
         """h + attention(norm(h)) with the norm and the residual add folded into the linears."""
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = ops.norm_linear(h, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias)
+        return self.o_proj.forward_add(ops, self._attend(rope, qkv), h)
+
+    def _attend(self, rope, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention over the fused q/k/v projection; returns the heads' outputs flattened."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        o = self.attn(q, k, v, rope)
-        return self.o_proj.forward_add(ops, o.flatten(1), h)
+        return self.attn(q, k, v, rope).flatten(1)
 
 
 class MLP(nn.Module):
