@@ -1,7 +1,7 @@
-"""Skinny linears on the GPU: correctness against the torch ops, the layer chain (a decoder
-layer minus attention, distinct weights per layer so nothing sits in L2) timed in a CUDA
-graph for the torch path and for the Triton kernel with a few configs, then ar decode of
-whole engines with the skinny path off and on.
+"""Skinny linears on the GPU: the layer chain (a decoder layer minus attention, distinct
+weights per layer so nothing sits in L2) timed in a CUDA graph for the torch path and for the
+Triton kernel with a few configs, then ar decode of whole engines with the skinny path off
+and on. Correctness against the torch ops is tests/gpu/test_skinny_gpu.py.
 
     python3 scripts/gpu_skinny_bench.py [--sweep] [--engines qwen2.5-7b,qwen2.5-0.5b]
 """
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pearl_runtime.bench.probe import copy_bandwidth
+from pearl_runtime.bench.roofline import weight_bytes_per_step
 from pearl_runtime.layers import skinny as S
 from pearl_runtime.layers.fused import enable_compile, ops as fused
 
@@ -40,30 +41,6 @@ def graph_ms(fn, reps=20) -> float:
         g.replay()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / reps * 1e3
-
-
-def correctness():
-    torch.manual_seed(0)
-    worst = {}
-    for dtype, M, (N, K) in itertools.product((torch.float32, torch.bfloat16), (1,),
-                                              ((40, 72), (1152, 896), (333, 1000))):
-        x = torch.randn(M, K, dtype=dtype, device="cuda")
-        w = torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5
-        w2 = torch.randn(2 * N, K, dtype=dtype, device="cuda") / K**0.5
-        b = torch.randn(N, dtype=dtype, device="cuda")
-        g = torch.rand(K, dtype=dtype, device="cuda") + 0.5
-        r = torch.randn(M, N, dtype=dtype, device="cuda")
-        for name, kern, ref, args in (("norm_linear", S.norm_linear, S.reference_norm_linear, (x, g, 1e-6, w, b)),
-                                      ("linear_add", S.linear_add, S.reference_linear_add, (x, w, r)),
-                                      ("norm_gate_up", S.norm_gate_up, S.reference_norm_gate_up, (x, g, 1e-6, w2))):
-            got, want = kern(*args), ref(*args)
-            exact = ref(*[a.double() if torch.is_tensor(a) else a for a in args])
-            e_k = (got.double() - exact).abs().max().item()
-            e_r = (want.double() - exact).abs().max().item()
-            key = (str(dtype)[6:], name)
-            worst[key] = max(worst.get(key, 0), e_k / max(e_r, 1e-12))
-            print(f"  {key[0]:8} {name:12} M={M:2} N={N:4} K={K:4}: kernel err {e_k:.2e}, torch err {e_r:.2e}")
-    print("worst kernel/torch error ratio:", {f"{a}/{b}": round(v, 2) for (a, b), v in worst.items()})
 
 
 class Chain:
@@ -145,20 +122,16 @@ def engines(names, copy):
         for mode in ("off", "triton"):
             eng = LLMEngine(EngineConfig(model=str(tdir), device="cuda", dtype="bfloat16", kv_cache_gb=2,
                                          max_num_seqs=16, skinny_linears=mode))
-            weights = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
-            emb = eng.runner.model.model.embed_tokens.weight
-            if eng.runner.model.lm_head.weight is not emb:
-                weights -= emb.numel() * emb.element_size()
-            for bs in (1,):
-                prompts = [[(i * 7 + j) % 1000 + 300 for j in range(128)] for i in range(bs)]
-                eng.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
-                torch.cuda.synchronize()
-                s = time.perf_counter()
-                eng.generate(prompts, SamplingParams(max_tokens=200, ignore_eos=True))
-                torch.cuda.synchronize()
-                dt = (time.perf_counter() - s) / 200
-                gbps = weights / dt / 1e9
-                print(f"| {name} | {mode} | {bs} | {dt * 1e3:.3f} | {gbps:.0f} | {100 * gbps / copy:.0f}% |", flush=True)
+            weights = weight_bytes_per_step(tdir, "bfloat16")["bytes"]
+            prompt = [[300 + j for j in range(128)]]
+            eng.generate(prompt, SamplingParams(max_tokens=16, ignore_eos=True))
+            torch.cuda.synchronize()
+            s = time.perf_counter()
+            eng.generate(prompt, SamplingParams(max_tokens=200, ignore_eos=True))
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - s) / 200
+            gbps = weights / dt / 1e9
+            print(f"| {name} | {mode} | 1 | {dt * 1e3:.3f} | {gbps:.0f} | {100 * gbps / copy:.0f}% |", flush=True)
             del eng
             gc.collect()
             torch.cuda.empty_cache()
@@ -170,14 +143,11 @@ def main():
     p.add_argument("--chains", default="qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b")
     p.add_argument("--rows", default="1")
     p.add_argument("--engines", default="qwen2.5-7b,qwen2.5-0.5b")
-    p.add_argument("--skip-correctness", action="store_true")
     args = p.parse_args()
     enable_compile()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     copy = copy_bandwidth("cuda")["gbps"]
     print(f"copy bandwidth {copy:.0f} GB/s (1 GiB device copy, read + write, best of 10)")
-    if not args.skip_correctness:
-        correctness()
     chains([n for n in args.chains.split(",") if n], [int(m) for m in args.rows.split(",")], args.sweep, copy)
     if args.engines:
         engines(args.engines.split(","), copy)

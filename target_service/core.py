@@ -183,7 +183,7 @@ class TargetCore:
         counts the committed tokens and the pending ones the round verifies (schedule() put
         them in the sequence). keep 0: drop the drafts past them (pending was trimmed); -1:
         the drafts past them stand. Without `keep_column` (a draft that predates it) the
-        rows have three columns."""
+        rows have three columns. Sending a row clears the request's `trimmed` mark."""
         out = []
         for r in self.requests.values():
             if r.on_draft:

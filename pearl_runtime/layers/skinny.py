@@ -16,14 +16,10 @@ then the add or the SiLU), so results differ from the torch path only in the ord
 dot product's fp32 sums. `reference_*` are the torch definitions: CPU runs them, GPU tests
 check the kernel against them.
 """
-import logging
-
 import torch
 import torch.nn.functional as F
 
 from pearl_runtime.layers.fused import rms_norm
-
-log = logging.getLogger(__name__)
 
 # Steps of more rows (a batch, a verify) stay on cuBLAS: a tensor-core variant of this kernel
 # for 2-16 rows lost to it by 5-20% on an H200 (BENCHMARKS.md, session 6), while the one-row
