@@ -4,7 +4,8 @@ One Triton kernel covers prefill, decode and verify: program (sequence, kv head,
 where a row is (query token, query head of that kv head's group), so GQA heads share each
 K/V tile load. Query j of a sequence sits at position ctx_len - q_len + j and sees keys up
 to it. Queries are read from `cu_seqlens_q[i]` with `q_lens[i]` real tokens; the rest of a
-padded CUDA-graph slot is skipped.
+padded CUDA-graph slot is skipped. At small batches a row tile's keys are split across
+programs, and the last split to finish merges them (still one kernel).
 """
 import logging
 from typing import ClassVar
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 @triton.jit
-def _paged_attention(Q, K, V, O, O_part, M_part, L_part, block_tables, cu_q, q_lens, ctx_lens, scale,
+def _paged_attention(Q, K, V, O, O_part, M_part, L_part, Arrived, block_tables, cu_q, q_lens, ctx_lens, scale,
                      stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, n_rows,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr):
@@ -80,28 +81,35 @@ def _paged_attention(Q, K, V, O, O_part, M_part, L_part, block_tables, cu_q, q_l
         o_ptrs = O + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     else:
-        # unnormalized partials, merged by _merge_splits; rows are (split, token, head)
+        # unnormalized partials; rows are (split, token, head)
         n_heads = tl.num_programs(1) * GROUP
         row = (split * n_rows + token) * n_heads + head
         tl.store(O_part + row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
         tl.store(M_part + row, m_i, mask=row_ok)
         tl.store(L_part + row, l_i, mask=row_ok)
-
-
-@triton.jit
-def _merge_splits(O_part, M_part, L_part, O, stride_ot, stride_oh, n_rows, n_heads,
-                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
-    """One program per (token, head): rescale each split's partial sums to the common max."""
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    row = (tl.arange(0, SPLITS) * n_rows + token) * n_heads + head
-    m = tl.load(M_part + row)
-    weight = tl.exp(m - tl.max(m, 0))
-    total = tl.sum(tl.load(L_part + row) * weight, 0)
-    d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(O_part + row[:, None] * HEAD_DIM + d[None, :])
-    out = tl.sum(acc * weight[:, None], 0) / total
-    tl.store(O + token * stride_ot + head * stride_oh + d, out.to(O.dtype.element_ty))
+        # the last split of this (sequence, kv head, row tile) to finish merges them all, so
+        # a split step is one kernel, not two: the barrier orders every lane's stores before
+        # the counter's release, and the merger reads past L1 (.cg)
+        tl.debug_barrier()
+        counter = Arrived + (seq * tl.num_programs(1) + kvh) * (tl.num_programs(2) // SPLITS) + tile
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
+            tl.store(counter, 0)   # zero again for the next launch (graph replays included)
+            m_all = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
+            for s in range(SPLITS):
+                r = (s * n_rows + token) * n_heads + head
+                m_all = tl.maximum(m_all, tl.load(M_part + r, mask=row_ok, other=-1e30, cache_modifier=".cg"))
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            merged = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            for s in range(SPLITS):
+                r = (s * n_rows + token) * n_heads + head
+                w = tl.exp(tl.load(M_part + r, mask=row_ok, other=-1e30, cache_modifier=".cg") - m_all)
+                total += tl.load(L_part + r, mask=row_ok, other=0.0, cache_modifier=".cg") * w
+                part = tl.load(O_part + r[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0,
+                               cache_modifier=".cg")
+                merged += part * w[:, None]
+            out = merged / tl.where(row_ok, total, 1.0)[:, None]
+            o_ptrs = O + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -182,14 +190,21 @@ class TritonBackend(AttentionBackend):
         _store_kv[(k.shape[0],)](k, v, k_cache, v_cache, ctx.slot_mapping, k.stride(0), v.stride(0),
                                  k_cache.stride(1), WIDTH=width)
 
+    def __init__(self):
+        self._arrived = None
+
+    def _sm_count(self, device: torch.device) -> int:
+        sms = self._sms.get(device.index)
+        if sms is None:
+            sms = self._sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        return sms
+
     def splits(self, programs: int, device: torch.device) -> int:
         """Key-range splits per (sequence, kv head, row tile): a decode step at a small batch
         has only a few of those programs, each walking the whole context alone, so the
         keys are split until the programs cover the SMs. Depends on the batch shape only,
         never on context lengths, so a captured graph stays valid."""
-        sms = self._sms.get(device.index)
-        if sms is None:
-            sms = self._sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = self._sm_count(device)
         splits = 1
         while splits < self.MAX_SPLITS and programs * splits < sms:
             splits *= 2
@@ -207,20 +222,26 @@ class TritonBackend(AttentionBackend):
             o_part = torch.empty(splits, n_rows, q.shape[1], head_dim, dtype=torch.float32, device=q.device)
             m_part = torch.empty(splits, n_rows, q.shape[1], dtype=torch.float32, device=q.device)
             l_part = torch.empty_like(m_part)
+            arrived = self._arrival_counters(q.device)
         else:
-            o_part = m_part = l_part = out   # unused
+            o_part = m_part = l_part = arrived = out   # unused
+        # rows of padding tokens in a graph slot are never written: their output is garbage
+        # and nothing reads it
         _paged_attention[(n_seqs, kv_heads, tiles * splits)](
-            q, k_cache, v_cache, out, o_part, m_part, l_part, ctx.block_tables, ctx.cu_seqlens_q, ctx.q_lens_t,
-            ctx.context_lens_t, scale, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-            k_cache.stride(2), ctx.block_tables.stride(0), n_rows, GROUP=group, HEAD_DIM=head_dim,
-            BLOCK_M=self.BLOCK_M, BLOCK_N=max(self.BLOCK_N, block_size), PAGE=block_size,
+            q, k_cache, v_cache, out, o_part, m_part, l_part, arrived, ctx.block_tables, ctx.cu_seqlens_q,
+            ctx.q_lens_t, ctx.context_lens_t, scale, q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), ctx.block_tables.stride(0), n_rows, GROUP=group,
+            HEAD_DIM=head_dim, BLOCK_M=self.BLOCK_M, BLOCK_N=max(self.BLOCK_N, block_size), PAGE=block_size,
             IEEE=q.dtype == torch.float32, SPLITS=splits)
-        if splits > 1:
-            # rows of padding tokens in a graph slot were never written: their output is
-            # garbage, as it is without splits, and nothing reads it
-            _merge_splits[(n_rows, q.shape[1])](o_part, m_part, l_part, out, out.stride(0), out.stride(1),
-                                                n_rows, q.shape[1], HEAD_DIM=head_dim, SPLITS=splits)
         return out
+
+    def _arrival_counters(self, device: torch.device) -> torch.Tensor:
+        """One zeroed counter per (sequence, kv head, row tile) of a split launch; each launch
+        leaves them zero. Keys are split only while those programs number fewer than the SMs,
+        so that many counters always suffice. Allocated once: captured graphs hold its address."""
+        if self._arrived is None:
+            self._arrived = torch.zeros(self._sm_count(device), dtype=torch.int32, device=device)
+        return self._arrived
 
 
 GPU_BACKENDS = {"triton": TritonBackend}

@@ -101,8 +101,10 @@ class ModelRunner:
             raise RuntimeError("skinny_linears=triton but triton is not installed")
         if choice == "triton" and self.device.type != "cuda":
             raise RuntimeError("skinny_linears=triton needs a CUDA device")
-        log.info("linears: one-token steps fold norm/SiLU/residual into %s kernels, larger steps cuBLAS",
-                 ops.name)
+        c = self.model_cfg
+        rope = ops.norm_qkv_rope is not None and skinny.fits_qkv_rope(c.head_dim, c.qk_norm)
+        log.info("linears: one-token steps fold norm/SiLU/residual%s into %s kernels, larger steps cuBLAS",
+                 " and rotary + K/V store" if rope else "", ops.name)
         return ops
 
     def _block_bytes(self) -> int:

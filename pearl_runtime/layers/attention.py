@@ -19,3 +19,7 @@ class Attention(nn.Module):
         ctx = get_context()
         q = self.backend.rope_store(q, k, v, *rope, self.k_cache, self.v_cache, ctx)
         return self.backend.attend(q, self.k_cache, self.v_cache, ctx, self.scale)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """Attention alone, for a q already rotated whose k and v are already in the cache."""
+        return self.backend.attend(q, self.k_cache, self.v_cache, get_context(), self.scale)

@@ -3,23 +3,26 @@
 Such a step is a chain of matrix-vector products, each short enough that the kernels
 around it (RMSNorm, SiLU, the residual add) and their launch gaps cost as much as the
 product itself: a 0.5B draft layer reads ~29 MB of weights (~7 us at H200 bandwidth) but
-ran 10 kernels. The Triton kernel here folds those pieces into the product (7 kernels a
-layer, rotary and attention's two included):
+ran 10 kernels. The Triton kernels here fold those pieces into the product (5 kernels a
+layer, attention's included):
 
   norm_linear      y = norm(x) @ W.T (+ bias)            RMSNorm in the prologue
+  norm_qkv_rope    norm_linear for q/k/v, then rotary on q and k, k and v into the cache
   linear_add       y = x @ W.T + residual                 the residual add in the epilogue
   norm_gate_up     y = silu(norm(x) @ Wg.T) * (norm(x) @ Wu.T)
 
-so a layer is norm_linear(qkv), attention, linear_add(o), norm_gate_up, linear_add(down).
+so a layer is norm_qkv_rope, attention, linear_add(o), norm_gate_up, linear_add(down)
+(norm_linear for the qkv of models with per-head q/k norms, then attention's rotary kernel).
 Each keeps the reference's bf16 rounding points (norm output, weight * norm, product,
 then the add or the SiLU), so results differ from the torch path only in the order of the
-dot product's fp32 sums. `reference_*` are the torch definitions: CPU runs them, GPU tests
+dot product's fp32 sums (norm_qkv_rope rotates in fp32 and rounds once, as attention's own
+rotary kernel does). `reference_*` are the torch definitions: CPU runs them, GPU tests
 check the kernel against them.
 """
 import torch
 import torch.nn.functional as F
 
-from pearl_runtime.layers.fused import rms_norm
+from pearl_runtime.layers.fused import rms_norm, rotate
 
 # Steps of more rows (a batch, a verify) stay on cuBLAS: a tensor-core variant of this kernel
 # for 2-16 rows lost to it by 5-20% on an H200 (BENCHMARKS.md, session 6), while the one-row
@@ -36,6 +39,17 @@ except ImportError:   # CPU installs: the reference ops below are the only path
 def reference_norm_linear(x, norm_w, eps, w, bias=None):
     h = rms_norm(x, norm_w, eps) if norm_w is not None else x
     return F.linear(h, w, bias)
+
+
+def reference_norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, heads, kv_heads):
+    head_dim = k_cache.shape[-1]
+    qkv = reference_norm_linear(x, norm_w, eps, w, bias)
+    q, k, v = (t.view(-1, n, head_dim) for t, n in zip(
+        qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1), (heads, kv_heads, kv_heads)))
+    q, k = rotate(q, k, cos, sin)
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+    return q
 
 
 def reference_linear_add(x, w, residual):
@@ -96,6 +110,64 @@ if triton is not None:
         tl.store(Y + rm[:, None] * 0 + rn[None, :], y.to(out_ty), mask=n_ok[None, :])
 
 
+    @triton.jit
+    def _skinny_qkv_rope(X, W, B, G, Q_out, k_cache, v_cache, cos, sin, slots, K, stride_w, stride_slot, eps,
+                         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+        """norm_linear for the fused q/k/v projection with the attention's first kernel folded
+        into the epilogue: program p takes BLOCK_H dims of the first half of one head together
+        with their rotary partners in the second half, rotates q and k (fp32 math, one
+        rounding, as the separate kernel does), writes q out and k, v into the token's cache
+        slot. Same prologue, loop and rounding points as _skinny."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        per_head = HALF // BLOCK_H
+        head = tl.program_id(0) // per_head
+        j = (tl.program_id(0) % per_head) * BLOCK_H + tl.arange(0, BLOCK_H)
+        lo = head * HEAD_DIM + j
+        hi = lo + HALF
+        rm = tl.arange(0, 1)
+        ss = tl.zeros([1], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xs = tl.load(X + rm[:, None] * 0 + rk[None, :], mask=(rk < K)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(xs * xs, 1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        acc_lo = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            x = tl.load(X + rm[:, None] * 0 + rk[None, :], mask=k_ok[None, :], other=0.0)
+            g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
+            xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
+            xf = (g[None, :] * xn.to(tl.float32)).to(x.dtype).to(tl.float32)
+            w_lo = tl.load(W + lo[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
+            w_hi = tl.load(W + hi[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
+            acc_lo += w_lo.to(tl.float32) * xf
+            acc_hi += w_hi.to(tl.float32) * xf
+        out_ty = Q_out.dtype.element_ty
+        a = tl.sum(acc_lo, 1).to(out_ty).to(tl.float32)
+        b = tl.sum(acc_hi, 1).to(out_ty).to(tl.float32)
+        if HAS_BIAS:
+            a = (a + tl.load(B + lo).to(tl.float32)).to(out_ty).to(tl.float32)
+            b = (b + tl.load(B + hi).to(tl.float32)).to(out_ty).to(tl.float32)
+        if head < HEADS + KV_HEADS:   # q and k rotate: (a, b) -> (a c - b s, b c + a s)
+            c = tl.load(cos + j).to(tl.float32)
+            s = tl.load(sin + j).to(tl.float32)
+            a, b = a * c - b * s, b * c + a * s
+        if head < HEADS:
+            tl.store(Q_out + lo, a.to(out_ty))
+            tl.store(Q_out + hi, b.to(out_ty))
+        else:
+            slot = tl.load(slots)
+            if head < HEADS + KV_HEADS:
+                row = k_cache + slot * stride_slot + (head - HEADS) * HEAD_DIM
+            else:
+                row = v_cache + slot * stride_slot + (head - HEADS - KV_HEADS) * HEAD_DIM
+            tl.store(row + j, a.to(out_ty))
+            tl.store(row + j + HALF, b.to(out_ty))
+
+
 # "auto" takes the kernel for models up to this hidden size: on an H200 it beat cuBLAS on the
 # 0.5B and 1.5B shapes (engine step 1.10 -> 0.98 ms at 0.5B) but lost on the 7B one (4.61 ->
 # 4.92 ms), whose large GEMVs cuBLAS already streams at ~80% of copy bandwidth.
@@ -135,10 +207,36 @@ def norm_gate_up(x, norm_w, eps, w, config=None):
     return _launch(x, w, out_features=w.shape[0] // 2, norm_w=norm_w, eps=eps, gated=True, config=config)
 
 
+def norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, heads, kv_heads, config=None):
+    """q of one token, rotated, as [1, heads, head_dim]; its rotated k and its v go straight
+    into the cache slot slots[0]. cos, sin: the token's rows of the rotary tables."""
+    head_dim = k_cache.shape[-1]
+    K = x.shape[1]
+    assert x.shape[0] == 1 and x.is_contiguous() and w.is_contiguous(), "the skinny kernel takes one contiguous row"
+    assert w.shape[0] == (heads + 2 * kv_heads) * head_dim and k_cache.stride(2) == head_dim
+    c = config or default_config(K)
+    block_h = min(max(c["block_n"] // 2, 1), head_dim // 2)
+    q = torch.empty(1, heads, head_dim, dtype=x.dtype, device=x.device)
+    _skinny_qkv_rope[((heads + 2 * kv_heads) * (head_dim // 2) // block_h,)](
+        x, w, w if bias is None else bias, norm_w, q, k_cache, v_cache, cos, sin, slots, K, w.stride(0),
+        k_cache.stride(1), eps, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, HAS_BIAS=bias is not None,
+        BLOCK_H=block_h, BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=1)
+    return q
+
+
+def fits_qkv_rope(head_dim: int, qk_norm: bool) -> bool:
+    """norm_qkv_rope takes heads of a power-of-two size without per-head q/k norms (Qwen3's
+    sit between the projection and the rotation)."""
+    return not qk_norm and head_dim >= 2 and not head_dim & (head_dim - 1)
+
+
 class SkinnyOps:
-    def __init__(self, name, norm_linear, linear_add, norm_gate_up):
+    """norm_qkv_rope is None where the rotation and the cache store stay in attention's kernel."""
+    def __init__(self, name, norm_linear, linear_add, norm_gate_up, norm_qkv_rope=None):
         self.name, self.norm_linear, self.linear_add, self.norm_gate_up = name, norm_linear, linear_add, norm_gate_up
+        self.norm_qkv_rope = norm_qkv_rope
 
 
-REFERENCE = SkinnyOps("torch reference", reference_norm_linear, reference_linear_add, reference_norm_gate_up)
-TRITON = SkinnyOps("triton", norm_linear, linear_add, norm_gate_up) if triton is not None else None
+REFERENCE = SkinnyOps("torch reference", reference_norm_linear, reference_linear_add, reference_norm_gate_up,
+                      reference_norm_qkv_rope)
+TRITON = SkinnyOps("triton", norm_linear, linear_add, norm_gate_up, norm_qkv_rope) if triton is not None else None

@@ -12,6 +12,7 @@ from pearl_runtime.layers.linear import MergedColumnParallelLinear, QKVParallelL
 from pearl_runtime.layers.norm import RMSNorm
 from pearl_runtime.layers.partition import shard_heads
 from pearl_runtime.layers.rotary import RotaryEmbedding
+from pearl_runtime.utils.context import get_context
 from pearl_runtime.utils.dist import tp_rank, tp_size
 
 
@@ -35,7 +36,14 @@ class SelfAttention(nn.Module):
         return self.o_proj(self._attend(rope, self.qkv_proj(x)))
 
     def forward_skinny(self, ops, rope, h, norm: RMSNorm):
-        """h + attention(norm(h)) with the norm and the residual add folded into the linears."""
+        """h + attention(norm(h)) with the norm and the residual add folded into the linears,
+        and where the ops have it, rotary and the K/V store into the qkv projection."""
+        if ops.norm_qkv_rope is not None and skinny.fits_qkv_rope(self.head_dim, self.q_norm is not None):
+            attn = self.attn
+            q = ops.norm_qkv_rope(h, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias, *rope,
+                                  attn.k_cache, attn.v_cache, get_context().slot_mapping, self.num_heads,
+                                  self.num_kv_heads)
+            return self.o_proj.forward_add(ops, attn.attend(q).flatten(1), h)
         qkv = ops.norm_linear(h, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias)
         return self.o_proj.forward_add(ops, self._attend(rope, qkv), h)
 

@@ -1,6 +1,7 @@
 """The skinny decoder path (norm, SiLU and residual add folded into the linears, one-token
 steps) computes the same model as the layer-by-layer path. CPU runs its torch reference
 ops; tests/gpu/test_skinny_gpu.py checks the Triton kernel against those ops."""
+from collections import Counter
 from functools import partial
 
 import pytest
@@ -22,14 +23,17 @@ class CountingOps(skinny.SkinnyOps):
 
     def __init__(self):
         self.calls = 0
+        self.by_op = Counter()
 
         def counted(fn):
             def call(*a, **kw):
                 self.calls += 1
+                self.by_op[fn.__name__.removeprefix("reference_")] += 1
                 return fn(*a, **kw)
             return call
         super().__init__("counting reference", counted(skinny.reference_norm_linear),
-                         counted(skinny.reference_linear_add), counted(skinny.reference_norm_gate_up))
+                         counted(skinny.reference_linear_add), counted(skinny.reference_norm_gate_up),
+                         counted(skinny.reference_norm_qkv_rope))
 
 
 def engine(model_dir, skinny_linears: str, tp: int = 1) -> LLMEngine:
@@ -71,6 +75,20 @@ def test_skinny_greedy_matches_transformers(any_model_dir):
         o = eng.generate([p], GREEDY)[0]
         assert ops.calls >= 4 * (GREEDY.max_tokens - 1), "decode steps did not take the skinny path"
         assert_same_tokens(o, hf_greedy(hf, p, GREEDY.max_tokens), partial(hf_logits, hf), p, label="skinny: ")
+
+
+def test_rotary_folds_into_qkv_unless_heads_are_normed(any_model_dir):
+    """Rotary and the K/V store ride in the qkv kernel, except for Qwen3, whose per-head q/k
+    norms sit between the projection and the rotation: that one keeps the separate path."""
+    eng = engine(any_model_dir, "reference")
+    ops = CountingOps()
+    eng.runner.model.model.skinny_ops = ops
+    logits_of(eng, [5], 1)
+    layers = eng.runner.model_cfg.num_layers
+    if eng.runner.model_cfg.qk_norm:
+        assert ops.by_op == {"norm_linear": layers, "linear_add": 2 * layers, "norm_gate_up": layers}
+    else:
+        assert ops.by_op == {"norm_qkv_rope": layers, "linear_add": 2 * layers, "norm_gate_up": layers}
 
 
 def test_skinny_with_tensor_parallel_matches_tp1(qwen2_dir):
