@@ -83,8 +83,10 @@ class TargetService:
         # verify step time by batch and query length (gamma + 1 tokens a sequence), for auto gamma
         self.verify_cost = VerifyCost()
         if gamma is None and graphs is not None:
-            # the query buckets that gamma 1..max_gamma verify in (gamma + 1 tokens a sequence)
-            buckets = sorted({next(b for b in graphs.q_buckets if b >= q) for q in range(2, max_gamma + 2)})
+            # the query lengths whose batches fill a token bucket (graphs pack a step's tokens),
+            # one for each bucket that gamma 1..max_gamma verify in (gamma + 1 tokens a sequence)
+            per_seq = graphs.token_buckets[1]
+            buckets = sorted({next(t for t in per_seq if t >= q) for q in range(2, max_gamma + 2)})
             self.verify_cost = measure_verify_cost(self.core.runner, buckets)
         self.tuner = GammaTuner(mode, max_gamma, default=self.gamma, head_start=head_start,
                                 verify_cost=self.verify_cost)   # auto gamma's picks per batch bucket

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from pearl_runtime.attention.base import AttentionBackend
+from pearl_runtime.attention.flash_layout import padded_query_index
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self):
         self._arrived = None
+        self._retired = []
 
     def _sm_count(self, device: torch.device) -> int:
         sms = self._sms.get(device.index)
@@ -216,13 +218,16 @@ class TritonBackend(AttentionBackend):
         kv_heads, block_size, head_dim = k_cache.shape[2], k_cache.shape[1], q.shape[2]
         group = q.shape[1] // kv_heads
         tiles = triton.cdiv(ctx.max_q_len * group, self.BLOCK_M)
-        splits = self.splits(n_seqs * kv_heads * tiles, q.device)
         n_rows = q.shape[0]
+        # split by the tiles an average sequence fills: a CUDA graph's grid holds the longest
+        # query it may see, and the programs past a sequence's own queries return at once
+        busy_tiles = triton.cdiv(triton.cdiv(n_rows, n_seqs) * group, self.BLOCK_M)
+        splits = self.splits(n_seqs * kv_heads * min(tiles, busy_tiles), q.device)
         if splits > 1:
             o_part = torch.empty(splits, n_rows, q.shape[1], head_dim, dtype=torch.float32, device=q.device)
             m_part = torch.empty(splits, n_rows, q.shape[1], dtype=torch.float32, device=q.device)
             l_part = torch.empty_like(m_part)
-            arrived = self._arrival_counters(q.device)
+            arrived = self._arrival_counters(n_seqs * kv_heads * tiles, q.device)
         else:
             o_part = m_part = l_part = arrived = out   # unused
         # rows of padding tokens in a graph slot are never written: their output is garbage
@@ -235,16 +240,20 @@ class TritonBackend(AttentionBackend):
             IEEE=q.dtype == torch.float32, SPLITS=splits)
         return out
 
-    def _arrival_counters(self, device: torch.device) -> torch.Tensor:
+    def _arrival_counters(self, n: int, device: torch.device) -> torch.Tensor:
         """One zeroed counter per (sequence, kv head, row tile) of a split launch; each launch
-        leaves them zero. Keys are split only while those programs number fewer than the SMs,
-        so that many counters always suffice. Allocated once: captured graphs hold its address."""
-        if self._arrived is None:
-            self._arrived = torch.zeros(self._sm_count(device), dtype=torch.int32, device=device)
+        leaves them zero. A larger launch gets a larger buffer; the old one is kept, since
+        graphs captured with it hold its address (each graph warms up eagerly first, so the
+        buffer grows outside capture)."""
+        if self._arrived is None or self._arrived.numel() < n:
+            if self._arrived is not None:
+                self._retired.append(self._arrived)
+            self._arrived = torch.zeros(max(n, self._sm_count(device)), dtype=torch.int32, device=device)
         return self._arrived
 
 
 GPU_BACKENDS = {"triton": TritonBackend}
+
 
 try:
     from flash_attn import flash_attn_with_kvcache
@@ -255,17 +264,14 @@ try:
 
         def attend(self, q, k_cache, v_cache, ctx, scale):
             n, qmax = ctx.context_lens_t.shape[0], ctx.max_q_len
-            padded = q.new_zeros(n, qmax, *q.shape[1:])
-            idx = _padded_index(ctx, qmax)
-            padded.view(-1, *q.shape[1:])[idx] = q
+            padded = q.new_zeros(n * qmax + 1, *q.shape[1:])
+            idx = padded_query_index(ctx.cu_seqlens_q, ctx.q_lens_t, qmax, q.shape[0])
+            padded[idx] = q
             # flash-attn aligns causal masks to the end of the keys; pad at the front
-            out = flash_attn_with_kvcache(padded, k_cache, v_cache, cache_seqlens=ctx.context_lens_t,
-                                          block_table=ctx.block_tables, softmax_scale=scale, causal=True)
-            return out.view(-1, *q.shape[1:])[idx]
-
-    def _padded_index(ctx, qmax):
-        starts = torch.arange(ctx.context_lens_t.shape[0], device=ctx.q_lens_t.device) * qmax + qmax - ctx.q_lens_t
-        return torch.cat([torch.arange(s, s + n, device=starts.device) for s, n in zip(starts.tolist(), ctx.q_lens)])
+            out = flash_attn_with_kvcache(padded[:-1].view(n, qmax, *q.shape[1:]), k_cache, v_cache,
+                                          cache_seqlens=ctx.context_lens_t, block_table=ctx.block_tables,
+                                          softmax_scale=scale, causal=True)
+            return out.reshape(n * qmax, *q.shape[1:])[idx.clamp(max=n * qmax - 1)]
 
     GPU_BACKENDS["flash-attn"] = FlashAttnBackend
 except ImportError:

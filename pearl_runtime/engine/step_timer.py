@@ -12,8 +12,7 @@ def measure_step_ms(runner, query_len: int, context_len: int = 256, repeats: int
     graphs = runner.graphs
     if graphs is None:
         return {}
-    q = next((x for x in graphs.q_buckets if x >= query_len), None)
-    if q is None:
+    if query_len > graphs.max_q:
         return {}
     if getattr(runner, "tp_size", 1) > 1:
         # a TP rank's graph holds all-reduces: replayed on rank 0 alone it would pair them with
@@ -21,12 +20,13 @@ def measure_step_ms(runner, query_len: int, context_len: int = 256, repeats: int
         return _measure_group(runner, graphs, query_len, context_len, repeats)
     out = {}
     for b in graphs.batch_buckets:
-        graph, buf = graphs.graphs[(b, q)]
+        graph, buf = graphs.graphs[graphs.key(b, b * query_len, query_len)]
         buf["slots"].fill_(runner.scratch_slot)
         buf["tables"].zero_()
+        buf["cu"].copy_(torch.arange(b + 1, device=runner.device) * query_len)
         buf["q_lens"].fill_(query_len)
         buf["ctx_lens"].fill_(context_len)
-        hidden = buf["hidden"][::q]   # one row per sequence: the LM head's share of a step
+        hidden = buf["hidden"][:b * query_len:query_len]   # one row per sequence: the LM head's share
         graph.replay()
         runner.model.logits(hidden)
         torch.cuda.synchronize(runner.device)
@@ -65,9 +65,9 @@ class VerifyCost:
     """A verify's time by batch bucket and query length, as measured at start.
 
     While decoding is bandwidth-bound, a verify of 17 tokens costs what one of 4 does; a 72B
-    TP=2 verify at batch 32 is not: 29 ms at 4 query tokens, 46 at 8, 81 at 17 (which runs in
-    the 32-token graph bucket, padded). So the gamma rules price each gamma at its own query
-    length (gamma + 1 tokens a sequence), in the graph bucket it will run in."""
+    TP=2 verify at batch 32 is not: 29 ms at 4 query tokens, 46 at 8, 81 at 17 (when graphs
+    padded each sequence to 32). So the gamma rules price each gamma at its own query length
+    (gamma + 1 tokens a sequence), in the token bucket it will run in."""
 
     def __init__(self, table: dict[int, dict[int, float]] | None = None):
         self.table = table or {}   # query bucket -> batch bucket -> ms

@@ -41,6 +41,41 @@ def test_engine_with_graphs_matches_cpu_reference(llama_dir, skinny_linears):
         assert_same_tokens(g, c, partial(hf_logits, hf), p, label="gpu vs cpu")
 
 
+def test_ragged_verify_in_a_packed_graph_matches_eager(llama_dir):
+    """A verify whose sequences feed 9, 1, 3 and 1 tokens (PEARL's post- and pre-verify mix)
+    runs in one packed graph (16 rows, not 4 x 16 padded); its logits equal the same step
+    run eagerly."""
+    from pearl_runtime.engine.sequence import Sequence
+    eng = LLMEngine(EngineConfig(model=str(llama_dir), device="cuda", dtype="float32", num_blocks=512,
+                                 max_num_seqs=8), load_tok=False)
+    runner = eng.runner
+    prompts = _prompts(4, seed=3)
+    feeds = [9, 1, 3, 1]
+    logits = {}
+    for path in ("eager", "graph"):
+        seqs = [Sequence(list(p) + [7 + i] * n) for i, (p, n) in enumerate(zip(prompts, feeds))]
+        for seq, n in zip(seqs, feeds):
+            eng.blocks.allocate(seq)
+            seq.num_kv = len(seq) - n
+            ctx = Sequence(seq.token_ids[:seq.num_kv])   # the prefix, computed eagerly first
+            ctx.block_table = seq.block_table
+            runner.run([ctx])
+        step = runner.prepare(seqs, feeds)
+        key = runner.graphs.bucket(step)
+        assert key is not None and key[1] < 4 * 16, f"ragged verify of 14 tokens not in a packed graph: {key}"
+        graphs, hits = runner.graphs, runner.graphs.hits
+        if path == "eager":
+            runner.graphs = None
+        try:
+            logits[path] = runner.execute(step)
+        finally:
+            runner.graphs = graphs
+        assert (runner.graphs.hits > hits) == (path == "graph")
+        for seq in seqs:
+            eng.blocks.free_seq(seq)
+    torch.testing.assert_close(logits["graph"], logits["eager"], rtol=1e-4, atol=1e-4)
+
+
 async def _wait_port(ports, name, tasks):
     """Until a service is listening; a service that failed to start fails the test here."""
     while name not in ports:
