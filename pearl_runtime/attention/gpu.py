@@ -20,11 +20,14 @@ from pearl_runtime.attention.flash_layout import padded_query_index
 log = logging.getLogger(__name__)
 
 
-@triton.jit
+# The arguments that change with an eager step's shape (rows, block-table width, splits) are
+# plain runtime ints: specialized (Triton's ==1 and %16 variants, a constexpr per split count)
+# each new shape compiled a kernel mid-serving, a first-token stall of up to ~0.75 s
+@triton.jit(do_not_specialize=["stride_bt", "n_rows", "SPLITS"])
 def _paged_attention(Q, K, V, O, O_part, M_part, L_part, Arrived, block_tables, cu_q, q_lens, ctx_lens, scale,
-                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, n_rows,
+                     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, n_rows, SPLITS,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr):
+                     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     tile = tl.program_id(2) // SPLITS
@@ -235,9 +238,9 @@ class TritonBackend(AttentionBackend):
         _paged_attention[(n_seqs, kv_heads, tiles * splits)](
             q, k_cache, v_cache, out, o_part, m_part, l_part, arrived, ctx.block_tables, ctx.cu_seqlens_q,
             ctx.q_lens_t, ctx.context_lens_t, scale, q.stride(0), q.stride(1), k_cache.stride(0),
-            k_cache.stride(1), k_cache.stride(2), ctx.block_tables.stride(0), n_rows, GROUP=group,
+            k_cache.stride(1), k_cache.stride(2), ctx.block_tables.stride(0), n_rows, splits, GROUP=group,
             HEAD_DIM=head_dim, BLOCK_M=self.BLOCK_M, BLOCK_N=max(self.BLOCK_N, block_size), PAGE=block_size,
-            IEEE=q.dtype == torch.float32, SPLITS=splits)
+            IEEE=q.dtype == torch.float32)
         return out
 
     def _arrival_counters(self, n: int, device: torch.device) -> torch.Tensor:

@@ -125,3 +125,20 @@ def test_fused_rope_store_matches_separate_ops(dtype, heads, kv_heads, head_dim)
     torch.testing.assert_close(out_q, ref_q.to(dtype), atol=1e-5, rtol=rtol)
     torch.testing.assert_close(out_k, ref_k, atol=1e-5, rtol=rtol)
     assert torch.equal(out_v, ref_v)
+
+
+def test_eager_shapes_compile_the_attention_kernel_once():
+    """Eager steps (prefills, a first verify) come in every shape: the row count, the block
+    table's width and the split count must not each compile a kernel variant mid-serving (a
+    first-token stall of up to ~0.75 s in a bench run)."""
+    from pearl_runtime.attention.gpu import TritonBackend, _paged_attention
+    backend = TritonBackend()
+    shapes = [([1], [1]), ([1, 1, 1], [40, 700, 3]), ([16], [16]), ([5, 1], [300, 33]), ([1] * 17, [90] * 17),
+              ([37, 1, 5], [37, 90, 205])]
+    before = None
+    for q_lens, ctx_lens in shapes:
+        q, kc, vc, ctx = _case(q_lens, ctx_lens, 14, 2, 64, 16, torch.bfloat16)
+        backend.attend(q, kc, vc, ctx, 0.125)
+        kernels = sum(len(c[0]) for c in _paged_attention.device_caches.values())
+        before = kernels if before is None else before
+        assert kernels == before, f"a new kernel variant compiled for q_lens={q_lens} ctx_lens={ctx_lens}"
