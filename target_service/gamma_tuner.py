@@ -159,7 +159,8 @@ class GammaTuner:
         return new
 
     def _verify(self, bucket: int, ratio: float):
-        return lambda g: ratio * self.verify_cost.scale(bucket, g)
+        # PEARL prices its verify at the mean query of a mixed batch (pearl_tokens_per_ms)
+        return lambda g: ratio * self.verify_cost.scale(bucket, g, interpolate=self.mode == "pearl")
 
     def _rate(self, bucket: int, gamma: int, t_d: float, ratio: float, alpha: float) -> float:
         """Expected tokens per ms of `gamma` by the mode's round model."""

@@ -65,6 +65,14 @@ def pearl_tokens_per_round(alpha: float, gamma: int, head_start: int = 0) -> flo
     return pi_pre * pre + (1.0 - pi_pre) * post
 
 
+def pearl_mean_query(alpha: float, gamma: int, head_start: int = 0) -> float:
+    """Tokens a sequence feeds a PEARL verify, on average over the chain: w + 1 in pre-verify,
+    gamma (g - 1 pending and the first fresh one) in post-verify. CUDA graphs pack a verify's
+    tokens, so this, not the longest query, is what a batch's verify costs."""
+    pi_pre = _pre_verify_share(alpha, gamma, head_start)
+    return pi_pre * (head_start + 1) + (1.0 - pi_pre) * gamma
+
+
 def head_start_granted(alpha: float, gamma: int, head_start: int, share: float | None) -> float:
     """The fraction of pre-verify rounds that got the head start. The target grants it to a
     whole batch, and only when at least half of the batch is in pre-verify: at batch 1 that is

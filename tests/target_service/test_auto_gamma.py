@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from pearl_runtime.config import EngineConfig
+from pearl_runtime.bench.projection import head_start_for, pearl_mean_query, project
 from pearl_runtime.engine.step_timer import VerifyCost, pearl_gamma, sd_gamma
 from target_service.server import TargetService, TargetServicer
 
@@ -27,21 +28,44 @@ def verify(batch):
     return lambda g: COST.scale(batch, g)
 
 
-def test_verify_cost_prices_gamma_at_its_query_bucket():
+def test_verify_cost_prices_gamma_at_its_query_length():
     t_v = verify(32)
     assert t_v(3) == 29.0 and t_v(7) == 46.0 and t_v(15) == 60.0
-    assert t_v(16) == 90.0                  # 17 tokens run in the 32-token bucket, padded
+    assert t_v(16) == 90.0                  # 17 tokens a sequence fill no smaller bucket
+    assert t_v(40) == 90.0 and verify(1)(0) == 22.0   # outside the table: its ends
+    # a PEARL batch's mean query lands between token buckets: linear there
+    mean = lambda g: COST.scale(32, g, interpolate=True)
+    assert mean(15) == 60.0 and mean(16) == pytest.approx(60.0 + 30.0 / 16) and mean(11) == pytest.approx(53.0)
     assert verify(20)(1) == 29.0           # batch 20 runs in the 32 bucket
     assert COST.scale(32, 15) == 60.0 and VerifyCost().scale(32, 15) == 1.0   # no table: flat
 
 
-def test_gamma_stays_out_of_a_padded_bucket_when_the_verify_is_compute_bound():
-    flat = [pearl_gamma(verify(1), 1.8, 31, alpha=0.9), sd_gamma(verify(1), 1.8, 31, alpha=0.9)]
-    bound = [pearl_gamma(verify(32), 1.8, 31, alpha=0.9), sd_gamma(verify(32), 1.8, 31, alpha=0.9)]
-    assert bound == [15, 3]                 # gamma + 1 fills the 16 (pearl) and 4 (sd) buckets
-    assert flat[0] > 10 and flat[1] > 3     # at batch 1 a longer verify costs nothing
-    # priced flat at the 4-token time (the rule before), batch 32 would run 17-token verifies
+def test_gamma_stays_short_when_the_verify_is_compute_bound():
+    mean = lambda b: (lambda g: COST.scale(b, g, interpolate=True))   # as the tuner prices PEARL
+    flat = [pearl_gamma(mean(1), 1.8, 31, alpha=0.9), sd_gamma(verify(1), 1.8, 31, alpha=0.9)]
+    bound = [pearl_gamma(mean(32), 1.8, 31, alpha=0.9), sd_gamma(verify(32), 1.8, 31, alpha=0.9)]
+    assert bound == [7, 3]
+    assert flat[0] > 10 and flat[1] > 4     # at batch 1 a longer verify costs nothing
+    # priced flat at the 4-token time (the rule before query lengths), batch 32 would run
+    # 17-token verifies
     assert pearl_gamma(29.0, 1.8, 31, alpha=0.9) == 16
+
+
+def test_pearl_prices_its_verify_at_the_mean_query():
+    """Pre-verify sequences feed w + 1 tokens, post-verify ones gamma: a packed verify costs
+    their mean. On the 72B batch-8 table of an H200 run (flat to 12 tokens, then rising),
+    priced at gamma + 1 for every sequence auto gamma took 11 (2.94x over ar measured), at the
+    mean it takes 13 (14 measured 3.45x in an earlier run)."""
+    assert pearl_mean_query(0.0, 14, 7) == 8.0 and pearl_mean_query(1.0, 14, 7) == 14.0
+    assert 8.0 < pearl_mean_query(0.9, 14, 7) < 14.0
+    bs8 = VerifyCost({2: {8: 22.41}, 4: {8: 23.15}, 8: {8: 24.69}, 12: {8: 26.04}, 16: {8: 29.52},
+                      24: {8: 36.47}})
+    t_v = lambda g: bs8.scale(8, g, interpolate=True)
+    assert pearl_gamma(t_v, 1.89, 31, alpha=0.9) == 13
+    at_gamma_plus_one = max(range(1, 32), key=lambda g: project(1.0, 1.89, t_v(g), 0.0, 0.9, g, head_start_for(g))
+                            ["pearl_tokens_per_round"] / project(1.0, 1.89, t_v(g), 0.0, 0.9, g, head_start_for(g))
+                            ["pearl_round_ms"])
+    assert at_gamma_plus_one < 13
 
 
 def test_sd_gamma_grows_as_the_draft_gets_cheaper():
