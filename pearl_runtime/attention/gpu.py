@@ -5,7 +5,7 @@ where a row is (query token, query head of that kv head's group), so GQA heads s
 K/V tile load. Query j of a sequence sits at position ctx_len - q_len + j and sees keys up
 to it. Queries are read from `cu_seqlens_q[i]` with `q_lens[i]` real tokens; the rest of a
 padded CUDA-graph slot is skipped. At small batches a row tile's keys are split across
-programs, and the last split to finish merges them (still one kernel).
+programs and a second kernel merges them.
 """
 import logging
 from typing import ClassVar
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # plain runtime ints: specialized (Triton's ==1 and %16 variants, a constexpr per split count)
 # each new shape compiled a kernel mid-serving, a first-token stall of up to ~0.75 s
 @triton.jit(do_not_specialize=["stride_bt", "n_rows", "SPLITS"])
-def _paged_attention(Q, K, V, O, O_part, M_part, L_part, Arrived, block_tables, cu_q, q_lens, ctx_lens, scale,
+def _paged_attention(Q, K, V, O, O_part, M_part, L_part, block_tables, cu_q, q_lens, ctx_lens, scale,
                      stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, n_rows, SPLITS,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
@@ -85,35 +85,31 @@ def _paged_attention(Q, K, V, O, O_part, M_part, L_part, Arrived, block_tables, 
         o_ptrs = O + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     else:
-        # unnormalized partials; rows are (split, token, head)
+        # unnormalized partials, merged by _merge_splits; rows are (split, token, head)
         n_heads = tl.num_programs(1) * GROUP
         row = (split * n_rows + token) * n_heads + head
         tl.store(O_part + row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
         tl.store(M_part + row, m_i, mask=row_ok)
         tl.store(L_part + row, l_i, mask=row_ok)
-        # the last split of this (sequence, kv head, row tile) to finish merges them all, so
-        # a split step is one kernel, not two: the barrier orders every lane's stores before
-        # the counter's release, and the merger reads past L1 (.cg)
-        tl.debug_barrier()
-        counter = Arrived + (seq * tl.num_programs(1) + kvh) * (tl.num_programs(2) // SPLITS) + tile
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
-            tl.store(counter, 0)   # zero again for the next launch (graph replays included)
-            m_all = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
-            for s in range(SPLITS):
-                r = (s * n_rows + token) * n_heads + head
-                m_all = tl.maximum(m_all, tl.load(M_part + r, mask=row_ok, other=-1e30, cache_modifier=".cg"))
-            total = tl.zeros([BLOCK_M], dtype=tl.float32)
-            merged = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-            for s in range(SPLITS):
-                r = (s * n_rows + token) * n_heads + head
-                w = tl.exp(tl.load(M_part + r, mask=row_ok, other=-1e30, cache_modifier=".cg") - m_all)
-                total += tl.load(L_part + r, mask=row_ok, other=0.0, cache_modifier=".cg") * w
-                part = tl.load(O_part + r[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0,
-                               cache_modifier=".cg")
-                merged += part * w[:, None]
-            out = merged / tl.where(row_ok, total, 1.0)[:, None]
-            o_ptrs = O + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
-            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["n_rows", "splits"])
+def _merge_splits(O_part, M_part, L_part, O, stride_ot, stride_oh, n_rows, n_heads, splits,
+                  HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """One program per (token, head): rescale each split's partial sums to the common max,
+    all splits in one load (the split count is a runtime int: one compiled kernel)."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, MAX_SPLITS)
+    live = s < splits
+    row = (s * n_rows + token) * n_heads + head
+    m = tl.load(M_part + row, mask=live, other=-1e30)
+    weight = tl.exp(m - tl.max(m, 0))
+    total = tl.sum(tl.load(L_part + row, mask=live, other=0.0) * weight, 0)
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(O_part + row[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / total
+    tl.store(O + token * stride_ot + head * stride_oh + d, out.to(O.dtype.element_ty))
 
 
 @triton.jit
@@ -194,10 +190,6 @@ class TritonBackend(AttentionBackend):
         _store_kv[(k.shape[0],)](k, v, k_cache, v_cache, ctx.slot_mapping, k.stride(0), v.stride(0),
                                  k_cache.stride(1), WIDTH=width)
 
-    def __init__(self):
-        self._arrived = None
-        self._retired = []
-
     def _sm_count(self, device: torch.device) -> int:
         sms = self._sms.get(device.index)
         if sms is None:
@@ -230,29 +222,21 @@ class TritonBackend(AttentionBackend):
             o_part = torch.empty(splits, n_rows, q.shape[1], head_dim, dtype=torch.float32, device=q.device)
             m_part = torch.empty(splits, n_rows, q.shape[1], dtype=torch.float32, device=q.device)
             l_part = torch.empty_like(m_part)
-            arrived = self._arrival_counters(n_seqs * kv_heads * tiles, q.device)
         else:
-            o_part = m_part = l_part = arrived = out   # unused
-        # rows of padding tokens in a graph slot are never written: their output is garbage
-        # and nothing reads it
+            o_part = m_part = l_part = out   # unused
         _paged_attention[(n_seqs, kv_heads, tiles * splits)](
-            q, k_cache, v_cache, out, o_part, m_part, l_part, arrived, ctx.block_tables, ctx.cu_seqlens_q,
+            q, k_cache, v_cache, out, o_part, m_part, l_part, ctx.block_tables, ctx.cu_seqlens_q,
             ctx.q_lens_t, ctx.context_lens_t, scale, q.stride(0), q.stride(1), k_cache.stride(0),
             k_cache.stride(1), k_cache.stride(2), ctx.block_tables.stride(0), n_rows, splits, GROUP=group,
             HEAD_DIM=head_dim, BLOCK_M=self.BLOCK_M, BLOCK_N=max(self.BLOCK_N, block_size), PAGE=block_size,
             IEEE=q.dtype == torch.float32)
+        if splits > 1:
+            # rows of padding tokens in a graph were never written: their output is garbage,
+            # as it is without splits, and nothing reads it
+            _merge_splits[(n_rows, q.shape[1])](o_part, m_part, l_part, out, out.stride(0), out.stride(1),
+                                                n_rows, q.shape[1], splits, HEAD_DIM=head_dim,
+                                                MAX_SPLITS=self.MAX_SPLITS)
         return out
-
-    def _arrival_counters(self, n: int, device: torch.device) -> torch.Tensor:
-        """One zeroed counter per (sequence, kv head, row tile) of a split launch; each launch
-        leaves them zero. A larger launch gets a larger buffer; the old one is kept, since
-        graphs captured with it hold its address (each graph warms up eagerly first, so the
-        buffer grows outside capture)."""
-        if self._arrived is None or self._arrived.numel() < n:
-            if self._arrived is not None:
-                self._retired.append(self._arrived)
-            self._arrived = torch.zeros(max(n, self._sm_count(device)), dtype=torch.int32, device=device)
-        return self._arrived
 
 
 GPU_BACKENDS = {"triton": TritonBackend}
