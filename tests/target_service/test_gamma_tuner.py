@@ -173,7 +173,12 @@ def test_buckets_not_yet_run_are_repriced_at_the_measured_acceptance():
     _rounds(tuner, 12, batch=1, draft_ms_per_token=1.8, verify_ms=22.0, drafted=8, accepted=8)
     assert tuner.alpha > 0.9
     assert tuner.gamma_for(8) > prior[8]
-    # an observed bucket is left to its own observations
+    # a bucket still in its warm-up rounds is re-priced too; one past them is left to its own
+    # observations
+    _rounds(tuner, GammaTuner.WARMUP - 1, batch=8, draft_ms_per_token=6.0, verify_ms=30.0, drafted=8, accepted=8)
+    before = tuner.gamma_for(8)
+    tuner._reprice(0.5)
+    assert tuner.gamma_for(8) < before
     _rounds(tuner, 8, batch=8, draft_ms_per_token=6.0, verify_ms=30.0, drafted=8, accepted=8)
     before = tuner.gamma_for(8)
     tuner._reprice(0.5)
