@@ -105,11 +105,11 @@ class GammaTuner:
                          head_start_for(self.last_gamma, self.head_start) if self.mode == "pearl" else 0)
 
     def observe(self, batch: int, gamma: int, draft_ms: float, verify_ms: float,
-                drafted: int, accepted: int, query_len: int | None = None,
+                drafted: int, accepted: int, query_len: float | None = None,
                 draft_steps: int | None = None) -> int | None:
         """One speculative round at the bucket's `gamma`: the draft took `draft_ms` for
         `draft_steps` tokens a sequence (default gamma; a head-start round drafts gamma + its
-        early part), the verify of `query_len` tokens a sequence (default gamma + 1)
+        early part), the verify of `query_len` tokens a sequence (a mean over the batch; default gamma + 1)
         `verify_ms`; the batch's verify judged `drafted` draft tokens and accepted that many.
         Returns the bucket's new gamma when it moves, else None."""
         if gamma < 1 or draft_ms <= 0 or verify_ms <= 0:
@@ -124,7 +124,7 @@ class GammaTuner:
         b = self.bucket(batch)
         per_token = draft_ms / (draft_steps or gamma)
         # comparable across rounds of different lengths
-        ratio = verify_ms / self.verify_cost.scale(b, (query_len or gamma + 1) - 1)
+        ratio = verify_ms / self._verify(b, 1.0)((query_len or gamma + 1) - 1)
         obs = self.observed.get(b)
         if obs is None:
             obs = self.observed[b] = Observed(per_token, ratio)

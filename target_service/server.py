@@ -280,8 +280,7 @@ class TargetService:
     def _timed_forward(self, reqs):
         # tokens a sequence feeds, on average: what a packed verify's time depends on (a PEARL
         # round judges the last round's drafts, so this is not the round's own gamma + 1)
-        fed = sum(len(r.seq) - r.seq.num_kv for r in reqs)
-        self._query_len = -(-fed // len(reqs))
+        self._query_len = sum(len(r.seq) - r.seq.num_kv for r in reqs) / len(reqs)
         t = time.perf_counter()
         logits = self.core.forward(reqs)
         # forward() ends in a device sync (argmax to host): the time is the GPU's

@@ -195,6 +195,9 @@ def test_a_verify_is_priced_at_the_query_it_ran():
     for _ in range(40):   # pre-verify (8 tokens) and post-verify (16) rounds, at the table's times
         tuner.observe(8, 15, 15 * 1.9, 24.3, 8, 7, query_len=8)
         tuner.observe(8, 15, 15 * 1.9, 29.3, 8, 7, query_len=16)
+        # a mixed batch: a mean of 12 tokens a sequence, priced between the two as PEARL's
+        # model prices it (packed graphs)
+        tuner.observe(8, 15, 15 * 1.9, 26.8, 8, 7, query_len=12.0)
     assert tuner.observed[8].verify_ratio == pytest.approx(1.0)
     assert tuner.gamma_for(8) >= 13
 
