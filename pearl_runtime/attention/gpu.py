@@ -190,18 +190,14 @@ class TritonBackend(AttentionBackend):
         _store_kv[(k.shape[0],)](k, v, k_cache, v_cache, ctx.slot_mapping, k.stride(0), v.stride(0),
                                  k_cache.stride(1), WIDTH=width)
 
-    def _sm_count(self, device: torch.device) -> int:
-        sms = self._sms.get(device.index)
-        if sms is None:
-            sms = self._sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        return sms
-
     def splits(self, programs: int, device: torch.device) -> int:
         """Key-range splits per (sequence, kv head, row tile): a decode step at a small batch
         has only a few of those programs, each walking the whole context alone, so the
         keys are split until the programs cover the SMs. Depends on the batch shape only,
         never on context lengths, so a captured graph stays valid."""
-        sms = self._sm_count(device)
+        sms = self._sms.get(device.index)
+        if sms is None:
+            sms = self._sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
         splits = 1
         while splits < self.MAX_SPLITS and programs * splits < sms:
             splits *= 2
@@ -240,7 +236,6 @@ class TritonBackend(AttentionBackend):
 
 
 GPU_BACKENDS = {"triton": TritonBackend}
-
 
 try:
     from flash_attn import flash_attn_with_kvcache

@@ -63,6 +63,30 @@ def reference_norm_gate_up(x, norm_w, eps, w):
 
 if triton is not None:
     @triton.jit
+    def _row_rstd(X, K, eps, BLOCK_K: tl.constexpr):
+        """1 / RMS of the one input row, as a [1] tensor. Every program recomputes it: x is a
+        few KB and sits in L2."""
+        rm = tl.arange(0, 1)
+        ss = tl.zeros([1], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xs = tl.load(X + rm[:, None] * 0 + rk[None, :], mask=(rk < K)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(xs * xs, 1)
+        return 1.0 / tl.sqrt(ss / K + eps)
+
+    @triton.jit
+    def _row_chunk(X, G, rk, k_ok, rstd, HAS_NORM: tl.constexpr):
+        """Elements rk of the input row as a [1, BLOCK_K] fp32 tile; with HAS_NORM, normalized
+        at the reference's rounding points: norm(x) in the dtype, then weight * it."""
+        rm = tl.arange(0, 1)
+        x = tl.load(X + rm[:, None] * 0 + rk[None, :], mask=k_ok[None, :], other=0.0)
+        if HAS_NORM:
+            g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
+            xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
+            x = (g[None, :] * xn.to(tl.float32)).to(x.dtype)
+        return x.to(tl.float32)
+
+    @triton.jit
     def _skinny(X, W, B, R, G, Y, N, K, stride_w, eps, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program n: rows [n*BLOCK_N, +BLOCK_N) of W (and the same rows + N, the up half, when
@@ -73,25 +97,16 @@ if triton is not None:
         rm = tl.arange(0, 1)
         n_ok = rn < N
         if HAS_NORM:
-            # every program recomputes the row's RMS: x is a few KB and sits in L2
-            ss = tl.zeros([1], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                xs = tl.load(X + rm[:, None] * 0 + rk[None, :], mask=(rk < K)[None, :], other=0.0).to(tl.float32)
-                ss += tl.sum(xs * xs, 1)
-            rstd = 1.0 / tl.sqrt(ss / K + eps)
+            rstd = _row_rstd(X, K, eps, BLOCK_K)
+        else:
+            rstd = tl.zeros([1], dtype=tl.float32)   # unused
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if GATED:
             acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            x = tl.load(X + rm[:, None] * 0 + rk[None, :], mask=k_ok[None, :], other=0.0)
-            if HAS_NORM:   # the reference's rounding points: norm(x) in the dtype, then weight * it
-                g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
-                xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
-                x = (g[None, :] * xn.to(tl.float32)).to(x.dtype)
-            xf = x.to(tl.float32)
+            xf = _row_chunk(X, G, rk, k_ok, rstd, HAS_NORM)
             mask = n_ok[:, None] & k_ok[None, :]
             w = tl.load(W + rn[:, None] * stride_w + rk[None, :], mask=mask, other=0.0)
             acc += w.to(tl.float32) * xf
@@ -125,22 +140,13 @@ if triton is not None:
         j = (tl.program_id(0) % per_head) * BLOCK_H + tl.arange(0, BLOCK_H)
         lo = head * HEAD_DIM + j
         hi = lo + HALF
-        rm = tl.arange(0, 1)
-        ss = tl.zeros([1], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            xs = tl.load(X + rm[:, None] * 0 + rk[None, :], mask=(rk < K)[None, :], other=0.0).to(tl.float32)
-            ss += tl.sum(xs * xs, 1)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        rstd = _row_rstd(X, K, eps, BLOCK_K)
         acc_lo = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
         acc_hi = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            x = tl.load(X + rm[:, None] * 0 + rk[None, :], mask=k_ok[None, :], other=0.0)
-            g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
-            xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
-            xf = (g[None, :] * xn.to(tl.float32)).to(x.dtype).to(tl.float32)
+            xf = _row_chunk(X, G, rk, k_ok, rstd, True)
             w_lo = tl.load(W + lo[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
             w_hi = tl.load(W + hi[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
             acc_lo += w_lo.to(tl.float32) * xf
