@@ -1,7 +1,7 @@
 """The Target gRPC service: gateway streams in, PEARL / sd / ar rounds, committed tokens out."""
 import asyncio
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -52,6 +52,7 @@ class RoundStats:
     accepted_tokens: int = 0
     head_start_rounds: int = 0
     gamma_sum: int = 0           # each speculative round's gamma (its early part not counted)
+    judged_runs: Counter = field(default_factory=Counter)   # (judged, accepted) -> sequence-rounds
 
 
 class TargetService:
@@ -252,6 +253,8 @@ class TargetService:
             s.committed_tokens += len(r.seq) - n
             judged += r.drafted - drafted
             taken_ok += r.accepted - accepted
+            if r.drafted > drafted:
+                s.judged_runs[(r.drafted - drafted, r.accepted - accepted)] += 1
         s.drafted_tokens += judged
         s.accepted_tokens += taken_ok
         if batch is not None and self.fixed_gamma is None:
@@ -417,7 +420,8 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
             draft_connected=self.service.link is not None and self.service.link.connected,
             gamma_sum=s.gamma_sum, gamma_by_batch=self.service.tuner.picks,
             verify_times=[target_pb2.VerifyTime(batch=b, query=q, ms=t)
-                          for q, row in self.service.verify_cost.table.items() for b, t in row.items()])
+                          for q, row in self.service.verify_cost.table.items() for b, t in row.items()],
+            judged_runs=[target_pb2.JudgedRun(judged=j, accepted=a, count=c) for (j, a), c in s.judged_runs.items()])
 
     async def Serve(self, request_iterator, context):
         stream = GatewayStream()

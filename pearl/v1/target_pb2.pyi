@@ -12,7 +12,7 @@ class MetricsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TargetMetrics(_message.Message):
-    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "head_start_rounds", "draft_connected", "exchange_ms", "gamma_sum", "gamma_by_batch", "verify_times")
+    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "head_start_rounds", "draft_connected", "exchange_ms", "gamma_sum", "gamma_by_batch", "verify_times", "judged_runs")
     class GammaByBatchEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class TargetMetrics(_message.Message):
     GAMMA_SUM_FIELD_NUMBER: _ClassVar[int]
     GAMMA_BY_BATCH_FIELD_NUMBER: _ClassVar[int]
     VERIFY_TIMES_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_RUNS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     speculative_rounds: int
     draft_ms: float
@@ -54,7 +55,18 @@ class TargetMetrics(_message.Message):
     gamma_sum: int
     gamma_by_batch: _containers.ScalarMap[int, int]
     verify_times: _containers.RepeatedCompositeFieldContainer[VerifyTime]
-    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ..., gamma_sum: _Optional[int] = ..., gamma_by_batch: _Optional[_Mapping[int, int]] = ..., verify_times: _Optional[_Iterable[_Union[VerifyTime, _Mapping]]] = ...) -> None: ...
+    judged_runs: _containers.RepeatedCompositeFieldContainer[JudgedRun]
+    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ..., gamma_sum: _Optional[int] = ..., gamma_by_batch: _Optional[_Mapping[int, int]] = ..., verify_times: _Optional[_Iterable[_Union[VerifyTime, _Mapping]]] = ..., judged_runs: _Optional[_Iterable[_Union[JudgedRun, _Mapping]]] = ...) -> None: ...
+
+class JudgedRun(_message.Message):
+    __slots__ = ("judged", "accepted", "count")
+    JUDGED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    judged: int
+    accepted: int
+    count: int
+    def __init__(self, judged: _Optional[int] = ..., accepted: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class VerifyTime(_message.Message):
     __slots__ = ("batch", "query", "ms")

@@ -36,6 +36,7 @@ Columns (per batch size; "a round" is one batched target forward, Metrics diff /
   time; this column leaves it out. tokens_per_s stays the headline.
 """
 import asyncio
+from collections import Counter
 import hashlib
 import statistics
 import time
@@ -43,6 +44,7 @@ import time
 import grpc
 
 from pearl.v1 import target_pb2, target_pb2_grpc
+from pearl_runtime.bench.projection import acceptance_by_position
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 
 COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms",
@@ -62,6 +64,9 @@ def diff(after: target_pb2.TargetMetrics, before: target_pb2.TargetMetrics) -> d
     d = {k: getattr(after, k) - getattr(before, k) for k in COUNTERS}
     d.update(path=after.path, gamma=after.gamma, gamma_by_batch=dict(after.gamma_by_batch),
              verify_times=[[v.batch, v.query, v.ms] for v in after.verify_times])
+    runs = Counter({(r.judged, r.accepted): r.count for r in after.judged_runs})
+    runs.subtract({(r.judged, r.accepted): r.count for r in before.judged_runs})
+    d["judged_runs"] = sorted([j, a, c] for (j, a), c in runs.items() if c > 0)
     return d
 
 
@@ -131,6 +136,7 @@ def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float]], m: 
         "gamma": round(m["gamma_sum"] / m["speculative_rounds"]) if m["speculative_rounds"] else m["gamma"],
         "gamma_mean": m["gamma_sum"] / m["speculative_rounds"] if m["speculative_rounds"] else None,
         "gamma_by_batch": m["gamma_by_batch"], "path": m["path"], "metrics_diff": m,
+        "accept_by_position": acceptance_by_position(m["judged_runs"]),
         "outputs_sha256": hashlib.sha256(repr([c.token_ids for c in completions]).encode()).hexdigest(),
         "_outputs": [list(c.token_ids) for c in completions],   # kept in memory, not in the JSON
     }

@@ -120,6 +120,22 @@ def accept_rate(alpha: float, gamma: int, mode: str, head_start: int = 0) -> flo
             / (pi_pre * (head_start + 1) + (1 - pi_pre) * gamma))
 
 
+def acceptance_by_position(judged_runs) -> list[tuple[float | None, int]]:
+    """From [judged, accepted, count] rows (sequence-rounds that judged `judged` draft tokens
+    and accepted the first `accepted`): for each position k >= 1, the share of sequence-rounds
+    that reached k (judged >= k, the k - 1 before it accepted) and accepted it, with how many
+    reached it. Under the model's independent acceptance every position reads alpha; a draft
+    that agrees in streaks reads higher further in, which makes long gammas pay more than the
+    model says."""
+    longest = max((j for j, _, _ in judged_runs), default=0)
+    out = []
+    for k in range(1, longest + 1):
+        reached = sum(c for j, a, c in judged_runs if j >= k and a >= k - 1)
+        took = sum(c for j, a, c in judged_runs if a >= k)
+        out.append((took / reached if reached else None, reached))
+    return out
+
+
 def fit_alpha(rate: float, gamma: int, mode: str, head_start: int = 0) -> float:
     """The iid acceptance whose `accept_rate` equals a measured one (bisection; the rate
     increases with alpha). Prefill rounds and the last truncated round barely move it, unlike

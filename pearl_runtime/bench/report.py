@@ -140,6 +140,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def acceptance_text(rows: list[dict], positions: int = 12, min_reached: int = 4) -> list[str]:
+    """Acceptance by draft position for each speculative row (positions reached by fewer than
+    `min_reached` sequence-rounds are left out): under the round model's independent
+    acceptance the numbers would all read alpha."""
+    lines = []
+    for r in sorted(rows, key=lambda r: (r["batch_size"], ("ar", "sd", "pearl").index(r["mode"]))):
+        prof = [(a, n) for a, n in (r.get("accept_by_position") or [])[:positions] if n >= min_reached]
+        if r["mode"] != "ar" and prof:
+            lines.append(f"  {r['mode']:<6}{r['batch_size']:>4}  " + " ".join(f"{a:.2f}" for a, _ in prof)
+                         + f"   (reached by {prof[0][1]} .. {prof[-1][1]})")
+    if lines:
+        lines.insert(0, "acceptance by draft position (share of sequence-rounds that reached position k and "
+                        "accepted it; independent acceptance reads alpha throughout):")
+    return lines
+
+
 SLOW_START = 4.0   # a speculative row's first tokens this many times later than ar's...
 SLOW_START_MS = 100.0   # ...and at least this late are called out
 

@@ -1,5 +1,7 @@
 """`pearl bench` on CPU with tiny models (ar, sd, pearl end to end) and the round model."""
 import json
+import random
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -76,6 +78,29 @@ def test_fit_alpha_inverts_accept_rate():
         for alpha in (0.05, 0.5, 0.8, 0.97):
             assert projection.fit_alpha(projection.accept_rate(alpha, GAMMA, mode, w), GAMMA, mode, w) == \
                 pytest.approx(alpha, abs=1e-6)
+
+
+def test_acceptance_by_position():
+    acceptance_by_position = projection.acceptance_by_position
+    # 10 sequence-rounds judged 3 and took all, 5 took 1 of 3, 5 judged 1 and took none
+    prof = acceptance_by_position([[3, 3, 10], [3, 1, 5], [1, 0, 5]])
+    assert prof == [(15 / 20, 20), (10 / 15, 15), (10 / 10, 10)]
+    assert acceptance_by_position([]) == []
+    # independent acceptance reads alpha at every position; a draft that agrees in streaks
+    # (here: an easy sequence-round accepts at 0.97, a hard one at 0.5) reads higher further in
+    rng = random.Random(0)
+
+    def sample(accept_of_round, n=20000, gamma=8):
+        runs = Counter()
+        for _ in range(n):
+            a = accept_of_round()
+            took = next((i for i in range(gamma) if rng.random() >= a), gamma)
+            runs[(gamma, took)] += 1
+        return acceptance_by_position([[j, k, c] for (j, k), c in runs.items()])
+    iid = [a for a, _ in sample(lambda: 0.8)]
+    assert all(abs(a - 0.8) < 0.03 for a in iid)
+    streaks = [a for a, _ in sample(lambda: 0.97 if rng.random() < 0.6 else 0.5)]
+    assert streaks[0] < 0.85 and streaks[-1] > 0.9 and streaks == sorted(streaks)
 
 
 def test_projection_balanced_rounds():
@@ -235,6 +260,13 @@ def test_bench_end_to_end(bench_run):
             assert m["exchange_ms"] >= m["draft_ms"] > 0
             assert x["xfer_ms"] == pytest.approx((m["exchange_ms"] - m["draft_ms"]) / m["rounds"])
             assert 0 <= x["xfer_share"] < 1
+            # sequence-rounds by (judged, accepted): they add up to the token counters; a copy
+            # draft has every judged token accepted, at every position
+            runs = m["judged_runs"]
+            assert sum(j * c for j, _, c in runs) == m["drafted_tokens"] > 0
+            assert sum(a * c for _, a, c in runs) == m["accepted_tokens"]
+            assert all(j == a for j, a, _ in runs)
+            assert [a for a, n in x["accept_by_position"] if n] == [1.0] * sum(1 for _, n in x["accept_by_position"] if n)
     h = r["hbm"]
     assert h["achieved_gbps"] > 0 and h["copy_gbps"] > 0 and h["hf_baseline"]["tokens_per_s"] > 0
     assert [p["batch_size"] for p in r["projection"]] == list(BATCH_SIZES)
@@ -248,6 +280,7 @@ def test_bench_prints_the_tables(bench_run):
     assert rows == [[m, str(bs)] for bs in BATCH_SIZES for m in ("ar", "sd", "pearl")]
     assert "HBM at ar bs=1" in bench_run[1] and "HF generate" in bench_run[1]
     assert "PROJECTED PEARL speedup" in bench_run[1]
+    assert "acceptance by draft position" in bench_run[1]
 
 
 def test_bench_fails_loudly_when_the_draft_never_connects(tmp_path, llama_dir, tiny_model_factory):
