@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pearl_runtime.bench.probe import copy_bandwidth
+from pearl_runtime.bench.probe import ar_step_ms, copy_bandwidth
 from pearl_runtime.bench.roofline import weight_bytes_per_step
 from pearl_runtime.layers import skinny as S
 from pearl_runtime.layers.fused import enable_compile, ops as fused
@@ -113,7 +113,6 @@ def engines(names, copy):
     from pearl_runtime.config import EngineConfig
     from pearl_runtime.engine.llm_engine import LLMEngine
     from pearl_runtime.models.synthetic import prepare_synthetic_pair
-    from pearl_runtime.sampling import SamplingParams
     print("\n| model | linears | bs | ms/step | weight GB/s | % copy |")
     print("|---|---|---|---|---|---|")
     for name in names:
@@ -123,13 +122,7 @@ def engines(names, copy):
             eng = LLMEngine(EngineConfig(model=str(tdir), device="cuda", dtype="bfloat16", kv_cache_gb=2,
                                          max_num_seqs=16, skinny_linears=mode))
             weights = weight_bytes_per_step(tdir, "bfloat16")["bytes"]
-            prompt = [[300 + j for j in range(128)]]
-            eng.generate(prompt, SamplingParams(max_tokens=16, ignore_eos=True))
-            torch.cuda.synchronize()
-            s = time.perf_counter()
-            eng.generate(prompt, SamplingParams(max_tokens=200, ignore_eos=True))
-            torch.cuda.synchronize()
-            dt = (time.perf_counter() - s) / 200
+            dt = ar_step_ms(eng, [[300 + j for j in range(128)]], tokens=200) / 1e3
             gbps = weights / dt / 1e9
             print(f"| {name} | {mode} | 1 | {dt * 1e3:.3f} | {gbps:.0f} | {100 * gbps / copy:.0f}% |", flush=True)
             del eng

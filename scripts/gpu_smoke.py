@@ -3,40 +3,23 @@ import logging
 import sys
 import time
 
-import torch
-
+from pearl_runtime.bench.probe import ar_step_ms, copy_bandwidth
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.llm_engine import LLMEngine
 from pearl_runtime.models.synthetic import prepare_synthetic_pair
-from pearl_runtime.sampling import SamplingParams
 
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 target, draft = sys.argv[1], sys.argv[2]
 t0 = time.time()
 tdir, ddir = prepare_synthetic_pair(target, draft, 0.8)
-x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-y = torch.empty_like(x)
-for _ in range(3):
-    y.copy_(x)
-torch.cuda.synchronize()
-best = 1e9
-for _ in range(10):
-    s = time.perf_counter(); y.copy_(x); torch.cuda.synchronize(); best = min(best, time.perf_counter() - s)
-copy_bw = 2 * 2**30 / best / 1e9
-del x, y
+copy_bw = copy_bandwidth("cuda")["gbps"]
 eng = LLMEngine(EngineConfig(model=str(tdir), device="cuda", dtype="bfloat16", kv_cache_gb=4, max_num_seqs=64))
 print(f"built + calibrated {target} in {time.time() - t0:.1f}s")
 weights = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
 emb = eng.runner.model.model.embed_tokens.weight
 weights -= emb.numel() * emb.element_size()   # only a few rows of the embedding are read
 for bs in (1, 8, 32):
-    prompts = [[(i * 7 + j) % 1000 + 300 for j in range(128)] for i in range(bs)]
-    eng.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
-    torch.cuda.synchronize()
-    s = time.perf_counter()
-    eng.generate(prompts, SamplingParams(max_tokens=256, ignore_eos=True))
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - s) / 256
+    dt = ar_step_ms(eng, [[(i * 7 + j) % 1000 + 300 for j in range(128)] for i in range(bs)], tokens=256) / 1e3
     print(f"ar bs={bs}: {dt * 1e3:.2f} ms/step, {bs / dt:.0f} tok/s, weights {weights / 1e9:.2f} GB -> "
           f"{weights / dt / 1e9:.0f} GB/s = {weights / dt / 1e9 / copy_bw * 100:.0f}% of copy bw {copy_bw:.0f} GB/s")
 print("graph replays", eng.runner.graphs.hits)

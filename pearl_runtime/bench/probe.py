@@ -55,6 +55,19 @@ def copy_bandwidth(device: str, mib: int = 1024, repeats: int = 10) -> dict:
     return {"bytes_per_copy": moved, "best_s": best, "gbps": moved / best / 1e9, "repeats": repeats}
 
 
+def ar_step_ms(engine, prompts: list[list[int]], tokens: int, warm_tokens: int = 16) -> float:
+    """ms a greedy decode step of `engine` over `prompts` as one batch: a warm-up generate (graphs,
+    compiles, the prefix cache), then `tokens` steps timed end to end, prefill included."""
+    from pearl_runtime.sampling import SamplingParams
+    dev = engine.runner.device
+    engine.generate(prompts, SamplingParams(max_tokens=warm_tokens, ignore_eos=True))
+    _sync(dev)
+    t = time.perf_counter()
+    engine.generate(prompts, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    _sync(dev)
+    return (time.perf_counter() - t) / tokens * 1e3
+
+
 def _hf_model(model_dir: str, device: torch.device, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
     if any(Path(model_dir).glob("*.safetensors")):

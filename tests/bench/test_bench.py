@@ -80,6 +80,18 @@ def test_fit_alpha_inverts_accept_rate():
                 pytest.approx(alpha, abs=1e-6)
 
 
+def test_ar_step_ms_times_the_timed_generate_alone(llama_dir, monkeypatch):
+    from pearl_runtime.bench.probe import ar_step_ms
+    from pearl_runtime.config import EngineConfig
+    from pearl_runtime.engine.llm_engine import LLMEngine
+    eng = LLMEngine(EngineConfig(model=str(llama_dir), num_blocks=64), load_tok=False)
+    calls, clock = [], iter([10.0, 10.5])
+    monkeypatch.setattr(eng, "generate", lambda prompts, params: calls.append(params.max_tokens))
+    monkeypatch.setattr("pearl_runtime.bench.probe.time.perf_counter", lambda: next(clock))
+    assert ar_step_ms(eng, [[1, 2, 3]], tokens=50, warm_tokens=7) == pytest.approx(10.0)   # 0.5 s / 50
+    assert calls == [7, 50]
+
+
 def test_acceptance_by_position():
     acceptance_by_position = projection.acceptance_by_position
     # 10 sequence-rounds judged 3 and took all, 5 took 1 of 3, 5 judged 1 and took none
