@@ -4,6 +4,7 @@ Triton kernel with a few configs, then ar decode of whole engines with the skinn
 and on. Correctness against the torch ops is tests/gpu/test_skinny_gpu.py.
 
     python3 scripts/gpu_skinny_bench.py [--sweep] [--engines qwen2.5-7b,qwen2.5-0.5b]
+    python3 scripts/gpu_skinny_bench.py --ops qwen2.5-0.5b --chains "" --engines ""   # per-op config sweep
 """
 import argparse
 import gc
@@ -84,6 +85,55 @@ def sweep_configs():
             yield dict(block_n=bn, block_k=bk, num_warps=nw)
 
 
+def op_configs(K, gated):
+    """Tiles up to the whole row, at most 128 weight elements a thread."""
+    for bn, bk, nw in itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096, 8192), (4, 8)):
+        if bk <= max(512, triton_next_pow2(K)) and bn * bk * (2 if gated else 1) <= 128 * 32 * nw:
+            yield dict(block_n=bn, block_k=bk, num_warps=nw)
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+def ops(names, copy, layers=24):
+    """Each linear of a layer alone, `layers` distinct weights in one graph, every config:
+    the per-shape pick that default_config should make."""
+    print("\n| shape | op | N x K | MB | default us | GB/s | best us | GB/s | % copy | best config |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        _, H, I, Q = SHAPES[name]
+        d = dict(dtype=torch.bfloat16, device="cuda")
+        for op, N, K in (("qkv", Q, H), ("o", H, H), ("gate_up", I, H), ("down", H, I)):
+            gated = op == "gate_up"
+            ws = [torch.randn((2 if gated else 1) * N, K, **d) * 0.02 for _ in range(layers)]
+            x, g, r, b = torch.randn(1, K, **d), torch.ones(K, **d), torch.randn(1, N, **d), torch.randn(N, **d)
+
+            def run(cfg):
+                for w in ws:
+                    if op == "qkv":
+                        S.norm_linear(x, g, 1e-6, w, b, config=cfg)
+                    elif gated:
+                        S.norm_gate_up(x, g, 1e-6, w, config=cfg)
+                    else:
+                        S.linear_add(x, w, r, config=cfg)
+            mb = sum(w.numel() * 2 for w in ws) / layers / 1e6
+            t_def = graph_ms(lambda: run(None), reps=50) / layers * 1e3
+            best, best_cfg = t_def, "default"
+            for cfg in op_configs(K, gated):
+                try:
+                    t = graph_ms(lambda: run(cfg), reps=50) / layers * 1e3
+                except Exception as e:
+                    print(f"  {op} config {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
+                    continue
+                if t < best:
+                    best, best_cfg = t, cfg
+            print(f"| {name} | {op} | {N} x {K} | {mb:.1f} | {t_def:.2f} | {mb * 1e3 / t_def:.0f} | {best:.2f} | "
+                  f"{mb * 1e3 / best:.0f} | {100 * mb * 1e3 / best / copy:.0f}% | {best_cfg} |", flush=True)
+            del ws
+            torch.cuda.empty_cache()
+
+
 def chains(names, rows, sweep, copy):
     print("\n| shape | M | weights MB | torch ms | skinny ms (default) | GB/s (default) | % copy | best sweep ms | best config |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -136,11 +186,14 @@ def main():
     p.add_argument("--chains", default="qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b")
     p.add_argument("--rows", default="1")
     p.add_argument("--engines", default="qwen2.5-7b,qwen2.5-0.5b")
+    p.add_argument("--ops", default="", help="shapes whose linears are swept one by one")
     args = p.parse_args()
     enable_compile()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     copy = copy_bandwidth("cuda")["gbps"]
     print(f"copy bandwidth {copy:.0f} GB/s (1 GiB device copy, read + write, best of 10)")
+    if args.ops:
+        ops(args.ops.split(","), copy)
     chains([n for n in args.chains.split(",") if n], [int(m) for m in args.rows.split(",")], args.sweep, copy)
     if args.engines:
         engines(args.engines.split(","), copy)

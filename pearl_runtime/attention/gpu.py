@@ -13,9 +13,11 @@ from typing import ClassVar
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from pearl_runtime.attention.base import AttentionBackend
 from pearl_runtime.attention.flash_layout import padded_query_index
+from pearl_runtime.layers import pdl
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,9 @@ log = logging.getLogger(__name__)
 def _paged_attention(Q, K, V, O, O_part, M_part, L_part, block_tables, cu_q, q_lens, ctx_lens, scale,
                      stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, n_rows, SPLITS,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # without splits the o projection comes next (layers/pdl.py)
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     tile = tl.program_id(2) // SPLITS
@@ -95,9 +99,11 @@ def _paged_attention(Q, K, V, O, O_part, M_part, L_part, block_tables, cu_q, q_l
 
 @triton.jit(do_not_specialize=["n_rows", "splits"])
 def _merge_splits(O_part, M_part, L_part, O, stride_ot, stride_oh, n_rows, n_heads, splits,
-                  HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, head): rescale each split's partial sums to the common max,
     all splits in one load (the split count is a runtime int: one compiled kernel)."""
+    if PDL:   # the o projection after it may start loading its weights (layers/pdl.py)
+        gdc_launch_dependents()
     token = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, MAX_SPLITS)
@@ -220,18 +226,19 @@ class TritonBackend(AttentionBackend):
             l_part = torch.empty_like(m_part)
         else:
             o_part = m_part = l_part = out   # unused
+        use_pdl = pdl.enabled(q.device)
         _paged_attention[(n_seqs, kv_heads, tiles * splits)](
             q, k_cache, v_cache, out, o_part, m_part, l_part, ctx.block_tables, ctx.cu_seqlens_q,
             ctx.q_lens_t, ctx.context_lens_t, scale, q.stride(0), q.stride(1), k_cache.stride(0),
             k_cache.stride(1), k_cache.stride(2), ctx.block_tables.stride(0), n_rows, splits, GROUP=group,
             HEAD_DIM=head_dim, BLOCK_M=self.BLOCK_M, BLOCK_N=max(self.BLOCK_N, block_size), PAGE=block_size,
-            IEEE=q.dtype == torch.float32)
+            IEEE=q.dtype == torch.float32, PDL=use_pdl)
         if splits > 1:
             # rows of padding tokens in a graph were never written: their output is garbage,
             # as it is without splits, and nothing reads it
             _merge_splits[(n_rows, q.shape[1])](o_part, m_part, l_part, out, out.stride(0), out.stride(1),
                                                 n_rows, q.shape[1], splits, HEAD_DIM=head_dim,
-                                                MAX_SPLITS=self.MAX_SPLITS)
+                                                MAX_SPLITS=self.MAX_SPLITS, PDL=use_pdl)
         return out
 
 

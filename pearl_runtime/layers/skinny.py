@@ -22,6 +22,7 @@ check the kernel against them.
 import torch
 import torch.nn.functional as F
 
+from pearl_runtime.layers import pdl
 from pearl_runtime.layers.fused import rms_norm, rotate
 
 # Steps of more rows (a batch, a verify) stay on cuBLAS: a tensor-core variant of this kernel
@@ -32,6 +33,7 @@ MAX_ROWS = 1
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:   # CPU installs: the reference ops below are the only path
     triton = None
 
@@ -88,31 +90,53 @@ if triton is not None:
 
     @triton.jit
     def _skinny(X, W, B, R, G, Y, N, K, stride_w, eps, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_RES: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                HAS_RES: tl.constexpr, GATED: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program n: rows [n*BLOCK_N, +BLOCK_N) of W (and the same rows + N, the up half, when
         GATED) against the one input row. Each lane keeps partial sums across the K loop and
         they are reduced once at the end, so the loop is loads and FMAs only. The row is held
         as a [1, BLOCK_K] tile: a 1-D load broadcast against the weights measured slower."""
+        if PDL:
+            gdc_launch_dependents()
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, 1)
         n_ok = rn < N
-        if HAS_NORM:
-            rstd = _row_rstd(X, K, eps, BLOCK_K)
-        else:
-            rstd = tl.zeros([1], dtype=tl.float32)   # unused
+        rstd = tl.zeros([1], dtype=tl.float32)   # set below where HAS_NORM
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if GATED:
             acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
+        if ONE_TILE:
+            # the whole row in one tile: the weight loads go out before the norm's, so the
+            # DRAM and L2 latencies overlap instead of adding up
+            rk = tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            xf = _row_chunk(X, G, rk, k_ok, rstd, HAS_NORM)
             mask = n_ok[:, None] & k_ok[None, :]
             w = tl.load(W + rn[:, None] * stride_w + rk[None, :], mask=mask, other=0.0)
-            acc += w.to(tl.float32) * xf
             if GATED:
                 wu = tl.load(W + (rn + N)[:, None] * stride_w + rk[None, :], mask=mask, other=0.0)
+            if PDL:   # the row is the previous kernel's output
+                gdc_wait()
+            if HAS_NORM:
+                rstd = _row_rstd(X, K, eps, BLOCK_K)
+            xf = _row_chunk(X, G, rk, k_ok, rstd, HAS_NORM)
+            acc += w.to(tl.float32) * xf
+            if GATED:
                 acc_up += wu.to(tl.float32) * xf
+        else:
+            if PDL:
+                gdc_wait()
+            if HAS_NORM:
+                rstd = _row_rstd(X, K, eps, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = rk < K
+                xf = _row_chunk(X, G, rk, k_ok, rstd, HAS_NORM)
+                mask = n_ok[:, None] & k_ok[None, :]
+                w = tl.load(W + rn[:, None] * stride_w + rk[None, :], mask=mask, other=0.0)
+                acc += w.to(tl.float32) * xf
+                if GATED:
+                    wu = tl.load(W + (rn + N)[:, None] * stride_w + rk[None, :], mask=mask, other=0.0)
+                    acc_up += wu.to(tl.float32) * xf
         out_ty = Y.dtype.element_ty
         y = tl.sum(acc, 1)[None, :].to(out_ty).to(tl.float32)
         if HAS_BIAS:
@@ -128,29 +152,46 @@ if triton is not None:
     @triton.jit
     def _skinny_qkv_rope(X, W, B, G, Q_out, k_cache, v_cache, cos, sin, slots, K, stride_w, stride_slot, eps,
                          HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
         """norm_linear for the fused q/k/v projection with the attention's first kernel folded
         into the epilogue: program p takes BLOCK_H dims of the first half of one head together
         with their rotary partners in the second half, rotates q and k (fp32 math, one
         rounding, as the separate kernel does), writes q out and k, v into the token's cache
         slot. Same prologue, loop and rounding points as _skinny."""
+        if PDL:
+            gdc_launch_dependents()
         HALF: tl.constexpr = HEAD_DIM // 2
         per_head = HALF // BLOCK_H
         head = tl.program_id(0) // per_head
         j = (tl.program_id(0) % per_head) * BLOCK_H + tl.arange(0, BLOCK_H)
         lo = head * HEAD_DIM + j
         hi = lo + HALF
-        rstd = _row_rstd(X, K, eps, BLOCK_K)
         acc_lo = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
         acc_hi = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
+        if ONE_TILE:   # weights first, as in _skinny
+            rk = tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            xf = _row_chunk(X, G, rk, k_ok, rstd, True)
             w_lo = tl.load(W + lo[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
             w_hi = tl.load(W + hi[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
+            if PDL:   # the row, the rotary rows and the slot come from earlier kernels
+                gdc_wait()
+            rstd = _row_rstd(X, K, eps, BLOCK_K)
+            xf = _row_chunk(X, G, rk, k_ok, rstd, True)
             acc_lo += w_lo.to(tl.float32) * xf
             acc_hi += w_hi.to(tl.float32) * xf
+        else:
+            if PDL:
+                gdc_wait()
+            rstd = _row_rstd(X, K, eps, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = rk < K
+                xf = _row_chunk(X, G, rk, k_ok, rstd, True)
+                w_lo = tl.load(W + lo[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
+                w_hi = tl.load(W + hi[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
+                acc_lo += w_lo.to(tl.float32) * xf
+                acc_hi += w_hi.to(tl.float32) * xf
         out_ty = Q_out.dtype.element_ty
         a = tl.sum(acc_lo, 1).to(out_ty).to(tl.float32)
         b = tl.sum(acc_hi, 1).to(out_ty).to(tl.float32)
@@ -180,24 +221,29 @@ if triton is not None:
 AUTO_MAX_HIDDEN = 2048
 
 
-def default_config(K: int) -> dict:
-    """Few weight rows a program, so the programs fill the SMs several times over. Picked by
-    sweeps on an H200 (BENCHMARKS.md, session 6)."""
-    if K <= 2048:
-        return dict(block_n=2, block_k=1024, num_warps=4)
-    return dict(block_n=8, block_k=512, num_warps=4)
+def default_config(K: int, gated: bool = False) -> dict:
+    """Two weight rows a program and the whole row in one tile where it fits (a loop over
+    tiles waits out the memory latency once per tile), 4 warps for short rows and the gated
+    pair, 8 for long rows. Picked per linear by a sweep on an H200 (BENCHMARKS.md, session
+    8): at 0.5B the down projection ran 8.3 -> 4.8 us, at 1.5B gate_up 25 -> 17 us, at 7B
+    gate_up 79 -> 64 us, against session 6's configs."""
+    tile = triton.next_power_of_2(K)
+    if tile > (4096 if gated else 8192):   # 1.5B's and 7B's down: a loop of mid-size tiles
+        return dict(block_n=2, block_k=2048, num_warps=8)
+    return dict(block_n=2, block_k=tile, num_warps=4 if gated or K <= 1024 else 8)
 
 
 def _launch(x, w, *, out_features, bias=None, residual=None, norm_w=None, eps=0.0, gated=False, config=None):
     M, K = x.shape
     assert M == 1 and x.is_contiguous() and w.is_contiguous(), "the skinny kernel takes one contiguous row"
     y = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
-    c = config or default_config(K)
+    c = config or default_config(K, gated)
+    use_pdl = pdl.enabled(x.device)
     _skinny[(triton.cdiv(out_features, c["block_n"]),)](
         x, w, w if bias is None else bias, w if residual is None else residual, w if norm_w is None else norm_w,
         y, out_features, K, w.stride(0), eps, HAS_NORM=norm_w is not None, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, GATED=gated, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
-        num_warps=c["num_warps"], num_stages=1)
+        HAS_RES=residual is not None, GATED=gated, ONE_TILE=K <= c["block_k"], PDL=use_pdl,
+        BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=1, launch_pdl=use_pdl)
     return y
 
 
@@ -223,10 +269,12 @@ def norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, he
     c = config or default_config(K)
     block_h = min(max(c["block_n"] // 2, 1), head_dim // 2)
     q = torch.empty(1, heads, head_dim, dtype=x.dtype, device=x.device)
+    use_pdl = pdl.enabled(x.device)
     _skinny_qkv_rope[((heads + 2 * kv_heads) * (head_dim // 2) // block_h,)](
         x, w, w if bias is None else bias, norm_w, q, k_cache, v_cache, cos, sin, slots, K, w.stride(0),
         k_cache.stride(1), eps, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, HAS_BIAS=bias is not None,
-        BLOCK_H=block_h, BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=1)
+        ONE_TILE=K <= c["block_k"], PDL=use_pdl, BLOCK_H=block_h, BLOCK_K=c["block_k"], num_warps=c["num_warps"],
+        num_stages=1, launch_pdl=use_pdl)
     return q
 
 

@@ -23,10 +23,13 @@ def _prompts(n=12, seed=0):
     return [[rng.randrange(3, 440) for _ in range(k)] for k in lens]
 
 
-@pytest.mark.parametrize("skinny_linears", ["triton", "off"])
-def test_engine_with_graphs_matches_cpu_reference(llama_dir, skinny_linears):
-    """Triton attention + CUDA graphs (+ the skinny linears, or cuBLAS for every step) vs the
-    CPU reference path (which CI checks against transformers token for token)."""
+@pytest.mark.parametrize("skinny_linears,pdl", [("triton", "1"), ("triton", "0"), ("off", "1")],
+                         ids=["skinny-pdl", "skinny-no-pdl", "cublas"])
+def test_engine_with_graphs_matches_cpu_reference(llama_dir, skinny_linears, pdl, monkeypatch):
+    """Triton attention + CUDA graphs (+ the skinny linears with or without programmatic
+    dependent launch, or cuBLAS for every step) vs the CPU reference path (which CI checks
+    against transformers token for token)."""
+    monkeypatch.setenv("PEARL_PDL", pdl)
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     prompts = _prompts()
     cpu = LLMEngine(EngineConfig(model=str(llama_dir), num_blocks=2048)).generate(prompts, params)

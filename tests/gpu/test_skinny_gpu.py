@@ -30,10 +30,14 @@ def _args(name, N, K, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", CONFIGS, ids=["default", "small-tiles", "wide-tiles"])
-def test_kernel_matches_torch_ops(dtype, config):
+@pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "no-pdl"])
+def test_kernel_matches_torch_ops(dtype, config, pdl, monkeypatch):
+    monkeypatch.setenv("PEARL_PDL", pdl)
     torch.manual_seed(0)
-    for (name, kern, ref), (N, K) in itertools.product(OPS, ((40, 72), (1152, 896), (333, 1000), (4608, 3584))):
+    for (name, kern, ref), (N, K) in itertools.product(OPS, ((40, 72), (1152, 896), (333, 1000), (4608, 3584),
+                                                            (896, 4864), (1536, 8960))):
         args = _args(name, N, K, dtype)
+        torch.cuda.synchronize()   # a dependent launch reads its weights before it waits
         got, want = kern(*args, config=config), ref(*args)
         label = f"{name} {dtype} N={N} K={K} config={config}"
         if dtype == torch.float32:
@@ -65,6 +69,8 @@ def test_qkv_rope_matches_separate_kernels(dtype, heads, kv_heads, head_dim, hid
     caches = [torch.zeros(8, 16, kv_heads, head_dim, **d) for _ in range(4)]
     ctx = AttnContext(q_lens=[1], context_lens=[38], cu_seqlens_q=None, q_lens_t=None, context_lens_t=None,
                       slot_mapping=slot, block_tables=None, max_q_len=1, max_context_len=38)
+    if device == "cuda":
+        torch.cuda.synchronize()   # a dependent launch reads its weights before it waits
     qkv = S.norm_linear(x, g, 1e-6, w, b, config=config)
     q, k, v = (t.view(1, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
                                                             kv_heads * head_dim], dim=-1))
