@@ -19,9 +19,11 @@ from pearl_runtime.bench.roofline import weight_bytes_per_step
 from pearl_runtime.layers import skinny as S
 from pearl_runtime.layers.fused import enable_compile, ops as fused
 
-# name: (layers, hidden, intermediate, q+k+v width)
+# name: (layers, hidden, intermediate, q+k+v width[, o input width]); the 32B and 72B ones are
+# a rank's share at TP=2 with 16 of their layers (the per-layer time is what they show)
 SHAPES = {"qwen2.5-0.5b": (24, 896, 4864, 1152), "qwen2.5-1.5b": (28, 1536, 8960, 2048),
-          "qwen2.5-7b": (28, 3584, 18944, 4608)}
+          "qwen2.5-7b": (28, 3584, 18944, 4608), "qwen2.5-32b-tp2": (16, 5120, 13824, 3584, 2560),
+          "qwen2.5-72b-tp2": (16, 8192, 14784, 5120, 4096)}
 
 
 def graph_ms(fn, reps=20) -> float:
@@ -48,15 +50,15 @@ class Chain:
     """L layers of (norm+qkv, o + add, norm+gate_up+silu, down + add), distinct weights."""
 
     def __init__(self, shape, M, dtype=torch.bfloat16):
-        L, H, I, Q = shape
+        L, H, I, Q, O = (*shape, shape[1])[:5]
         d = dict(dtype=dtype, device="cuda")
         self.layers = [dict(qkv=torch.randn(Q, H, **d) * 0.02, bias=torch.randn(Q, **d) * 0.02,
-                            o=torch.randn(H, H, **d) * 0.02, gu=torch.randn(2 * I, H, **d) * 0.02,
+                            o=torch.randn(H, O, **d) * 0.02, gu=torch.randn(2 * I, H, **d) * 0.02,
                             down=torch.randn(H, I, **d) * 0.02, g1=torch.ones(H, **d), g2=torch.ones(H, **d))
                        for _ in range(L)]
         self.bytes = sum(t.numel() * t.element_size() for lay in self.layers for t in lay.values())
         self.h = torch.randn(M, H, **d)
-        self.a = torch.randn(M, H, **d)      # stands in for attention's output
+        self.a = torch.randn(M, O, **d)      # stands in for attention's output
         self.H = H
 
     def torch_path(self):
@@ -102,9 +104,9 @@ def ops(names, copy, layers=24):
     print("\n| shape | op | N x K | MB | default us | GB/s | best us | GB/s | % copy | best config |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
-        _, H, I, Q = SHAPES[name]
+        _, H, I, Q, O = (*SHAPES[name], SHAPES[name][1])[:5]
         d = dict(dtype=torch.bfloat16, device="cuda")
-        for op, N, K in (("qkv", Q, H), ("o", H, H), ("gate_up", I, H), ("down", H, I)):
+        for op, N, K in (("qkv", Q, H), ("o", H, O), ("gate_up", I, H), ("down", H, I)):
             gated = op == "gate_up"
             ws = [torch.randn((2 if gated else 1) * N, K, **d) * 0.02 for _ in range(layers)]
             x, g, r, b = torch.randn(1, K, **d), torch.ones(K, **d), torch.randn(1, N, **d), torch.randn(N, **d)

@@ -33,6 +33,7 @@ class GammaTuner:
     WEIGHT = 0.2      # of the newest round in the moving averages
     MIN_GAIN = 1.02   # move only for 2% more expected tokens per ms
     EVERY = 4         # rounds of a bucket between decisions (sd's fit costs ~50 us on the round's path)
+    CONFIRM = 2       # decisions in a row that must pick the same new gamma before it moves
     OUTLIER = 3.0     # a round this many times slower than the average is not observed...
     OUTLIER_RUN = 3   # ...unless more than this many come in a row
     CLIP = 1.5        # a slow round counts as at most this many times the average
@@ -50,6 +51,7 @@ class GammaTuner:
         self.start_draft_ms: dict[int, float] = {}
         self.priced_alpha = SD_PRIOR_ALPHA     # the acceptance the start picks were priced at
         self.observed: dict[int, Observed] = {}
+        self.proposed: dict[int, tuple[int, int]] = {}   # batch bucket -> (gamma, decisions that picked it)
         self.drafted = self.accepted = 0.0     # decaying sums, for the acceptance rate
         self.last_gamma = default
 
@@ -58,6 +60,7 @@ class GammaTuner:
         self.picks = dict(picks)
         self.buckets = sorted(picks)
         self.observed.clear()
+        self.proposed.clear()
         self.start_draft_ms = {}
 
     def seed_measured(self, draft_ms: dict[int, float]) -> None:
@@ -155,7 +158,18 @@ class GammaTuner:
         new = self._best(b, obs.draft_ms_per_token, obs.verify_ratio, alpha)
         if new == current or self._rate(b, new, obs.draft_ms_per_token, obs.verify_ratio, alpha) <= \
                 self.MIN_GAIN * self._rate(b, current, obs.draft_ms_per_token, obs.verify_ratio, alpha):
+            self.proposed.pop(b, None)
             return None
+        # a pick seen at one decision only is often the averages' noise: a 72B verify at batch
+        # 8 moved 14 -> 12 -> 11 -> 10 -> 13 within 24 rounds as the draft's time per token
+        # wandered between 1.8 and 2.4 ms (H200, session 7), and its MAT fell short of the
+        # round model's
+        seen = self.proposed.get(b, (new, 0))
+        seen = (new, seen[1] + 1 if seen[0] == new else 1)
+        if seen[1] < self.CONFIRM:
+            self.proposed[b] = seen
+            return None
+        self.proposed.pop(b, None)
         self.picks[b] = new
         log.info("gamma retuned: bucket %d, %d -> %d (draft %.3f ms a token, verify %.2f ms, alpha %.2f)", b, current,
                  new, obs.draft_ms_per_token, obs.verify_ratio * self.verify_cost.scale(b, current), alpha)

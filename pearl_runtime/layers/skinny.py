@@ -215,10 +215,11 @@ if triton is not None:
             tl.store(row + j + HALF, b.to(out_ty))
 
 
-# "auto" takes the kernel for models up to this hidden size: on an H200 it beat cuBLAS on the
-# 0.5B and 1.5B shapes (engine step 1.10 -> 0.98 ms at 0.5B) but lost on the 7B one (4.61 ->
-# 4.92 ms), whose large GEMVs cuBLAS already streams at ~80% of copy bandwidth.
-AUTO_MAX_HIDDEN = 2048
+# "auto" takes the kernel for models up to this hidden size: on an H200 (session 8, per-shape
+# configs and dependent launches) an engine ar step ran 1.14 -> 0.72 ms at 0.5B and 4.77 ->
+# 3.98 ms at 7B, while a TP=2 rank's layers of the 32B and 72B shapes ran slower than cuBLAS
+# (2.27 -> 2.72 and 3.67 -> 4.10 ms for 16 layers) on these configs.
+AUTO_MAX_HIDDEN = 4096
 
 
 def default_config(K: int, gated: bool = False) -> dict:

@@ -209,3 +209,24 @@ def test_a_head_start_round_counts_its_early_tokens_as_draft_steps():
     tuner.observe(1, 6, 9 * 1.5, 8.0, 6, 5, draft_steps=9)
     assert tuner.observed[1].draft_ms_per_token == pytest.approx(1.5)
     assert tuner.last_gamma == 6
+
+
+def _pearl_moves(draft_ms_per_token):
+    tuner = GammaTuner("pearl", max_gamma=16, default=4)
+    tuner.seed({1: 9})
+    moves = [tuner.observe(1, tuner.gamma_for(1), t * tuner.gamma_for(1), 9.2, 4, 3) for t in draft_ms_per_token]
+    return [m for m in moves if m is not None], tuner.gamma_for(1)
+
+
+def test_a_one_decision_blip_does_not_move_gamma(monkeypatch):
+    """Four slow draft rounds between steady ones: a single decision would have walked gamma
+    9 -> 7 -> 8 -> 9 (each move a round at a worse gamma); a move must be picked twice in a row."""
+    blip = [1.0] * 8 + [1.4] * 4 + [1.0] * 12
+    assert _pearl_moves(blip) == ([], 9)
+    monkeypatch.setattr(GammaTuner, "CONFIRM", 1)
+    assert _pearl_moves(blip) == ([7, 8, 9], 9)
+
+
+def test_a_lasting_change_moves_gamma_at_the_second_decision():
+    moves, gamma = _pearl_moves([1.0] * 8 + [1.4] * 16)
+    assert moves == [7] and gamma == 7
