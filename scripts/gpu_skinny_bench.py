@@ -10,6 +10,7 @@ import argparse
 import gc
 import itertools
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -100,9 +101,10 @@ def triton_next_pow2(n):
 
 def ops(names, copy, layers=24):
     """Each linear of a layer alone, `layers` distinct weights in one graph, every config:
-    the per-shape pick that default_config should make."""
-    print("\n| shape | op | N x K | MB | default us | GB/s | best us | GB/s | % copy | best config |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    the per-shape pick that default_config should make. torch: the reference ops (cuBLAS and
+    the norm / SiLU / add) in the same graph."""
+    print("\n| shape | op | N x K | MB | torch us | default us | GB/s | best us | GB/s | % copy | best config |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         _, H, I, Q, O = (*SHAPES[name], SHAPES[name][1])[:5]
         d = dict(dtype=torch.bfloat16, device="cuda")
@@ -111,15 +113,16 @@ def ops(names, copy, layers=24):
             ws = [torch.randn((2 if gated else 1) * N, K, **d) * 0.02 for _ in range(layers)]
             x, g, r, b = torch.randn(1, K, **d), torch.ones(K, **d), torch.randn(1, N, **d), torch.randn(N, **d)
 
-            def run(cfg):
+            def run(cfg, ref=False):
                 for w in ws:
                     if op == "qkv":
-                        S.norm_linear(x, g, 1e-6, w, b, config=cfg)
+                        (S.reference_norm_linear if ref else partial(S.norm_linear, config=cfg))(x, g, 1e-6, w, b)
                     elif gated:
-                        S.norm_gate_up(x, g, 1e-6, w, config=cfg)
+                        (S.reference_norm_gate_up if ref else partial(S.norm_gate_up, config=cfg))(x, g, 1e-6, w)
                     else:
-                        S.linear_add(x, w, r, config=cfg)
+                        (S.reference_linear_add if ref else partial(S.linear_add, config=cfg))(x, w, r)
             mb = sum(w.numel() * 2 for w in ws) / layers / 1e6
+            t_ref = graph_ms(lambda: run(None, ref=True), reps=50) / layers * 1e3
             t_def = graph_ms(lambda: run(None), reps=50) / layers * 1e3
             best, best_cfg = t_def, "default"
             for cfg in op_configs(K, gated):
@@ -130,8 +133,8 @@ def ops(names, copy, layers=24):
                     continue
                 if t < best:
                     best, best_cfg = t, cfg
-            print(f"| {name} | {op} | {N} x {K} | {mb:.1f} | {t_def:.2f} | {mb * 1e3 / t_def:.0f} | {best:.2f} | "
-                  f"{mb * 1e3 / best:.0f} | {100 * mb * 1e3 / best / copy:.0f}% | {best_cfg} |", flush=True)
+            print(f"| {name} | {op} | {N} x {K} | {mb:.1f} | {t_ref:.2f} | {t_def:.2f} | {mb * 1e3 / t_def:.0f} | "
+                  f"{best:.2f} | {mb * 1e3 / best:.0f} | {100 * mb * 1e3 / best / copy:.0f}% | {best_cfg} |", flush=True)
             del ws
             torch.cuda.empty_cache()
 
@@ -161,22 +164,25 @@ def chains(names, rows, sweep, copy):
             torch.cuda.empty_cache()
 
 
-def engines(names, copy):
+def engines(names, copy, batches=(1,)):
+    """ar decode of whole engines, cuBLAS vs the skinny kernel (one-row steps only: at batch
+    > 1 both run cuBLAS, a check that the choice costs nothing there)."""
     from pearl_runtime.config import EngineConfig
     from pearl_runtime.engine.llm_engine import LLMEngine
     from pearl_runtime.models.synthetic import prepare_synthetic_pair
     print("\n| model | linears | bs | ms/step | weight GB/s | % copy |")
     print("|---|---|---|---|---|---|")
     for name in names:
-        tdir, _ = prepare_synthetic_pair(name, "qwen2.5-0.5b", 0.8) if name != "qwen2.5-0.5b" else \
-            prepare_synthetic_pair("qwen2.5-7b", name, 0.8)[::-1]
+        tdir = prepare_synthetic_pair(name, "qwen2.5-0.5b", 0.8)[0] if name in ("qwen2.5-7b", "qwen2.5-32b") else \
+            prepare_synthetic_pair("qwen2.5-72b", name, 0.8)[1]
+        weights = weight_bytes_per_step(tdir, "bfloat16")["bytes"]
         for mode in ("off", "triton"):
             eng = LLMEngine(EngineConfig(model=str(tdir), device="cuda", dtype="bfloat16", kv_cache_gb=2,
                                          max_num_seqs=16, skinny_linears=mode))
-            weights = weight_bytes_per_step(tdir, "bfloat16")["bytes"]
-            dt = ar_step_ms(eng, [[300 + j for j in range(128)]], tokens=200) / 1e3
-            gbps = weights / dt / 1e9
-            print(f"| {name} | {mode} | 1 | {dt * 1e3:.3f} | {gbps:.0f} | {100 * gbps / copy:.0f}% |", flush=True)
+            for bs in batches:
+                dt = ar_step_ms(eng, [[300 + 7 * i + j for j in range(128)] for i in range(bs)], tokens=200) / 1e3
+                gbps = weights / dt / 1e9
+                print(f"| {name} | {mode} | {bs} | {dt * 1e3:.3f} | {gbps:.0f} | {100 * gbps / copy:.0f}% |", flush=True)
             del eng
             gc.collect()
             torch.cuda.empty_cache()
@@ -188,6 +194,7 @@ def main():
     p.add_argument("--chains", default="qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-7b")
     p.add_argument("--rows", default="1")
     p.add_argument("--engines", default="qwen2.5-7b,qwen2.5-0.5b")
+    p.add_argument("--engine-bs", default="1", help="batch sizes of the engine ar steps")
     p.add_argument("--ops", default="", help="shapes whose linears are swept one by one")
     args = p.parse_args()
     enable_compile()
@@ -198,7 +205,7 @@ def main():
         ops(args.ops.split(","), copy)
     chains([n for n in args.chains.split(",") if n], [int(m) for m in args.rows.split(",")], args.sweep, copy)
     if args.engines:
-        engines(args.engines.split(","), copy)
+        engines(args.engines.split(","), copy, [int(b) for b in args.engine_bs.split(",")])
 
 
 if __name__ == "__main__":
