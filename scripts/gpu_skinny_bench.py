@@ -20,11 +20,11 @@ from pearl_runtime.bench.roofline import weight_bytes_per_step
 from pearl_runtime.layers import skinny as S
 from pearl_runtime.layers.fused import enable_compile, ops as fused
 
-# name: (layers, hidden, intermediate, q+k+v width[, o input width]); the 32B and 72B ones are
-# a rank's share at TP=2 with 16 of their layers (the per-layer time is what they show)
+# name: (layers, hidden, intermediate, q+k+v width[, o input width]); the 32B and 72B ones have
+# 16 of their layers (the per-layer time is what they show), the -tp2 ones a rank's share at TP=2
 SHAPES = {"qwen2.5-0.5b": (24, 896, 4864, 1152), "qwen2.5-1.5b": (28, 1536, 8960, 2048),
-          "qwen2.5-7b": (28, 3584, 18944, 4608), "qwen2.5-32b-tp2": (16, 5120, 13824, 3584, 2560),
-          "qwen2.5-72b-tp2": (16, 8192, 14784, 5120, 4096)}
+          "qwen2.5-7b": (28, 3584, 18944, 4608), "qwen2.5-32b": (16, 5120, 27648, 7168),
+          "qwen2.5-32b-tp2": (16, 5120, 13824, 3584, 2560), "qwen2.5-72b-tp2": (16, 8192, 14784, 5120, 4096)}
 
 
 def graph_ms(fn, reps=20) -> float:

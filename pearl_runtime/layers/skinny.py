@@ -217,8 +217,9 @@ if triton is not None:
 
 # "auto" takes the kernel for models up to this hidden size: on an H200 (session 8, per-shape
 # configs and dependent launches) an engine ar step ran 1.14 -> 0.72 ms at 0.5B and 4.77 ->
-# 3.98 ms at 7B, while a TP=2 rank's layers of the 32B and 72B shapes ran slower than cuBLAS
-# (2.27 -> 2.72 and 3.67 -> 4.10 ms for 16 layers) on these configs.
+# 3.98 ms at 7B, but 17.45 -> 18.07 ms at 32B. A TP=2 rank's share of the 72B layers ran 12%
+# faster than cuBLAS (3.77 -> 3.32 ms for 16 layers, no all-reduce); no TP engine was measured,
+# so the 72B keeps cuBLAS unless --skinny-linears triton asks.
 AUTO_MAX_HIDDEN = 4096
 
 
@@ -229,7 +230,11 @@ def default_config(K: int, gated: bool = False) -> dict:
     8): at 0.5B the down projection ran 8.3 -> 4.8 us, at 1.5B gate_up 25 -> 17 us, at 7B
     gate_up 79 -> 64 us, against session 6's configs."""
     tile = triton.next_power_of_2(K)
-    if tile > (4096 if gated else 8192):   # 1.5B's and 7B's down: a loop of mid-size tiles
+    if gated and tile > 4096:   # the 32B / 72B gate_up (session 8, call 3: 109 -> 83 us, 156 -> 107 us)
+        if 4 * K >= 3 * tile:   # a row that fills its tile: one row a program, one tile
+            return dict(block_n=1, block_k=tile, num_warps=4)
+        return dict(block_n=4, block_k=1024, num_warps=4)
+    if tile > (4096 if gated else 8192):   # the down projections past 1.5B: a loop of mid-size tiles
         return dict(block_n=2, block_k=2048, num_warps=8)
     return dict(block_n=2, block_k=tile, num_warps=4 if gated or K <= 1024 else 8)
 
