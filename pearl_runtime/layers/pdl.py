@@ -14,6 +14,7 @@ import torch
 
 log = logging.getLogger(__name__)
 _logged: set[tuple[int, bool]] = set()
+_hopper: dict[int, bool] = {}   # device index -> compute capability >= 9.0 (asked once: eager launches ask each time)
 
 
 def enabled(device: torch.device) -> bool:
@@ -22,7 +23,9 @@ def enabled(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    on = os.environ.get("PEARL_PDL", "1") != "0" and torch.cuda.get_device_capability(index) >= (9, 0)
+    if index not in _hopper:
+        _hopper[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    on = os.environ.get("PEARL_PDL", "1") != "0" and _hopper[index]
     if (index, on) not in _logged:
         _logged.add((index, on))
         log.info("programmatic dependent launch for one-token kernels on cuda:%d: %s", index,

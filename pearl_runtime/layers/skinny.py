@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from pearl_runtime.layers import pdl
 from pearl_runtime.layers.fused import rms_norm, rotate
 
-# Steps of more rows (a batch, a verify) stay on cuBLAS: a tensor-core variant of this kernel
-# for 2-16 rows lost to it by 5-20% on an H200 (BENCHMARKS.md, session 6), while the one-row
-# kernel beat it by 8% (7B shape) to 29% (0.5B) on a layer chain.
+# Steps of more rows (a batch, a verify) stay on cuBLAS: tensor-core variants of this kernel
+# for 2-16 rows lost to it on an H200 (BENCHMARKS.md, sessions 6 and 8), and so did one that
+# keeps the weight tile in registers across the rows (compute-bound from 4 rows), while the
+# one-row kernel beats it by 17% (7B engine step) to 37% (0.5B).
 MAX_ROWS = 1
 
 try:
