@@ -34,6 +34,13 @@ Columns (per batch size; "a round" is one batched target forward, Metrics diff /
   each batch): the rate once every request of a batch is decoding. With short outputs the start
   (prefill, and in sd the draft's prefill before the target's) is a large share of the wall
   time; this column leaves it out. tokens_per_s stays the headline.
+- full_batch_tokens_per_s: the rate while every request of a batch is decoding, from its
+  latest first token to its earliest last token (per batch, summed). Speculative rounds
+  commit a varying number of tokens, so the requests of a batch finish rounds apart and the
+  last rounds run a smaller batch (at batch 8, 128 tokens and MAT ~5, the slowest of 8
+  requests needs ~19% more rounds than the mean one, by the round model); ar's requests
+  finish together. This column keeps the batch at the size the row is named after, as in
+  steady serving, where a finished request's slot goes to the next one.
 """
 import asyncio
 from collections import Counter
@@ -71,16 +78,22 @@ def diff(after: target_pb2.TargetMetrics, before: target_pb2.TargetMetrics) -> d
 
 
 async def submit_batch(address: str, prompts: list[list[int]], max_tokens: int, timeout_s: float,
-                       temperature: float = 0.0) -> tuple[list, float]:
-    """All prompts at once over one channel; returns (completions, wall seconds)."""
+                       temperature: float = 0.0) -> tuple[list, float, list]:
+    """All prompts at once over one channel; returns (completions, wall seconds, arrivals):
+    arrivals[i] lists (seconds since the submit, tokens) of each delta request i received."""
     from gateway.client import generate
+    arrivals: list[list[tuple[float, int]]] = [[] for _ in prompts]
     async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as ch:
         await asyncio.wait_for(ch.channel_ready(), timeout_s)
         t0 = time.perf_counter()
+
+        def note(i):
+            return lambda text, ids: arrivals[i].append((time.perf_counter() - t0, len(ids)))
         done = await asyncio.gather(*(generate(address, token_ids=p, max_tokens=max_tokens, ignore_eos=True,
                                                temperature=temperature, seed=i if temperature else None,
-                                               timeout_s=timeout_s, channel=ch) for i, p in enumerate(prompts)))
-        return list(done), time.perf_counter() - t0
+                                               timeout_s=timeout_s, channel=ch, on_delta=note(i))
+                                      for i, p in enumerate(prompts)))
+        return list(done), time.perf_counter() - t0, arrivals
 
 
 async def measure(gateway: str, target: str, batches: list[list[list[int]]], max_tokens: int, mode: str,
@@ -91,7 +104,7 @@ async def measure(gateway: str, target: str, batches: list[list[list[int]]], max
     runs = [await submit_batch(gateway, b, max_tokens, timeout_s, temperature) for b in batches]
     m = diff(await read_metrics(target), before)
     bs = len(batches[0])
-    completions = [c for done, _ in runs for c in done]
+    completions = [c for done, _, _ in runs for c in done]
     tokens = sum(len(c.token_ids) for c in completions)
     short = [(i, len(c.token_ids), c.finish_reason) for i, c in enumerate(completions)
              if len(c.token_ids) != max_tokens or c.stats.new_tokens != max_tokens]
@@ -107,12 +120,25 @@ async def measure(gateway: str, target: str, batches: list[list[list[int]]], max
     return row(mode, bs, max_tokens, runs, m)
 
 
-def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float]], m: dict) -> dict:
-    """`runs`: (completions, wall seconds) of each batch."""
-    completions = [c for done, _ in runs for c in done]
-    wall = sum(w for _, w in runs)
+def full_batch_rate(runs: list[tuple[list, float, list]]) -> float | None:
+    """Tokens per second over the windows where every request of a batch is decoding: from
+    the batch's latest first token to its earliest last token (see the module docstring)."""
+    tokens, seconds = 0, 0.0
+    for _, _, arrivals in runs:
+        start = max(a[0][0] for a in arrivals)
+        end = min(a[-1][0] for a in arrivals)
+        if end > start:
+            tokens += sum(n for a in arrivals for t, n in a if start < t <= end)
+            seconds += end - start
+    return tokens / seconds if seconds > 0 else None
+
+
+def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float, list]], m: dict) -> dict:
+    """`runs`: (completions, wall seconds, arrivals) of each batch (submit_batch)."""
+    completions = [c for done, _, _ in runs for c in done]
+    wall = sum(w for _, w, _ in runs)
     # per batch: its wall after its latest first token, and the tokens that came in it
-    decode_wall = sum(w - max(c.stats.time_to_first_token_ms for c in done) / 1e3 for done, w in runs)
+    decode_wall = sum(w - max(c.stats.time_to_first_token_ms for c in done) / 1e3 for done, w, _ in runs)
     rounds = max(1, m["rounds"])
     per = {k: m[k] / rounds for k in ("draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms")}
     xfer = max(0.0, per["exchange_ms"] - per["draft_ms"]) if mode != "ar" else 0.0
@@ -123,6 +149,7 @@ def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float]], m: 
         "mode": mode, "batch_size": bs, "batches": len(runs), "max_tokens": max_tokens, "tokens": tokens,
         "wall_s": wall, "tokens_per_s": tokens / wall,
         "decode_tokens_per_s": (tokens - len(completions)) / decode_wall if decode_wall > 0 else None,
+        "full_batch_tokens_per_s": full_batch_rate(runs),
         "mat": tokens / forwards if forwards else None,
         "tokens_per_round": m["committed_tokens"] / rounds,
         "accept_rate": m["accepted_tokens"] / m["drafted_tokens"] if m["drafted_tokens"] else None,

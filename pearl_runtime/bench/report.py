@@ -13,6 +13,8 @@ def add_speedups(rows: list[dict], greedy: bool = True) -> None:
         r["speedup_vs_ar"] = base["wall_s"] / r["wall_s"] if base else None
         dec, dec_ar = r.get("decode_tokens_per_s"), base and base.get("decode_tokens_per_s")
         r["decode_speedup_vs_ar"] = dec / dec_ar if dec and dec_ar else None
+        full, full_ar = r.get("full_batch_tokens_per_s"), base and base.get("full_batch_tokens_per_s")
+        r["full_batch_speedup_vs_ar"] = full / full_ar if full and full_ar else None
         r["outputs_match_ar"] = base["outputs_sha256"] == r["outputs_sha256"] if base and greedy else None
         if r["outputs_match_ar"] is False and "_outputs" in base and "_outputs" in r:
             r["divergence"] = divergence(base["_outputs"], r["_outputs"])
@@ -121,7 +123,8 @@ def _pct(x):
 
 def table(rows: list[dict]) -> str:
     head = (f"{'mode':<6}{'bs':>4}{'tok/s':>10}{'speedup':>9}{'MAT':>6}{'accept':>8}{'round':>8}{'draft':>8}"
-            f"{'target':>8}{'wait':>8}{'host':>8}{'xfer':>8}{'xfer%':>7}{'ttft':>8}{'dec tok/s':>11}{'dec x':>7}  same")
+            f"{'target':>8}{'wait':>8}{'host':>8}{'xfer':>8}{'xfer%':>7}{'ttft':>8}{'dec tok/s':>11}{'dec x':>7}"
+            f"{'full x':>8}  same")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["batch_size"], ("ar", "sd", "pearl").index(r["mode"]))):
         same = {True: "yes", False: "NO", None: "-"}[r.get("outputs_match_ar")]
@@ -132,9 +135,10 @@ def table(rows: list[dict]) -> str:
                      f"{_f(r['mat']):>6}{_f(r['accept_rate']):>8}{r['round_ms']:>8.2f}{r['draft_ms']:>8.2f}"
                      f"{r['target_ms']:>8.2f}{r['wait_ms']:>8.2f}{r['host_ms']:>8.2f}{_f(r['xfer_ms']):>8}"
                      f"{_f(_pct(r.get('xfer_share')), '.1f'):>7}{r['ttft_ms']['mean']:>8.1f}{_f(r.get('decode_tokens_per_s'), '.1f'):>11}"
-                     f"{_f(r.get('decode_speedup_vs_ar')):>7}  {same}")
+                     f"{_f(r.get('decode_speedup_vs_ar')):>7}{_f(r.get('full_batch_speedup_vs_ar')):>8}  {same}")
     lines.append("times in ms per round (one batched target forward); speedup = ar wall / wall at the same bs; "
                  "dec: the rate once every request is decoding (first tokens left out); "
+                 "full x: the rate while every request of the batch is decoding (until the first one ends), over ar's; "
                  "xfer = draft round trip minus the draft's own time (overlapped with the forward in pearl), "
                  "xfer% of the round; same = greedy outputs identical to ar")
     return "\n".join(lines)

@@ -251,8 +251,9 @@ def test_bench_end_to_end(bench_run):
         assert x["path"] == mode
         for key in ("tokens_per_s", "speedup_vs_ar", "mat", "round_ms", "draft_ms", "target_ms", "wait_ms",
                     "host_ms", "xfer_ms", "accept_rate", "ttft_ms", "gamma", "decode_tokens_per_s",
-                    "decode_speedup_vs_ar"):
+                    "decode_speedup_vs_ar", "full_batch_tokens_per_s", "full_batch_speedup_vs_ar"):
             assert key in x
+        assert x["full_batch_tokens_per_s"] > 0
         # decoding alone: the tokens after the first over the time after the last first token
         # (of each batch: checked here where there is one)
         if x["batches"] == 1:
@@ -340,6 +341,18 @@ def test_mps_clients_drop_cuda_visible_devices(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     with mps.mps_daemon((100, 50)) as env:
         assert "CUDA_VISIBLE_DEVICES" not in env["target"]
+
+
+def test_full_batch_rate_counts_only_while_every_request_decodes():
+    """Two requests: A's tokens arrive at 1, 2, ..., 10 s, B's (two a delta) at 2, 3, 4 s. The
+    window runs from the last first token (2 s) to the first last one (4 s): A's tokens at 3
+    and 4 s and B's at 3 and 4 s, 6 tokens in 2 s. A second batch adds its own window."""
+    from pearl_runtime.bench.measure import full_batch_rate
+    a = [(float(t), 1) for t in range(1, 11)]
+    b = [(2.0, 1), (3.0, 2), (4.0, 2)]
+    assert full_batch_rate([([], 10.0, [a, b])]) == pytest.approx(3.0)
+    assert full_batch_rate([([], 10.0, [a, b]), ([], 5.0, [[(0.5, 1), (1.5, 4)]])]) == pytest.approx(10 / 3)
+    assert full_batch_rate([([], 1.0, [[(1.0, 1)]])]) is None   # a one-token request has no window
 
 
 def test_batches_cover_min_seqs_with_distinct_prompts():
