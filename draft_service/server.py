@@ -19,7 +19,7 @@ from pearl_runtime.rpc import tensors
 from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.server import bind, new_server
 from draft_service.drafter import Drafter, Mirror
-from draft_service.round_profile import RoundProfiler
+from draft_service.round_profile import RoundClock, RoundProfiler
 
 log = structlog.get_logger()
 
@@ -39,6 +39,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         self.closing = False
         self.head_paths = Counter()   # head-start rounds by where they were drafted
         self.profiler = RoundProfiler.from_env(cuda=self.drafter.runner.device.type == "cuda")
+        self.clock = RoundClock.from_env()
         self.step_ms = measure_step_ms(self.drafter.runner, query_len=1)
         if self.step_ms:
             log.info("draft step time by batch size (ms)", **{f"bs{b}": round(t, 3) for b, t in self.step_ms.items()})
@@ -81,41 +82,51 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         finally:
             self.lock.release()
 
-    def _inline_round(self, mirror: Mirror, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
+    def _inline_round(self, mirror: Mirror, rnd: draft_pb2.Round, received: float | None = None
+                      ) -> draft_pb2.DraftBatch | None:
         """A round without an early part, on the event loop (`_inline`)."""
-        return self._inline(self._round, mirror, rnd)
+        return self._inline(self._round, mirror, rnd, None, received)
 
     def _head_path(self, name: str) -> None:
         self.head_paths[name] += 1
         if self.head_paths[name] in (1, 10, 100, 1000, 10000):
             log.info("head-start round path", path=name, rounds=self.head_paths[name])
 
-    def _round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None) -> draft_pb2.DraftBatch:
+    def _round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None,
+               received: float | None = None) -> draft_pb2.DraftBatch:
+        """`received`: when the round came off the stream (perf_counter), for RoundClock."""
         if self.profiler is None:
-            return self._timed_round(mirror, rnd, on_early)
+            return self._timed_round(mirror, rnd, on_early, received)
         self.profiler.begin()
         try:
-            return self._timed_round(mirror, rnd, on_early)
+            return self._timed_round(mirror, rnd, on_early, received)
         finally:
             self.profiler.end()
 
-    def _timed_round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None) -> draft_pb2.DraftBatch:
-        parts = self._parts(mirror, rnd)
+    def _timed_round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None,
+                     received: float | None = None) -> draft_pb2.DraftBatch:
+        parts = self._parts(mirror, rnd, received)
         if on_early is not None and 0 < rnd.early < rnd.gamma:   # runs on the forward thread, mid-round
             on_early(next(parts))
         return next(parts)
 
-    def _parts(self, mirror: Mirror, rnd: draft_pb2.Round):
+    def _parts(self, mirror: Mirror, rnd: draft_pb2.Round, received: float | None = None):
         """The round's DraftBatches, as they exist: the early one when the round asks for one
         (0 < early < gamma), then the whole one. The first `next` applies the round."""
         start = time.perf_counter()
         adds = [(a.seq_id, list(a.token_ids), wire_params.from_proto(a.params)) for a in rnd.adds]
         verdicts = tensors.decode_ints(rnd.verdicts) if not tensors.is_empty(rnd.verdicts) else []
         self.drafter.apply(mirror, adds, list(rnd.removes), verdicts)
+        applied = time.perf_counter()
         parts = self.drafter.parts(mirror, rnd.gamma, rnd.early)
         if 0 < rnd.early < rnd.gamma:
             yield _batch(rnd.round_id, next(parts), start, early=True)
-        yield _batch(rnd.round_id, next(parts), start)
+        result = next(parts)
+        drafted = time.perf_counter()
+        batch = _batch(rnd.round_id, result, start)
+        if self.clock is not None and received is not None:
+            self.clock.add(received, start, applied, drafted, time.perf_counter())
+        yield batch
 
     async def Speculate(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await anext(aiter(request_iterator), None)
@@ -132,11 +143,12 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         loop = asyncio.get_running_loop()
         try:
             async for msg in request_iterator:
+                received = time.perf_counter()
                 if msg.WhichOneof("kind") != "round":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a Round after the Hello")
                 if 0 < msg.round.early < msg.round.gamma:
                     # the early part goes out while the rest of the round is still drafting
-                    parts = self._parts(mirror, msg.round)
+                    parts = self._parts(mirror, msg.round, received)
                     if (head := self._inline(next, parts)) is not None:
                         # grpc resumes this generator once the early part is on its way, and
                         # the rest is drafted here too: two thread hops fewer, and no fight
@@ -153,15 +165,16 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                         head = loop.create_future()
                         send = partial(loop.call_soon_threadsafe, _resolve, head)
                         work = loop.run_in_executor(self.executor, self._locked, self._round, mirror, msg.round,
-                                                    send)
+                                                    send, received)
                         await asyncio.wait({head, work}, return_when=asyncio.FIRST_COMPLETED)
                         if not head.done() and work.exception() is not None:
                             head.cancel()   # the round failed before its early part: raise its error
                             await work
                         yield draft_pb2.FromDraft(batch=await head)
                         batch = await work
-                elif (batch := self._inline_round(mirror, msg.round)) is None:
-                    batch = await loop.run_in_executor(self.executor, self._locked, self._round, mirror, msg.round)
+                elif (batch := self._inline_round(mirror, msg.round, received)) is None:
+                    batch = await loop.run_in_executor(self.executor, self._locked, self._round, mirror, msg.round,
+                                                       None, received)
                 yield draft_pb2.FromDraft(batch=batch)
         finally:
             # a dead target's stream ends in cancellation, and an await here would be cancelled

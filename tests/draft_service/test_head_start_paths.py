@@ -64,8 +64,12 @@ async def _one_round(servicer, taken: str | None):
                                         ("middle", "early part on the event loop, rest on the forward thread"),
                                         ("start", "forward thread")])
 def test_each_path_sends_the_early_part_then_the_whole_batch(servicer, taken, path):
+    from draft_service.round_profile import RoundClock
+    servicer.clock = RoundClock(1)   # every path stamps the round's arrival for PEARL_ROUND_TIMES
     early, whole = asyncio.run(_one_round(servicer, taken))
     assert servicer.head_paths == {path: 1}
+    # a round held back 50 ms by a busy drafter shows it as queueing
+    assert servicer.clock.last["queue"] >= (40.0 if taken == "start" else 0.0)
     assert early.early and not whole.early and early.round_id == whole.round_id == 1
     toks = tensors.decode_ints(whole.tokens)
     assert tensors.decode_ints(early.tokens) == [row[:EARLY] for row in toks]
