@@ -28,6 +28,11 @@ log = structlog.get_logger()
 
 MODES = ("pearl", "sd", "ar")
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+# the share of a batch in pre-verify that earns a head start: the whole batch waits for it, and
+# with the 72B + 1.5B inputs measured at batch 8 (H200, session 8) the round model's batch
+# simulation gives 4.66x over ar at 3/4 against 4.43x at 1/2 (and never worse at batch 2 to 32;
+# bench/projection.simulate_pearl_batch). At batch 1 any share grants it.
+HEAD_START_QUORUM = 0.75
 
 
 @dataclass
@@ -365,16 +370,17 @@ class TargetService:
         return bool(info is not None and info.verdict_keep)
 
     def _head_start(self, reqs: list[Request]) -> int:
-        """Draft tokens PEARL waits for before a round where at least half of the sequences are
-        in pre-verify (after a rejection, or new): judging `early` more tokens a sequence costs
-        `early` draft steps, where plain PEARL spends the whole forward on one token for them.
-        Post-verify sequences of that round take none (their query stays at gamma; they carry
-        gamma - 1 of the round's fresh tokens on). 0: plain PEARL.
+        """Draft tokens PEARL waits for before a round where at least HEAD_START_QUORUM of the
+        sequences are in pre-verify (after a rejection, or new): judging `early` more tokens a
+        sequence costs `early` draft steps, where plain PEARL spends the whole forward on one
+        token for them. Post-verify sequences of that round take none (their query stays at
+        gamma; they carry gamma - 1 of the round's fresh tokens on), but wait all the same.
+        0: plain PEARL.
 
         Never in a round that prefills a prompt: the draft's prefill then runs beside the
         target's instead of before it (72B + 1.5B at batch 32: 8192 prompt tokens, ~60 ms of
         draft prefill that the first token would otherwise wait for)."""
-        if self.head_start == 0 or 2 * sum(not r.pending for r in reqs) < len(reqs):
+        if self.head_start == 0 or sum(not r.pending for r in reqs) < HEAD_START_QUORUM * len(reqs):
             return 0
         if any(len(r.seq) - r.seq.num_kv - len(r.pending) > 1 for r in reqs):
             return 0

@@ -75,8 +75,8 @@ def pearl_mean_query(alpha: float, gamma: int, head_start: int = 0) -> float:
 
 def head_start_granted(alpha: float, gamma: int, head_start: int, share: float | None) -> float:
     """The fraction of pre-verify rounds that got the head start. The target grants it to a
-    whole batch, and only when at least half of the batch is in pre-verify: at batch 1 that is
-    every pre-verify round, at batch 32 (pi_P ~ 0.4) almost none. `share`: the measured
+    whole batch, and only when most of the batch is in pre-verify (HEAD_START_QUORUM): at
+    batch 1 that is every pre-verify round, at batch 32 (pi_P ~ 0.4) almost none. `share`: the measured
     fraction of all rounds that waited for one (None: the design's every pre-verify round)."""
     if share is None or head_start == 0:
         return 1.0
@@ -104,6 +104,32 @@ def simulate_pearl(alpha: float, gamma: int, rounds: int = 100_000, seed: int = 
             accepted_total += first_reject
             pending = 0
     return committed / rounds, accepted_total / judged_total
+
+
+def simulate_pearl_batch(alpha: float, gamma: int, head_start: int, batch: int, t_d: float, t_v,
+                         t_x: float = 0.0, quorum: float = 0.75, rounds: int = 20_000, seed: int = 0) -> float:
+    """Tokens per ms a sequence under the target's batch rules, at iid acceptance `alpha`: a
+    round waits for the head start (head_start draft steps, the whole batch waiting) only when
+    at least `quorum` of the batch is in pre-verify; its pre-verify sequences then judge
+    head_start + 1 tokens, else 1; post-verify ones judge their pending tokens and the first
+    fresh one. A round lasts the wait, then the longer of gamma draft steps and the verify at
+    the batch's mean query (t_v: tokens a sequence -> ms), then t_x. The closed forms above
+    follow one sequence; this shows what one sequence's head start costs the rest of its batch."""
+    rng = random.Random(seed)
+    pending = [0] * batch
+    tokens, ms = 0, 0.0
+    for _ in range(rounds):
+        pre = sum(p == 0 for p in pending)
+        wait = head_start if head_start and pre >= quorum * batch else 0
+        fed = 0
+        for i, p in enumerate(pending):
+            judged = p + 1 if p else wait + 1
+            fed += judged
+            first_reject = next((k for k in range(judged) if rng.random() >= alpha), None)
+            tokens += judged if first_reject is None else first_reject + 1
+            pending[i] = gamma - 1 if first_reject is None else 0
+        ms += wait * t_d + max(gamma * t_d, t_v(fed / batch)) + t_x
+    return tokens / batch / ms
 
 
 def accept_rate(alpha: float, gamma: int, mode: str, head_start: int = 0) -> float:

@@ -390,3 +390,20 @@ def test_projection_uses_the_measured_head_start_share():
     assert every["pearl_tokens_per_round"] == pytest.approx(design["pearl_tokens_per_round"])
     assert every["pearl_round_ms"] == pytest.approx(design["pearl_round_ms"])
     assert none["pearl_tokens_per_round"] < design["pearl_tokens_per_round"]
+
+
+def test_batch_head_start_waits_only_for_a_large_quorum():
+    """The batch simulation behind the target's HEAD_START_QUORUM, at the 72B + 1.5B inputs
+    measured at batch 8 (H200, session 8): the whole batch waits for a head start, so granting
+    it when half the batch is in pre-verify loses to granting it at three quarters; at batch 1
+    the quorum does not matter and the head start pays."""
+    from target_service.server import HEAD_START_QUORUM
+    inputs = dict(alpha=0.919, gamma=13, t_d=1.81, t_v=lambda q: 22.74 + 0.266 * q, t_x=1.2, rounds=4000)
+    half = projection.simulate_pearl_batch(head_start=6, batch=8, quorum=0.5, **inputs)
+    chosen = projection.simulate_pearl_batch(head_start=6, batch=8, quorum=HEAD_START_QUORUM, **inputs)
+    assert chosen > 1.03 * half
+    one = dict(inputs, t_d=1.41, t_v=lambda q: 22.2 + 0.02 * q, gamma=16, alpha=0.93)
+    assert projection.simulate_pearl_batch(head_start=6, batch=1, quorum=0.5, **one) == \
+        projection.simulate_pearl_batch(head_start=6, batch=1, quorum=HEAD_START_QUORUM, **one)
+    assert projection.simulate_pearl_batch(head_start=6, batch=1, **one) > \
+        1.03 * projection.simulate_pearl_batch(head_start=0, batch=1, **one)

@@ -6,11 +6,13 @@ sequence (tests/draft_service/test_drafter_paths.py checks the draft's side). Gr
 equals target-only output."""
 import asyncio
 
+import pytest
 import torch
 
 from pearl.v1 import common_pb2, draft_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import tensors
+from target_service import server
 from target_service.server import GatewayStream, TargetService
 from tests.services.procs import reference_greedy
 
@@ -57,6 +59,13 @@ class ScriptedDraft:
 
     async def rest(self, rnd):
         return self.pending_round
+
+
+@pytest.fixture(autouse=True)
+def half_quorum(monkeypatch):
+    """Head starts at half the batch in pre-verify (the default asks three quarters), so the
+    rounds that mix pre- and post-verify sequences, the case under test, come often."""
+    monkeypatch.setattr(server, "HEAD_START_QUORUM", 0.5)
 
 
 def run_mixed(llama_dir, verdict_keep: bool):
