@@ -77,6 +77,16 @@ def _head_start(text: str) -> int:
     return int(text)
 
 
+def _quorum(text: str) -> float:
+    try:
+        q = float(text)
+    except ValueError:
+        q = -1.0
+    if not 0 < q <= 1:
+        raise SystemExit(f"--head-start-quorum wants a share of the batch in (0, 1], got {text!r}")
+    return q
+
+
 def cmd_target(args) -> None:
     from pearl_runtime.rpc.server import run_async, setup_logging
     from target_service.server import serve
@@ -86,7 +96,8 @@ def cmd_target(args) -> None:
     gamma = None if str(args.gamma) == "auto" else int(args.gamma)
     run_async(_until_signal(serve(_engine_config(args, model), args.host, args.port, args.mode, draft, gamma,
                                   ar_steps=args.ar_steps, max_gamma=args.max_gamma,
-                                  head_start=_head_start(args.head_start))))
+                                  head_start=_head_start(args.head_start),
+                                  head_start_quorum=_quorum(args.head_start_quorum))))
 
 
 def cmd_gateway(args) -> None:
@@ -285,8 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gamma", default=_env("GAMMA", "auto"),
                    help="draft tokens per round, or 'auto': balance measured draft and verify step times (GPU)")
     t.add_argument("--head-start", default=_env("HEAD_START", "auto"),
-                   help="pearl: draft tokens to wait for when every sequence is in pre-verify, verified "
+                   help="pearl: draft tokens to wait for when most sequences are in pre-verify, verified "
                         "with the first fresh one ('auto': gamma // 2; 0: plain PEARL, one token)")
+    t.add_argument("--head-start-quorum", default=_env("HEAD_START_QUORUM", "0.75"),
+                   help="pearl: the share of a batch in pre-verify that earns a head start (the whole "
+                        "batch waits for it)")
     t.add_argument("--max-gamma", type=int, default=int(_env("MAX_GAMMA", 16)),
                    help="ceiling of auto gamma (verifies longer than the largest graph bucket run eagerly)")
     t.add_argument("--ar-steps", type=int, default=int(_env("AR_STEPS", 4)),

@@ -31,7 +31,7 @@ FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REA
 # the share of a batch in pre-verify that earns a head start: the whole batch waits for it, and
 # with the 72B + 1.5B inputs measured at batch 8 (H200, session 8) the round model's batch
 # simulation gives 4.66x over ar at 3/4 against 4.43x at 1/2 (and never worse at batch 2 to 32;
-# bench/projection.simulate_pearl_batch). At batch 1 any share grants it.
+# bench/projection.simulate_pearl_batch). At batch 1 any share grants it. --head-start-quorum.
 HEAD_START_QUORUM = 0.75
 
 
@@ -63,7 +63,7 @@ class RoundStats:
 class TargetService:
     def __init__(self, cfg: EngineConfig, mode: str = "pearl", draft_address: str | None = None,
                  gamma: int | None = 4, max_waiting: int = 1024, ar_steps: int = 4, max_gamma: int = 16,
-                 head_start: int = -1):
+                 head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM):
         """gamma None: auto, from the measured draft and target step times (GPU), else 4.
         ar_steps: ar mode chains up to this many greedy decode steps a round on the device
         (one host sync for all; tokens stream in bursts of that many)."""
@@ -73,8 +73,11 @@ class TargetService:
             raise ValueError(f"ar_steps must be >= 1, got {ar_steps}")
         if max_gamma < 1:
             raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
+        if not 0 < head_start_quorum <= 1:
+            raise ValueError(f"head_start_quorum must be in (0, 1], got {head_start_quorum}")
         self.cfg, self.mode, self.max_waiting, self.ar_steps = cfg, mode, max_waiting, ar_steps
         self.head_start = head_start   # pearl: -1 auto (gamma // 2), 0 off, n: n draft tokens
+        self.head_start_quorum = head_start_quorum
         self.fixed_gamma = gamma
         self.gamma = gamma or 4
         self.tokenizer = load_tokenizer(cfg.model)
@@ -370,7 +373,7 @@ class TargetService:
         return bool(info is not None and info.verdict_keep)
 
     def _head_start(self, reqs: list[Request]) -> int:
-        """Draft tokens PEARL waits for before a round where at least HEAD_START_QUORUM of the
+        """Draft tokens PEARL waits for before a round where at least head_start_quorum of the
         sequences are in pre-verify (after a rejection, or new): judging `early` more tokens a
         sequence costs `early` draft steps, where plain PEARL spends the whole forward on one
         token for them. Post-verify sequences of that round take none (their query stays at
@@ -380,7 +383,7 @@ class TargetService:
         Never in a round that prefills a prompt: the draft's prefill then runs beside the
         target's instead of before it (72B + 1.5B at batch 32: 8192 prompt tokens, ~60 ms of
         draft prefill that the first token would otherwise wait for)."""
-        if self.head_start == 0 or sum(not r.pending for r in reqs) < HEAD_START_QUORUM * len(reqs):
+        if self.head_start == 0 or sum(not r.pending for r in reqs) < self.head_start_quorum * len(reqs):
             return 0
         if any(len(r.seq) - r.seq.num_kv - len(r.pending) > 1 for r in reqs):
             return 0
@@ -456,11 +459,11 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
 
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, mode: str = "pearl",
                 draft_address: str | None = None, gamma: int = 4, ready=None, ar_steps: int = 4,
-                max_gamma: int = 16, head_start: int = -1) -> None:
+                max_gamma: int = 16, head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM) -> None:
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
     service = TargetService(cfg, mode, draft_address, gamma, ar_steps=ar_steps, max_gamma=max_gamma,
-                             head_start=head_start)
+                             head_start=head_start, head_start_quorum=head_start_quorum)
     server = new_server()
     target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(service), server)
     bound = bind(server, host, port)

@@ -6,13 +6,11 @@ sequence (tests/draft_service/test_drafter_paths.py checks the draft's side). Gr
 equals target-only output."""
 import asyncio
 
-import pytest
 import torch
 
 from pearl.v1 import common_pb2, draft_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import tensors
-from target_service import server
 from target_service.server import GatewayStream, TargetService
 from tests.services.procs import reference_greedy
 
@@ -61,21 +59,16 @@ class ScriptedDraft:
         return self.pending_round
 
 
-@pytest.fixture(autouse=True)
-def half_quorum(monkeypatch):
-    """Head starts at half the batch in pre-verify (the default asks three quarters), so the
-    rounds that mix pre- and post-verify sequences, the case under test, come often."""
-    monkeypatch.setattr(server, "HEAD_START_QUORUM", 0.5)
-
-
 def run_mixed(llama_dir, verdict_keep: bool):
     prompts = [[5 + i, 6, 7, 8 + 2 * i] for i in range(6)]
     n = 60
     refs = reference_greedy(llama_dir, prompts, [n] * len(prompts))
 
     async def main():
+        # head starts at half the batch in pre-verify (the default asks three quarters), so the
+        # rounds that mix pre- and post-verify sequences, the case under test, come often
         service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=256), mode="pearl", gamma=GAMMA,
-                                head_start=EARLY)
+                                head_start=EARLY, head_start_quorum=0.5)
         service.link = link = ScriptedDraft(prompts, refs, verdict_keep)
         queries, mixed, batch = [], 0, []
         forward, attach, schedule = service.core.forward, service.core.attach, service.core.schedule
