@@ -10,6 +10,7 @@ import structlog
 import torch
 
 from pearl.v1 import common_pb2, draft_pb2, target_pb2, target_pb2_grpc
+from pearl_runtime.bench.projection import HEAD_START_QUORUM
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.admission import check_prompt
 from pearl_runtime.engine.llm_engine import load_tokenizer
@@ -28,11 +29,6 @@ log = structlog.get_logger()
 
 MODES = ("pearl", "sd", "ar")
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
-# the share of a batch in pre-verify that earns a head start: the whole batch waits for it, and
-# with the 72B + 1.5B inputs measured at batch 8 (H200, session 8) the round model's batch
-# simulation gives 4.66x over ar at 3/4 against 4.43x at 1/2 (and never worse at batch 2 to 32;
-# bench/projection.simulate_pearl_batch). At batch 1 any share grants it. --head-start-quorum.
-HEAD_START_QUORUM = 0.75
 
 
 @dataclass

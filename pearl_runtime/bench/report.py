@@ -63,11 +63,13 @@ def hbm(rows: list[dict], target_dir: str, dtype: str, prompt_len: int, probe: d
     return out
 
 
-def project(rows: list[dict], same_gpu: bool, head_start: int = -1) -> list[dict]:
+def project(rows: list[dict], same_gpu: bool, head_start: int = -1,
+            quorum: float = projection.HEAD_START_QUORUM) -> list[dict]:
     """Per batch size: the round model's PEARL speedup with draft and target on their own
     GPUs (see projection.py). Inputs come from the sd run where there is one (there draft and
     target run one after the other, so their times are uncontended even on one GPU), else
-    from the pearl run (contended if they shared a GPU)."""
+    from the pearl run (contended if they shared a GPU). `quorum`: the target's
+    --head-start-quorum, for the batch simulation."""
     by = {(r["mode"], r["batch_size"]): r for r in rows}
     out = []
     for bs in sorted({r["batch_size"] for r in rows}):
@@ -99,6 +101,12 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1) -> list[dict
         pg = pearl["gamma"] if pearl and pearl["gamma"] else g   # pearl may run its own gamma
         mat_model = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, pg, projection.head_start_for(pg, head_start),
                                        share)["pearl_tokens_per_round"]
+        # the batch rules round by round at pearl's gamma: a head start holds the whole batch,
+        # which the closed form (one sequence) leaves out; the verify at the batch's mean query
+        q_ms = (lambda q: t_v * cost.ms(bs, q, True) / cost.ms(bs, g + 1)) if cost.table else (lambda q: t_v)
+        batch_sim = ar["round_ms"] * projection.simulate_pearl_batch(
+            alpha, pg, projection.head_start_for(pg, head_start), bs, t_d, q_ms, t_x, quorum,
+            rounds=max(2000, 40_000 // bs))
         out.append({
             "batch_size": bs, "source": src["mode"], "contended": src["mode"] == "pearl" and same_gpu,
             "gamma": g, "alpha": alpha, "t_ar_ms": ar["round_ms"], "t_d_ms": t_d, "t_v_ms": t_v, "t_x_ms": t_x,
@@ -108,7 +116,7 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1) -> list[dict
             "sd_speedup_measured": sd["speedup_vs_ar"] if sd else None,
             "head_start": w, "head_start_share": share, "pearl_mat_model": mat_model,
             "pearl_mat_measured": pearl["mat"] if pearl else None,
-            "best_gamma": best_g, "pearl_speedup_best_gamma": best,
+            "best_gamma": best_g, "pearl_speedup_best_gamma": best, "pearl_speedup_batch_sim": batch_sim,
         })
     return out
 
@@ -201,7 +209,8 @@ def projection_text(proj: list[dict]) -> str:
     if not proj:
         return "projection: needs ar and sd (or pearl) runs"
     head = (f"{'bs':>4}{'src':>6}{'gamma':>6}{'w':>3}{'hs%':>5}{'alpha':>7}{'t_ar':>8}{'t_d':>8}{'t_v':>8}{'t_x':>8}"
-            f"{'sd x':>7}{'sd meas':>8}{'MAT mod':>8}{'MAT meas':>9}{'PEARL x':>9}{'best g':>7}{'at best':>8}")
+            f"{'sd x':>7}{'sd meas':>8}{'MAT mod':>8}{'MAT meas':>9}{'PEARL x':>9}{'best g':>7}{'at best':>8}"
+            f"{'batch x':>8}")
     lines = ["PROJECTED PEARL speedup over ar with draft and target on separate GPUs (round model, "
              "benchmarks/README.md); ms", head]
     for p in proj:
@@ -212,10 +221,12 @@ def projection_text(proj: list[dict]) -> str:
                      f"{p['t_d_ms']:>8.2f}{p['t_v_ms']:>8.2f}{p['t_x_ms']:>8.2f}{_f(p['sd_speedup']):>7}"
                      f"{_f(p['sd_speedup_measured']):>8}{_f(p['pearl_mat_model']):>8}{_f(p['pearl_mat_measured']):>9}"
                      f"{_f(p['pearl_speedup']):>9}{p['best_gamma']:>7}"
-                     f"{_f(p['pearl_speedup_best_gamma']):>8}" + ("  (contended inputs)" if p["contended"] else ""))
+                     f"{_f(p['pearl_speedup_best_gamma']):>8}{_f(p.get('pearl_speedup_batch_sim')):>8}"
+                     + ("  (contended inputs)" if p["contended"] else ""))
     lines.append("w: PEARL's head start (draft tokens waited for in pre-verify); hs%: share of the pearl run's "
                  "rounds that waited for it (the model uses it: pre-verify rounds without it judge 1 token; "
                  "'best g' assumes every pre-verify round gets it); sd x / PEARL x: model speedups "
                  "over ar; sd meas: measured sd wall-clock speedup; MAT mod / meas: PEARL tokens per "
-                 "sequence-round, model at alpha vs measured")
+                 "sequence-round, model at alpha vs measured; batch x: PEARL x by playing the target's batch "
+                 "rules round by round (a head start holds the whole batch; projection.simulate_pearl_batch)")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from pearl_runtime.bench import mps, prompts as bench_prompts, report, roofline
+from pearl_runtime.bench import mps, projection, prompts as bench_prompts, report, roofline
 from pearl_runtime.bench.measure import BenchError, measure, read_metrics, submit_batch
 
 log = logging.getLogger("pearl.bench")
@@ -28,13 +28,27 @@ ROOT = Path(__file__).resolve().parents[2]
 MODES = ("ar", "sd", "pearl")
 
 
+def _target_flag(target_args: str, flag: str) -> str | None:
+    """The value `--target-args` gives `flag` (as `flag value` or `flag=value`), else None."""
+    args = shlex.split(target_args)
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def _head_start_setting(target_args: str) -> int:
     """The pearl target's --head-start as the projection needs it (-1: auto)."""
-    args = shlex.split(target_args)
-    if "--head-start" in args[:-1]:
-        value = args[args.index("--head-start") + 1]
-        return -1 if value == "auto" else int(value)
-    return -1
+    value = _target_flag(target_args, "--head-start")
+    return -1 if value in (None, "auto") else int(value)
+
+
+def _quorum_setting(target_args: str) -> float:
+    """The pearl target's --head-start-quorum, for the projection's batch simulation."""
+    value = _target_flag(target_args, "--head-start-quorum")
+    return projection.HEAD_START_QUORUM if value is None else float(value)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -310,7 +324,8 @@ def main(args) -> None:
             "runs": report.public(rows),
             "hbm": report.hbm(rows, target_dir, dtype, len(prompts[0]), probe, gpus=len(tdev.split(","))) if complete else None,
             "projection": (report.project(rows, same_gpu=one_gpu and not args.mps,
-                                          head_start=_head_start_setting(args.target_args))
+                                          head_start=_head_start_setting(args.target_args),
+                                          quorum=_quorum_setting(args.target_args))
                            if complete and modes_done & {"sd", "pearl"} else None),
             "logs": str(logs),
         }

@@ -284,6 +284,10 @@ def test_bench_end_to_end(bench_run):
     assert h["achieved_gbps"] > 0 and h["copy_gbps"] > 0 and h["hf_baseline"]["tokens_per_s"] > 0
     assert [p["batch_size"] for p in r["projection"]] == list(BATCH_SIZES)
     assert all(p["source"] == "sd" and p["alpha"] == 1.0 for p in r["projection"])
+    # every draft token accepted: nothing waits for a head start, so the batch simulation and
+    # the closed form agree (gamma tokens a round either way)
+    for p in r["projection"]:
+        assert p["pearl_speedup_batch_sim"] == pytest.approx(p["pearl_speedup"], rel=0.02), p
 
 
 def test_bench_prints_the_tables(bench_run):
@@ -407,3 +411,12 @@ def test_batch_head_start_waits_only_for_a_large_quorum():
         projection.simulate_pearl_batch(head_start=6, batch=1, quorum=HEAD_START_QUORUM, **one)
     assert projection.simulate_pearl_batch(head_start=6, batch=1, **one) > \
         1.03 * projection.simulate_pearl_batch(head_start=0, batch=1, **one)
+
+
+def test_projection_reads_the_targets_head_start_flags():
+    from pearl_runtime.bench.run import _head_start_setting, _quorum_setting
+    assert _head_start_setting("") == -1 and _head_start_setting("--head-start auto") == -1
+    assert _head_start_setting("--attention triton --head-start 3") == 3
+    assert _head_start_setting("--head-start=0") == 0
+    assert _quorum_setting("") == projection.HEAD_START_QUORUM
+    assert _quorum_setting("--head-start-quorum 0.5") == 0.5 == _quorum_setting("--head-start-quorum=0.5")
