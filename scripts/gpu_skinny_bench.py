@@ -14,6 +14,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from pearl_runtime.bench.probe import ar_step_ms, copy_bandwidth
 from pearl_runtime.bench.roofline import weight_bytes_per_step
@@ -91,12 +92,8 @@ def sweep_configs():
 def op_configs(K, gated):
     """Tiles up to the whole row, at most 128 weight elements a thread."""
     for bn, bk, nw in itertools.product((1, 2, 4, 8), (512, 1024, 2048, 4096, 8192), (4, 8)):
-        if bk <= max(512, triton_next_pow2(K)) and bn * bk * (2 if gated else 1) <= 128 * 32 * nw:
+        if bk <= max(512, triton.next_power_of_2(K)) and bn * bk * (2 if gated else 1) <= 128 * 32 * nw:
             yield dict(block_n=bn, block_k=bk, num_warps=nw)
-
-
-def triton_next_pow2(n):
-    return 1 << (n - 1).bit_length()
 
 
 def ops(names, copy, layers=24):

@@ -82,8 +82,9 @@ def pearl_mean_query(alpha: float, gamma: int, head_start: int = 0) -> float:
 def head_start_granted(alpha: float, gamma: int, head_start: int, share: float | None) -> float:
     """The fraction of pre-verify rounds that got the head start. The target grants it to a
     whole batch, and only when most of the batch is in pre-verify (HEAD_START_QUORUM): at
-    batch 1 that is every pre-verify round, at batch 32 (pi_P ~ 0.4) almost none. `share`: the measured
-    fraction of all rounds that waited for one (None: the design's every pre-verify round)."""
+    batch 1 that is every pre-verify round, at batch 32 (pi_P ~ 0.4) almost none. `share`:
+    the measured fraction of all rounds that waited for one (None: the design's every
+    pre-verify round)."""
     if share is None or head_start == 0:
         return 1.0
     pi_pre = _pre_verify_share(alpha, gamma, head_start)

@@ -86,7 +86,7 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1,
         alpha = projection.fit_alpha(src["accept_rate"], g, src["mode"], w if src["mode"] == "pearl" else 0)
         pearl = by.get(("pearl", bs))
         # how often the pearl run's rounds waited for a head start (the target grants it to the
-        # whole batch when half of it is in pre-verify: rarely at large batch)
+        # whole batch when most of it is in pre-verify: rarely at large batch)
         pm = pearl["metrics_diff"] if pearl else {}
         share = (pm["head_start_rounds"] / pm["speculative_rounds"]
                  if pm.get("speculative_rounds") and "head_start_rounds" in pm else None)
@@ -99,14 +99,13 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1,
         best_g, best = projection.best_gamma(ar["round_ms"], t_d, at, t_x, alpha, gammas, head_start=head_start)
         sd = by.get(("sd", bs))
         pg = pearl["gamma"] if pearl and pearl["gamma"] else g   # pearl may run its own gamma
-        mat_model = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, pg, projection.head_start_for(pg, head_start),
-                                       share)["pearl_tokens_per_round"]
+        wp = projection.head_start_for(pg, head_start)
+        mat_model = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, pg, wp, share)["pearl_tokens_per_round"]
         # the batch rules round by round at pearl's gamma: a head start holds the whole batch,
         # which the closed form (one sequence) leaves out; the verify at the batch's mean query
         q_ms = (lambda q: t_v * cost.ms(bs, q, True) / cost.ms(bs, g + 1)) if cost.table else (lambda q: t_v)
-        batch_sim = ar["round_ms"] * projection.simulate_pearl_batch(
-            alpha, pg, projection.head_start_for(pg, head_start), bs, t_d, q_ms, t_x, quorum,
-            rounds=max(2000, 40_000 // bs))
+        batch_sim = ar["round_ms"] * projection.simulate_pearl_batch(alpha, pg, wp, bs, t_d, q_ms, t_x, quorum,
+                                                                     rounds=max(2000, 40_000 // bs))
         out.append({
             "batch_size": bs, "source": src["mode"], "contended": src["mode"] == "pearl" and same_gpu,
             "gamma": g, "alpha": alpha, "t_ar_ms": ar["round_ms"], "t_d_ms": t_d, "t_v_ms": t_v, "t_x_ms": t_x,
