@@ -10,6 +10,7 @@ import asyncio
 import datetime
 import json
 import logging
+import os
 import random
 import re
 import shlex
@@ -363,6 +364,9 @@ def main(args) -> None:
 
 
 def _git_commit() -> str | None:
+    # A device copy of the tree may carry a stale .git; its runner names the commit instead.
+    if os.environ.get("PEARL_GIT_COMMIT"):
+        return os.environ["PEARL_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or None
