@@ -465,7 +465,8 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
     bound = bind(server, host, port)
     await server.start()
     log.info("target serving", address=f"{host}:{bound}", mode=mode, draft=draft_address, gamma=gamma,
-             model=cfg.model)
+             model=cfg.model, **({"head_start": head_start, "head_start_quorum": head_start_quorum}
+                                 if mode == "pearl" else {}))
     loop_task = asyncio.get_running_loop().create_task(service.run())
     if ready:
         ready(bound)
