@@ -12,6 +12,8 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
+from pearl_runtime import gc_pauses
+
 log = logging.getLogger(__name__)
 
 
@@ -71,7 +73,9 @@ class RoundClock:
     Timestamps only, so it costs next to nothing, unlike the profiler. The draft's reported
     draft_ms is apply + draft + encode; queue is the draft's share of what the target counts
     as transport (a draft round ran ~1.1 ms longer in the service than in-process on an
-    H200, session 8, and this is where to look)."""
+    H200, session 8, and this is where to look). gc: the garbage collector's ms a round over
+    the same rounds, wherever it struck (a round-long stall every few dozen rounds reads as
+    a steady per-round cost in the means)."""
     PHASES = ("queue", "apply", "draft", "encode")
 
     def __init__(self, every: int):
@@ -79,6 +83,8 @@ class RoundClock:
         self.sums = dict.fromkeys(self.PHASES, 0.0)
         self.rounds = 0
         self.last: dict[str, float] | None = None   # the means last logged
+        self.gc = gc_pauses.watch()
+        self.gc.take()
 
     @classmethod
     def from_env(cls) -> "RoundClock | None":
@@ -92,8 +98,9 @@ class RoundClock:
             self.sums[phase] += (b - a) * 1e3
         self.rounds += 1
         if self.rounds == self.every:
-            self.last = {k: v / self.rounds for k, v in self.sums.items()}
-            log.info("draft round times (ms, mean of %d rounds): %s", self.rounds,
-                     " ".join(f"{k} {v:.3f}" for k, v in self.last.items()))
+            collections, gc_ms = self.gc.take()
+            self.last = {k: v / self.rounds for k, v in self.sums.items()} | {"gc": gc_ms / self.rounds}
+            log.info("draft round times (ms, mean of %d rounds): %s (%d collections)", self.rounds,
+                     " ".join(f"{k} {v:.3f}" for k, v in self.last.items()), collections)
             self.sums = dict.fromkeys(self.PHASES, 0.0)
             self.rounds = 0

@@ -11,6 +11,7 @@ import structlog
 import torch
 
 from pearl.v1 import draft_pb2, draft_pb2_grpc
+from pearl_runtime import gc_pauses
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.llm_engine import load_tokenizer
 from pearl_runtime.engine.step_timer import measure_step_ms
@@ -206,6 +207,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, r
     server = new_server()
     draft_pb2_grpc.add_DraftServicer_to_server(servicer, server)
     bound = bind(server, host, port)
+    gc_pauses.settle()   # the start-up heap out of the collector's walks
     await server.start()
     log.info("draft serving", address=f"{host}:{bound}", model=cfg.model)
     if ready:

@@ -9,6 +9,7 @@ import grpc
 import structlog
 
 from pearl.v1 import gateway_pb2, gateway_pb2_grpc
+from pearl_runtime import gc_pauses
 from pearl_runtime.errors import PearlError
 from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.security import authorize, server_credentials
@@ -122,6 +123,7 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("TLS needs both tls_cert and tls_key")
     port = bind(server, host, port, server_credentials(tls_cert, tls_key) if tls_cert else None)
+    gc_pauses.settle()   # the start-up heap out of the collector's walks
     await server.start()
     log.info("gateway listening", address=f"{host}:{port}", targets=list(targets), tls=bool(tls_cert),
              auth=bool(auth_token))

@@ -10,6 +10,7 @@ import structlog
 import torch
 
 from pearl.v1 import common_pb2, draft_pb2, target_pb2, target_pb2_grpc
+from pearl_runtime import gc_pauses
 from pearl_runtime.bench.projection import HEAD_START_QUORUM
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.admission import check_prompt
@@ -463,6 +464,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
     server = new_server()
     target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(service), server)
     bound = bind(server, host, port)
+    gc_pauses.settle()   # the start-up heap out of the collector's walks
     await server.start()
     log.info("target serving", address=f"{host}:{bound}", mode=mode, draft=draft_address, gamma=gamma,
              model=cfg.model, **({"head_start": head_start, "head_start_quorum": head_start_quorum}

@@ -37,7 +37,9 @@ def test_off_without_the_variable(llama_dir, monkeypatch):
 
 def test_round_times_log_the_phases_every_n_rounds(llama_dir, monkeypatch, caplog):
     """PEARL_ROUND_TIMES=2: every second round logs the mean queue / apply / draft / encode
-    times; the round's arrival stamp comes from the stream (here: 5 ms before the round)."""
+    times; the round's arrival stamp comes from the stream (here: 5 ms before the round), and
+    the collector's ms a round over the same rounds."""
+    import gc
     import time
 
     from draft_service.drafter import Mirror
@@ -52,11 +54,14 @@ def test_round_times_log_the_phases_every_n_rounds(llama_dir, monkeypatch, caplo
             rnd = draft_pb2.Round(round_id=i + 1, gamma=3)
             if i == 0:
                 rnd.adds.add(seq_id=1, token_ids=[5, 6, 7, 8], params=common_pb2.SamplingParams(max_tokens=100))
+            if i == 1:
+                gc.collect()   # lands in the window the report covers
             servicer._round(mirror, rnd, received=time.perf_counter() - 0.005)
     lines = [r.getMessage() for r in caplog.records if "draft round times" in r.getMessage()]
-    assert len(lines) == 1 and all(p in lines[0] for p in RoundClock.PHASES)
+    assert len(lines) == 1 and all(p in lines[0] for p in RoundClock.PHASES + ("gc",))
     last = servicer.clock.last
     assert last["queue"] >= 5.0 and last["draft"] > 0 and min(last.values()) >= 0
+    assert last["gc"] > 0 and "(0 collections)" not in lines[0]
     assert servicer.clock.rounds == 1                 # the third round waits for the next report
     monkeypatch.delenv("PEARL_ROUND_TIMES")
     assert DraftServicer(EngineConfig(model=str(llama_dir), num_blocks=64)).clock is None
