@@ -154,6 +154,13 @@ def accept_rate(alpha: float, gamma: int, mode: str, head_start: int = 0) -> flo
             / (pi_pre * (head_start + 1) + (1 - pi_pre) * gamma))
 
 
+def mean_judged(judged_runs) -> float | None:
+    """Tokens a sequence fed a verify, on average over a run's sequence-rounds that judged any
+    ([judged, accepted, count] rows): the query its measured verify time belongs to."""
+    n = sum(c for _, _, c in judged_runs)
+    return sum(j * c for j, _, c in judged_runs) / n if n else None
+
+
 def acceptance_by_position(judged_runs) -> list[tuple[float | None, int]]:
     """From [judged, accepted, count] rows (sequence-rounds that judged `judged` draft tokens
     and accepted the first `accepted`): for each position k >= 1, the share of sequence-rounds

@@ -91,10 +91,18 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1,
         share = (pm["head_start_rounds"] / pm["speculative_rounds"]
                  if pm.get("speculative_rounds") and "head_start_rounds" in pm else None)
         p = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, g, w, share)
-        # with the target's table of verify times by query length, other gammas' verifies are
-        # the measured one scaled by it (at batch 32 on 72B: 45 ms at 8 tokens, 75 at 16)
+        # with the target's table of verify times by query length (at batch 32 on 72B: 45 ms at
+        # 8 tokens, 75 at 16), a verify of another query is the measured one scaled by it, from
+        # the query t_v was measured at: sd feeds gamma + 1 a sequence, a pearl batch a mix of 1
+        # (pre-verify) and gamma (post-verify) that the run's judged counts give
         cost = VerifyCost.from_rows(src["metrics_diff"].get("verify_times") or [])
-        at = (lambda x: t_v * cost.scale(bs, x) / cost.scale(bs, g)) if cost.table else t_v
+        ref_q = (projection.mean_judged(src["metrics_diff"].get("judged_runs") or []) or g + 1
+                 if src["mode"] == "pearl" else g + 1)
+        ref_ms = cost.ms(bs, ref_q, True) if cost.table else None
+        # other gammas: at the query PEARL feeds at that gamma (its chain's mean, pre-verify
+        # rounds with their head start)
+        at = ((lambda x: t_v * cost.ms(bs, projection.pearl_mean_query(
+            alpha, x, projection.head_start_for(x, head_start)), True) / ref_ms) if ref_ms else t_v)
         gammas = range(1, max(cost.table) if cost.table else 17)
         best_g, best = projection.best_gamma(ar["round_ms"], t_d, at, t_x, alpha, gammas, head_start=head_start)
         sd = by.get(("sd", bs))
@@ -103,7 +111,7 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1,
         mat_model = projection.project(ar["round_ms"], t_d, t_v, t_x, alpha, pg, wp, share)["pearl_tokens_per_round"]
         # the batch rules round by round at pearl's gamma: a head start holds the whole batch,
         # which the closed form (one sequence) leaves out; the verify at the batch's mean query
-        q_ms = (lambda q: t_v * cost.ms(bs, q, True) / cost.ms(bs, g + 1)) if cost.table else (lambda q: t_v)
+        q_ms = (lambda q: t_v * cost.ms(bs, q, True) / ref_ms) if ref_ms else (lambda q: t_v)
         batch_sim = ar["round_ms"] * projection.simulate_pearl_batch(alpha, pg, wp, bs, t_d, q_ms, t_x, quorum,
                                                                      rounds=max(2000, 40_000 // bs))
         out.append({

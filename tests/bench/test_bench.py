@@ -138,6 +138,31 @@ def test_projection_prices_other_gammas_by_the_targets_verify_table():
     assert flat["best_gamma"] == 16 and flat["pearl_speedup_best_gamma"] > p["pearl_speedup_best_gamma"]
 
 
+def test_a_pearl_run_prices_its_verify_at_the_query_it_fed():
+    """72B TP=2 at batch 32 (session 9, call 1): a pearl run at gamma 11 measured a 37.97 ms
+    verify while its sequences fed 6.6 tokens on average (pre-verify ones 1, post-verify ones
+    gamma). Other queries are priced from that one, not from gamma + 1: priced from gamma + 1,
+    the batch simulation made the run's own gamma 25% cheaper than measured (4.51x against the
+    closed form's 3.11x). The same rows with a measured query of 12 price every other query
+    lower, so they project more."""
+    table = [[32, q, ms] for q, ms in ((2, 26.5), (4, 30.8), (8, 40.2), (12, 48.0), (16, 56.0))]
+    ar = {"mode": "ar", "batch_size": 32, "round_ms": 25.48}
+    runs = [[1, 0, 25], [1, 1, 337], [10, 10, 193], [10, 3, 263], [13, 13, 40], [15, 15, 41]]
+    pearl = {"mode": "pearl", "batch_size": 32, "gamma": 11, "draft_ms": 11 * 2.09, "target_ms": 37.97,
+             "round_ms": 39.5, "accept_rate": 0.66, "host_ms": 1.07, "mat": 4.56,
+             "metrics_diff": {"verify_times": table, "judged_runs": runs, "head_start_rounds": 0,
+                              "speculative_rounds": 36}}
+    assert projection.mean_judged(runs) == pytest.approx((362 + 4560 + 520 + 615) / 899)
+    assert projection.mean_judged([]) is None
+    [p] = report.project([ar, pearl], same_gpu=False)
+    # the simulation and the closed form now tell the same story at the run's gamma
+    assert p["pearl_speedup_batch_sim"] == pytest.approx(p["pearl_speedup"], rel=0.1)
+    assert p["pearl_speedup_best_gamma"] >= 0.97 * p["pearl_speedup"]
+    long = {**pearl, "metrics_diff": {**pearl["metrics_diff"], "judged_runs": [[11, 11, 100]]}}
+    [q] = report.project([ar, long], same_gpu=False)
+    assert q["pearl_speedup_batch_sim"] > 1.1 * p["pearl_speedup_batch_sim"]
+
+
 def test_divergence_reports_where_outputs_part():
     ar = [{"mode": "ar", "batch_size": 2, "wall_s": 1.0, "outputs_sha256": "a", "_outputs": [[1, 2, 3], [4, 5, 6]]}]
     sd = {"mode": "sd", "batch_size": 2, "wall_s": 0.5, "outputs_sha256": "b", "_outputs": [[1, 2, 3], [4, 9, 6]]}
