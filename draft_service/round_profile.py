@@ -92,7 +92,7 @@ class RoundClock:
         return cls(every) if every > 0 else None
 
     def add(self, received: float, start: float, applied: float, drafted: float, encoded: float) -> None:
-        """perf_counter() stamps of one round."""
+        """time.monotonic() stamps of one round."""
         for phase, (a, b) in zip(self.PHASES, ((received, start), (start, applied), (applied, drafted),
                                                (drafted, encoded))):
             self.sums[phase] += (b - a) * 1e3

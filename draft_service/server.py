@@ -95,7 +95,8 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
 
     def _round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None,
                received: float | None = None) -> draft_pb2.DraftBatch:
-        """`received`: when the round came off the stream (perf_counter), for RoundClock."""
+        """`received`: when the round came off the stream (time.monotonic), for RoundClock and
+        the batch's received_at."""
         if self.profiler is None:
             return self._timed_round(mirror, rnd, on_early, received)
         self.profiler.begin()
@@ -114,19 +115,19 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
     def _parts(self, mirror: Mirror, rnd: draft_pb2.Round, received: float | None = None):
         """The round's DraftBatches, as they exist: the early one when the round asks for one
         (0 < early < gamma), then the whole one. The first `next` applies the round."""
-        start = time.perf_counter()
+        start = time.monotonic()
         adds = [(a.seq_id, list(a.token_ids), wire_params.from_proto(a.params)) for a in rnd.adds]
         verdicts = tensors.decode_ints(rnd.verdicts) if not tensors.is_empty(rnd.verdicts) else []
         self.drafter.apply(mirror, adds, list(rnd.removes), verdicts)
-        applied = time.perf_counter()
+        applied = time.monotonic()
         parts = self.drafter.parts(mirror, rnd.gamma, rnd.early)
         if 0 < rnd.early < rnd.gamma:
-            yield _batch(rnd.round_id, next(parts), start, early=True)
+            yield _batch(rnd.round_id, next(parts), start, received, early=True)
         result = next(parts)
-        drafted = time.perf_counter()
-        batch = _batch(rnd.round_id, result, start)
+        drafted = time.monotonic()
+        batch = _batch(rnd.round_id, result, start, received)
         if self.clock is not None and received is not None:
-            self.clock.add(received, start, applied, drafted, time.perf_counter())
+            self.clock.add(received, start, applied, drafted, time.monotonic())
         yield batch
 
     async def Speculate(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -144,7 +145,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         loop = asyncio.get_running_loop()
         try:
             async for msg in request_iterator:
-                received = time.perf_counter()
+                received = time.monotonic()
                 if msg.WhichOneof("kind") != "round":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a Round after the Hello")
                 if 0 < msg.round.early < msg.round.gamma:
@@ -154,7 +155,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                         # grpc resumes this generator once the early part is on its way, and
                         # the rest is drafted here too: two thread hops fewer, and no fight
                         # for the GIL between the send and the drafting
-                        yield draft_pb2.FromDraft(batch=head)
+                        yield _sent(head)
                         if (batch := self._inline(next, parts)) is not None:
                             self._head_path("event loop")
                         else:   # the drafter was taken meanwhile (another target, a release)
@@ -171,12 +172,12 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                         if not head.done() and work.exception() is not None:
                             head.cancel()   # the round failed before its early part: raise its error
                             await work
-                        yield draft_pb2.FromDraft(batch=await head)
+                        yield _sent(await head)
                         batch = await work
                 elif (batch := self._inline_round(mirror, msg.round, received)) is None:
                     batch = await loop.run_in_executor(self.executor, self._locked, self._round, mirror, msg.round,
                                                        None, received)
-                yield draft_pb2.FromDraft(batch=batch)
+                yield _sent(batch)
         finally:
             # a dead target's stream ends in cancellation, and an await here would be cancelled
             # too (the mirror would leak its KV blocks): hand the release to the forward thread
@@ -191,13 +192,20 @@ def _resolve(fut: asyncio.Future, value) -> None:
         fut.set_result(value)
 
 
-def _batch(round_id: int, result, start: float, early: bool = False) -> draft_pb2.DraftBatch:
+def _batch(round_id: int, result, start: float, received: float | None = None,
+           early: bool = False) -> draft_pb2.DraftBatch:
     batch = draft_pb2.DraftBatch(round_id=round_id, seq_ids=result.seq_ids, tokens=tensors.encode(result.tokens),
-                                 early=early)
+                                 early=early, received_at=received or 0.0)
     if result.probs is not None:
         batch.probs.CopyFrom(tensors.encode(result.probs))
-    batch.draft_ms = (time.perf_counter() - start) * 1e3
+    batch.draft_ms = (time.monotonic() - start) * 1e3
     return batch
+
+
+def _sent(batch: draft_pb2.DraftBatch) -> draft_pb2.FromDraft:
+    """The batch as it goes onto the stream, stamped for the target's transport split."""
+    batch.sent_at = time.monotonic()
+    return draft_pb2.FromDraft(batch=batch)
 
 
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, ready=None) -> None:

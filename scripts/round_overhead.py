@@ -11,6 +11,8 @@ around each batch and prints per-round averages:
     target  the target's forward
     wait    target idle waiting for the draft batch
     xfer    exchange - draft: the draft round trip beyond the draft's own time
+    out     of xfer: the round written -> off the draft's stream
+    back    of xfer: the batch handed to the draft's stream -> read by the target
     host    round - target - wait: the target's own host work nothing overlaps
 
     .venv/bin/python scripts/round_overhead.py --repeats 3
@@ -38,7 +40,7 @@ from pearl_runtime.rpc.server import GRPC_OPTIONS  # noqa: E402
 from tests.services.procs import Service  # noqa: E402
 
 COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms",
-            "committed_tokens", "head_start_rounds")
+            "committed_tokens", "head_start_rounds", "xfer_out_ms", "xfer_back_ms", "xfer_rounds")
 
 
 def child(out_prefix: str, argv: list[str]) -> None:
@@ -139,6 +141,9 @@ async def measure_mode(address: str, batch_sizes: list[int], max_tokens: int, re
                 n = d["rounds"]
                 runs.append({"round": d["round_ms"] / n, "draft": d["draft_ms"] / n, "target": d["target_ms"] / n,
                              "wait": d["wait_ms"] / n, "xfer": (d["exchange_ms"] - d["draft_ms"]) / n,
+                             # its two hops (the draft's stamps): round out, batch back
+                             "out": d["xfer_out_ms"] / max(1, d["xfer_rounds"]),
+                             "back": d["xfer_back_ms"] / max(1, d["xfer_rounds"]),
                              "host": (d["round_ms"] - d["target_ms"] - d["wait_ms"]) / n,
                              "tok/rnd": d["committed_tokens"] / n, "head%": 100 * d["head_start_rounds"] / n,
                              "rounds": n})
@@ -148,7 +153,7 @@ async def measure_mode(address: str, batch_sizes: list[int], max_tokens: int, re
         return rows
 
 
-COLS = ("round", "draft", "target", "wait", "xfer", "host", "tok/rnd", "head%")
+COLS = ("round", "draft", "target", "wait", "xfer", "out", "back", "host", "tok/rnd", "head%")
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ The link is never required: while it is down the target serves autoregressively,
 and retried rarely; the target keeps serving in ar mode meanwhile.
 """
 import asyncio
+import time
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -17,6 +19,26 @@ log = structlog.get_logger()
 
 class DraftRefused(Exception):
     pass
+
+
+@dataclass
+class TransportSplit:
+    """A round's transport in its two hops, summed over the rounds counted: the round written
+    here -> off the draft's stream, and the whole batch handed to the draft's stream -> read
+    here. Needs the draft's stamps (DraftBatch.received_at / sent_at) on this kernel's
+    monotonic clock; a draft on another machine shows a negative hop and is not counted."""
+    out_ms: float = 0.0
+    back_ms: float = 0.0
+    rounds: int = 0
+
+    def add(self, written: float, batch: draft_pb2.DraftBatch, read: float, limit_s: float) -> None:
+        if not batch.received_at:   # a draft that predates the stamps
+            return
+        out, back = batch.received_at - written, read - batch.sent_at
+        if 0 <= out < limit_s and 0 <= back < limit_s:
+            self.out_ms += out * 1e3
+            self.back_ms += back * 1e3
+            self.rounds += 1
 
 
 class DraftLink:
@@ -32,6 +54,8 @@ class DraftLink:
         self.info: draft_pb2.HelloReply | None = None   # the draft's handshake answer
         self._lost = asyncio.Event()
         self._lost.set()
+        self.split = TransportSplit()
+        self._written = 0.0         # when the last Round went to the stream (time.monotonic)
 
     async def _connect(self) -> None:
         self.channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
@@ -76,6 +100,7 @@ class DraftLink:
         try:
             if self.call is None:
                 raise ConnectionError("the draft link is down")
+            self._written = time.monotonic()
             await self.call.write(draft_pb2.ToDraft(round=rnd))
         # InvalidStateError: the call already ended (the draft died while this target was idle);
         # grpc.aio raises it from write() instead of an AioRpcError
@@ -98,6 +123,8 @@ class DraftLink:
             if (msg is grpc.aio.EOF or msg.WhichOneof("kind") != "batch" or msg.batch.round_id != round_id
                     or (msg.batch.early and not early)):
                 raise ConnectionError("draft stream ended or answered out of order")
+            if not msg.batch.early:
+                self.split.add(self._written, msg.batch, time.monotonic(), self.round_timeout_s)
             return msg.batch
         except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, grpc.aio.UsageError,
                 asyncio.InvalidStateError) as e:

@@ -427,7 +427,13 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
             gamma_sum=s.gamma_sum, gamma_by_batch=self.service.tuner.picks,
             verify_times=[target_pb2.VerifyTime(batch=b, query=q, ms=t)
                           for q, row in self.service.verify_cost.table.items() for b, t in row.items()],
-            judged_runs=[target_pb2.JudgedRun(judged=j, accepted=a, count=c) for (j, a), c in s.judged_runs.items()])
+            judged_runs=[target_pb2.JudgedRun(judged=j, accepted=a, count=c) for (j, a), c in s.judged_runs.items()],
+            **self._split())
+
+    def _split(self) -> dict:
+        split = self.service.link.split if self.service.link is not None else None
+        return {} if split is None else {"xfer_out_ms": split.out_ms, "xfer_back_ms": split.back_ms,
+                                         "xfer_rounds": split.rounds}
 
     async def Serve(self, request_iterator, context):
         stream = GatewayStream()

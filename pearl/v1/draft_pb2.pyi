@@ -76,20 +76,24 @@ class ToDraft(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., round: _Optional[_Union[Round, _Mapping]] = ...) -> None: ...
 
 class DraftBatch(_message.Message):
-    __slots__ = ("round_id", "seq_ids", "tokens", "probs", "draft_ms", "early")
+    __slots__ = ("round_id", "seq_ids", "tokens", "probs", "draft_ms", "early", "received_at", "sent_at")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
     EARLY_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     seq_ids: _containers.RepeatedScalarFieldContainer[int]
     tokens: _common_pb2.Tensor
     probs: _common_pb2.Tensor
     draft_ms: float
     early: bool
-    def __init__(self, round_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., draft_ms: _Optional[float] = ..., early: _Optional[bool] = ...) -> None: ...
+    received_at: float
+    sent_at: float
+    def __init__(self, round_id: _Optional[int] = ..., seq_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., draft_ms: _Optional[float] = ..., early: _Optional[bool] = ..., received_at: _Optional[float] = ..., sent_at: _Optional[float] = ...) -> None: ...
 
 class FromDraft(_message.Message):
     __slots__ = ("hello", "batch")

@@ -55,7 +55,8 @@ from pearl_runtime.bench.projection import acceptance_by_position
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 
 COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms",
-            "committed_tokens", "drafted_tokens", "accepted_tokens", "head_start_rounds", "gamma_sum")
+            "committed_tokens", "drafted_tokens", "accepted_tokens", "head_start_rounds", "gamma_sum",
+            "xfer_out_ms", "xfer_back_ms", "xfer_rounds")
 
 
 class BenchError(RuntimeError):
@@ -157,6 +158,9 @@ def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float, list]
         "wait_ms": per["wait_ms"],
         "host_ms": per["round_ms"] - per["target_ms"] - per["wait_ms"],
         "xfer_ms": xfer, "xfer_share": xfer / per["round_ms"] if per["round_ms"] else 0.0,
+        # its two hops, where the draft shares the target's clock (TargetMetrics.xfer_out_ms)
+        "xfer_out_ms": m["xfer_out_ms"] / m["xfer_rounds"] if m["xfer_rounds"] else None,
+        "xfer_back_ms": m["xfer_back_ms"] / m["xfer_rounds"] if m["xfer_rounds"] else None,
         "ttft_ms": {"mean": statistics.fmean(ttft), "p50": statistics.median(ttft), "max": max(ttft)},
         # the mean draft length of the row's rounds (the service's last gamma may be another
         # bucket's: a batch shrinks as its requests finish)

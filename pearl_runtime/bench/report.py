@@ -175,6 +175,20 @@ def acceptance_text(rows: list[dict], positions: int = 12, min_reached: int = 4)
     return lines
 
 
+def transport_text(rows: list[dict]) -> list[str]:
+    """Each speculative row's xfer in its two hops (round out to the draft, batch back) and
+    the rest (inside the draft's process, outside its own reported time)."""
+    lines = [f"  {r['mode']:<6}{r['batch_size']:>4}  out {r['xfer_out_ms']:.3f}  back {r['xfer_back_ms']:.3f}  "
+             f"rest {r['xfer_ms'] - r['xfer_out_ms'] - r['xfer_back_ms']:.3f}"
+             for r in sorted(rows, key=lambda r: (r["batch_size"], ("ar", "sd", "pearl").index(r["mode"])))
+             if r["mode"] != "ar" and r.get("xfer_out_ms") is not None]
+    if lines:
+        lines.insert(0, "xfer by hop, ms a round (the draft's stamps on this host's monotonic clock): out = "
+                        "round written -> off the draft's stream, back = batch handed to the draft's stream -> "
+                        "read, rest = xfer - out - back")
+    return lines
+
+
 SLOW_START = 4.0   # a speculative row's first tokens this many times later than ar's...
 SLOW_START_MS = 100.0   # ...and at least this late are called out
 

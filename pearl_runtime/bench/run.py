@@ -353,7 +353,7 @@ def main(args) -> None:
           f", gamma {args.gamma} (pearl {args.pearl_gamma or args.gamma}), MPS {'on ' + args.mps_shares if args.mps else 'off'}"
           f"{', one GPU shared' if one_gpu else ''}")
     print(report.table(rows))
-    for line in report.start_notes(rows) + report.acceptance_text(rows):
+    for line in report.start_notes(rows) + report.acceptance_text(rows) + report.transport_text(rows):
         print(line)
     print()
     print(report.hbm_text(result["hbm"]))

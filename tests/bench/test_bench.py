@@ -298,6 +298,10 @@ def test_bench_end_to_end(bench_run):
             assert m["exchange_ms"] >= m["draft_ms"] > 0
             assert x["xfer_ms"] == pytest.approx((m["exchange_ms"] - m["draft_ms"]) / m["rounds"])
             assert 0 <= x["xfer_share"] < 1
+            # the two hops, from the draft's stamps (same machine): every round counted
+            assert m["xfer_rounds"] == m["speculative_rounds"] and x["xfer_out_ms"] > 0 and x["xfer_back_ms"] > 0
+            if mode == "sd":   # both hops lie inside the exchange, outside the draft's own time
+                assert x["xfer_out_ms"] + x["xfer_back_ms"] <= x["xfer_ms"] + 0.05
             # sequence-rounds by (judged, accepted): they add up to the token counters; a copy
             # draft has every judged token accepted, at every position
             runs = m["judged_runs"]
@@ -323,6 +327,7 @@ def test_bench_prints_the_tables(bench_run):
     assert "HBM at ar bs=1" in bench_run[1] and "HF generate" in bench_run[1]
     assert "PROJECTED PEARL speedup" in bench_run[1]
     assert "acceptance by draft position" in bench_run[1]
+    assert "xfer by hop" in bench_run[1]
 
 
 def test_bench_fails_loudly_when_the_draft_never_connects(tmp_path, llama_dir, tiny_model_factory):

@@ -71,6 +71,8 @@ def test_each_path_sends_the_early_part_then_the_whole_batch(servicer, taken, pa
     # a round held back 50 ms by a busy drafter shows it as queueing
     assert servicer.clock.last["queue"] >= (40.0 if taken == "start" else 0.0)
     assert early.early and not whole.early and early.round_id == whole.round_id == 1
+    # stamped for the target's transport split, on every path: the round's arrival, then each send
+    assert 0 < early.received_at == whole.received_at <= early.sent_at <= whole.sent_at
     toks = tensors.decode_ints(whole.tokens)
     assert tensors.decode_ints(early.tokens) == [row[:EARLY] for row in toks]
     assert len(toks[0]) == GAMMA and all(t >= 0 for t in toks[0])

@@ -10,6 +10,7 @@ import pytest
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.bench.projection import head_start_for, pearl_mean_query, project
 from pearl_runtime.engine.step_timer import VerifyCost, pearl_gamma, sd_gamma
+from target_service.draft_link import TransportSplit
 from target_service.server import TargetService, TargetServicer
 
 
@@ -80,7 +81,8 @@ def test_sd_gamma_grows_as_the_draft_gets_cheaper():
 def test_service_picks_gamma_per_batch_by_mode(llama_dir, mode, expect):
     service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=64), mode=mode, gamma=None)
     service.verify_cost = service.tuner.verify_cost = VerifyCost({32: {1: 25.0, 16: 30.0}})
-    service.link = SimpleNamespace(info=SimpleNamespace(step_batch_sizes=[1, 16], step_ms=[1.0, 2.5]), connected=True)
+    service.link = SimpleNamespace(info=SimpleNamespace(step_batch_sizes=[1, 16], step_ms=[1.0, 2.5]), connected=True,
+                                  split=TransportSplit())
     service._auto_gamma()
     assert service.tuner.picks == expect
     assert service._gamma_for(1) == expect[1] and service._gamma_for(9) == expect[16]
