@@ -58,7 +58,11 @@ async def measure(address: str, model: str, rounds: int) -> list[float]:
         wall = (time.perf_counter() - start) * 1e3
         seq.append(int(tensors.decode(batch.tokens)[0, 0]))
         xfer.append(wall - batch.draft_ms)
+        if r == 10:   # warm-up rounds out of the hop split too
+            link.split = type(link.split)()
     await link.mark_down()
+    print(f"hops, mean over {link.split.rounds} rounds (ms): out {link.split.out_ms / link.split.rounds:.3f}  "
+          f"back {link.split.back_ms / link.split.rounds:.3f}")
     return xfer[10:]   # warm-up rounds out
 
 
