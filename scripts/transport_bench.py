@@ -21,7 +21,7 @@ from pearl_runtime.config import ModelConfig
 from pearl_runtime.engine.llm_engine import load_tokenizer
 from pearl_runtime.rpc import tensors
 from pearl_runtime.rpc.identity import tokenizer_hash
-from target_service.draft_link import DraftLink
+from target_service.draft_link import DraftLink, TransportSplit
 
 
 def free_port() -> int:
@@ -59,7 +59,7 @@ async def measure(address: str, model: str, rounds: int) -> list[float]:
         seq.append(int(tensors.decode(batch.tokens)[0, 0]))
         xfer.append(wall - batch.draft_ms)
         if r == 10:   # warm-up rounds out of the hop split too
-            link.split = type(link.split)()
+            link.split = TransportSplit()
     await link.mark_down()
     print(f"hops, mean over {link.split.rounds} rounds (ms): out {link.split.out_ms / link.split.rounds:.3f}  "
           f"back {link.split.back_ms / link.split.rounds:.3f}")
