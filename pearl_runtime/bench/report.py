@@ -96,8 +96,7 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1,
         # the query t_v was measured at: sd feeds gamma + 1 a sequence, a pearl batch a mix of 1
         # (pre-verify) and gamma (post-verify) that the run's judged counts give
         cost = VerifyCost.from_rows(src["metrics_diff"].get("verify_times") or [])
-        ref_q = (projection.mean_judged(src["metrics_diff"].get("judged_runs") or []) or g + 1
-                 if src["mode"] == "pearl" else g + 1)
+        ref_q = _measured_query(src, g)
         ref_ms = cost.ms(bs, ref_q, True) if cost.table else None
         # other gammas: at the query PEARL feeds at that gamma (its chain's mean, pre-verify
         # rounds with their head start)
@@ -126,6 +125,13 @@ def project(rows: list[dict], same_gpu: bool, head_start: int = -1,
             "best_gamma": best_g, "pearl_speedup_best_gamma": best, "pearl_speedup_batch_sim": batch_sim,
         })
     return out
+
+
+def _measured_query(src: dict, gamma: int) -> float:
+    """Tokens a sequence fed the row's measured verify: gamma + 1 in sd; in pearl the run's
+    mean over its sequence-rounds (pre-verify ones feed 1), gamma + 1 if it has no counts."""
+    mean = projection.mean_judged(src["metrics_diff"].get("judged_runs") or []) if src["mode"] == "pearl" else None
+    return mean or gamma + 1
 
 
 def _f(x, fmt: str = ".2f") -> str:
