@@ -21,6 +21,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+from pearl_runtime import keep_awake
 from pearl_runtime.bench import mps, projection, prompts as bench_prompts, report, roofline
 from pearl_runtime.bench.measure import BenchError, measure, read_metrics, submit_batch
 
@@ -50,6 +51,14 @@ def _quorum_setting(target_args: str) -> float:
     """The pearl target's --head-start-quorum, for the projection's batch simulation."""
     value = _target_flag(target_args, "--head-start-quorum")
     return projection.HEAD_START_QUORUM if value is None else float(value)
+
+
+def _keep_awake_setting(args, tdev: str, ddev: str) -> dict:
+    """Whether each service ran its keep-awake spinners (pearl_runtime/keep_awake.py): its
+    --keep-awake from --target-args / --draft-args, else the environment's, else auto."""
+    default = os.environ.get("PEARL_KEEP_AWAKE", "auto")
+    return {who: keep_awake.wanted(_target_flag(extra, "--keep-awake") or default, dev)
+            for who, extra, dev in (("target", args.target_args, tdev), ("draft", args.draft_args, ddev))}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -303,6 +312,7 @@ def main(args) -> None:
     logs = out.with_suffix(".logs")
     rows: list[dict] = []
     mps_info = None
+    awake = _keep_awake_setting(args, tdev, ddev)
 
     def describe(complete: bool) -> dict:
         report.add_speedups(rows, greedy=args.temperature == 0)
@@ -319,7 +329,7 @@ def main(args) -> None:
                        "min_seqs": args.min_seqs,
                        "warmup_tokens": args.warmup_tokens, "gamma": args.gamma, "pearl_gamma": args.pearl_gamma or args.gamma, "temperature": args.temperature,
                        "kv_cache_gb": kv, "target_args": args.target_args, "draft_args": args.draft_args,
-                       "mps": mps_info or {"on": False}},
+                       "mps": mps_info or {"on": False}, "keep_awake": awake},
             "prompts": {"path": str(args.prompts), "count": len(prompts), "prompt_len_cut": args.prompt_len,
                         "tokens": [len(p) for p in prompts]},
             "runs": report.public(rows),
@@ -351,7 +361,8 @@ def main(args) -> None:
             f"to {synthetic['accept']})" if synthetic else f"{target_dir} -> {draft_dir}")
     print(f"\npearl bench: {note}; {probe['machine'].get('gpu') or device}, {dtype}, max_tokens {args.max_tokens}"
           f", gamma {args.gamma} (pearl {args.pearl_gamma or args.gamma}), MPS {'on ' + args.mps_shares if args.mps else 'off'}"
-          f"{', one GPU shared' if one_gpu else ''}")
+          f"{', one GPU shared' if one_gpu else ''}, keep-awake target {'on' if awake['target'] else 'off'} "
+          f"/ draft {'on' if awake['draft'] else 'off'}")
     print(report.table(rows))
     for line in report.start_notes(rows) + report.acceptance_text(rows) + report.transport_text(rows):
         print(line)

@@ -450,3 +450,17 @@ def test_projection_reads_the_targets_head_start_flags():
     assert _head_start_setting("--head-start=0") == 0
     assert _quorum_setting("") == projection.HEAD_START_QUORUM
     assert _quorum_setting("--head-start-quorum 0.5") == 0.5 == _quorum_setting("--head-start-quorum=0.5")
+
+
+def test_bench_records_each_services_keep_awake(monkeypatch):
+    from types import SimpleNamespace
+
+    from pearl_runtime.bench.run import _keep_awake_setting
+    monkeypatch.delenv("PEARL_KEEP_AWAKE", raising=False)
+    plain = SimpleNamespace(target_args="", draft_args="")
+    assert _keep_awake_setting(plain, "cuda:0", "cuda:0") == {"target": True, "draft": True}
+    assert _keep_awake_setting(plain, "cpu", "cpu") == {"target": False, "draft": False}
+    off = SimpleNamespace(target_args="--keep-awake off", draft_args="--keep-awake=off")
+    assert _keep_awake_setting(off, "cuda:0", "cuda:1") == {"target": False, "draft": False}
+    monkeypatch.setenv("PEARL_KEEP_AWAKE", "on")
+    assert _keep_awake_setting(plain, "cpu", "cpu") == {"target": True, "draft": True}

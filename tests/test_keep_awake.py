@@ -1,0 +1,66 @@
+"""keep_awake: one SCHED_IDLE spinner per core, gone with the service."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pearl_runtime import keep_awake
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until(cond, timeout_s: float = 10.0) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def test_auto_is_on_for_a_gpu_only():
+    assert keep_awake.wanted("auto", "cuda:0") and keep_awake.wanted("auto", "cuda:0,1")
+    assert not keep_awake.wanted("auto", "cpu")
+    assert keep_awake.wanted("on", "cpu") and not keep_awake.wanted("off", "cuda")
+    with pytest.raises(SystemExit, match="--keep-awake"):
+        keep_awake.wanted("yes", "cuda")
+    assert isinstance(keep_awake.for_service("off", "cuda"), keep_awake._Off)
+
+
+def test_one_idle_priority_spinner_pinned_to_each_core_and_stopped():
+    cores = sorted(os.sched_getaffinity(0))
+    with keep_awake.KeepAwake() as spinners:
+        pids = [p.pid for p in spinners.procs]
+        assert len(pids) == len(cores)
+        # each child pins and lowers itself first thing: wait until all have
+        assert _wait_until(lambda: all(os.sched_getscheduler(p) == os.SCHED_IDLE for p in pids))
+        assert sorted(next(iter(os.sched_getaffinity(p))) for p in pids) == cores
+        assert all(len(os.sched_getaffinity(p)) == 1 for p in pids)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_spinners_die_with_a_killed_service():
+    code = ("import sys, time; from pearl_runtime.keep_awake import KeepAwake; k = KeepAwake({0}).start(); "
+            "print('spinner', k.procs[0].pid, flush=True); time.sleep(60)")
+    service = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        spinner = int(next(line for line in service.stdout if line.startswith("spinner")).split()[1])
+        assert _wait_until(lambda: os.sched_getscheduler(spinner) == os.SCHED_IDLE)
+    finally:
+        service.kill()   # no clean-up code runs: PR_SET_PDEATHSIG must end the spinner
+        service.wait()
+    assert _wait_until(lambda: not _alive(spinner)), "the spinner outlived its service"
+
+
+def test_ranges():
+    assert keep_awake._ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert keep_awake._ranges([3]) == "3"
