@@ -44,6 +44,7 @@ def test_one_idle_priority_spinner_pinned_to_each_core_and_stopped():
         assert _wait_until(lambda: all(os.sched_getscheduler(p) == os.SCHED_IDLE for p in pids))
         assert sorted(next(iter(os.sched_getaffinity(p))) for p in pids) == cores
         assert all(len(os.sched_getaffinity(p)) == 1 for p in pids)
+        assert _wait_until(lambda: all(os.getsid(p) == p for p in pids)), "a spinner shares the service's session"
     assert not any(_alive(p) for p in pids)
 
 
