@@ -8,7 +8,8 @@ took 0.9 ms of an 8.6 ms sd round (7B + 0.5B on one H200, BENCHMARKS.md, session
 
 With a busy loop at SCHED_IDLE priority on every core the service may use, no core halts,
 and a real thread that wakes takes the core from the loop at once. The same echo then read
-0.15 ms, the hops 0.35 ms, and sd over ar at bs 1 went from 1.44x to 1.70x.
+0.15-0.24 ms; at a fixed gamma an sd round's hops fell from 0.74 to 0.42 ms and sd ran 6.3%
+faster.
 
 The price: those cores read 100% busy. The loops run at the lowest priority and give way to
 any work, but they spend power. `--keep-awake auto` turns them on for a service on a GPU and
