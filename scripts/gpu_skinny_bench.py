@@ -162,8 +162,9 @@ def chains(names, rows, sweep, copy):
 
 
 def engines(names, copy, batches=(1,)):
-    """ar decode of whole engines, cuBLAS vs the skinny kernel (one-row steps only: at batch
-    > 1 both run cuBLAS, a check that the choice costs nothing there)."""
+    """ar decode of whole engines, cuBLAS vs the skinny kernel (steps of up to
+    skinny.rows_for(hidden) rows: two for draft-sized models, one for targets; past that both
+    run cuBLAS, a check that the choice costs nothing there)."""
     from pearl_runtime.config import EngineConfig
     from pearl_runtime.engine.llm_engine import LLMEngine
     from pearl_runtime.models.synthetic import prepare_synthetic_pair

@@ -103,8 +103,9 @@ class ModelRunner:
             raise RuntimeError("skinny_linears=triton needs a CUDA device")
         c = self.model_cfg
         rope = ops.norm_qkv_rope is not None and skinny.fits_qkv_rope(c.head_dim, c.qk_norm)
-        log.info("linears: one-token steps fold norm/SiLU/residual%s into %s kernels, larger steps cuBLAS",
-                 " and rotary + K/V store" if rope else "", ops.name)
+        rows = self.model.model.skinny_rows = skinny.rows_for(c.hidden_size)
+        log.info("linears: steps of up to %d token(s) fold norm/SiLU/residual%s into %s kernels, larger steps "
+                 "cuBLAS", rows, " and rotary + K/V store" if rope else "", ops.name)
         return ops
 
     def _block_bytes(self) -> int:

@@ -19,6 +19,8 @@ dot product's fp32 sums (norm_qkv_rope rotates in fp32 and rounds once, as atten
 rotary kernel does). `reference_*` are the torch definitions: CPU runs them, GPU tests
 check the kernel against them.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -27,9 +29,12 @@ from pearl_runtime.layers.fused import rms_norm, rotate
 
 # Steps of more rows (a batch, a verify) stay on cuBLAS: tensor-core variants of this kernel
 # for 2-16 rows lost to it on an H200 (BENCHMARKS.md, sessions 6 and 8), and so did one that
-# keeps the weight tile in registers across the rows (compute-bound from 4 rows), while the
-# one-row kernel beats it by 17% (7B engine step) to 37% (0.5B).
-MAX_ROWS = 1
+# keeps the weight tile in registers across the rows (compute-bound from 4 rows, but ahead of
+# cuBLAS at 2: 1.28 against 1.45 ms for the 1.5B layer chain), while the one-row kernel beats
+# it by 17% (7B engine step) to 37% (0.5B). The kernels take up to two rows: a draft's
+# catch-up step after a fully accepted round feeds two tokens (the last draft token and the
+# target's bonus token).
+MAX_ROWS = 2
 
 try:
     import triton
@@ -90,22 +95,31 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
-    def _skinny(X, W, B, R, G, Y, N, K, stride_w, eps, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _skinny(X, W, B, R, G, Y, N, K, stride_w, stride_x, eps, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, GATED: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                TWO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program n: rows [n*BLOCK_N, +BLOCK_N) of W (and the same rows + N, the up half, when
-        GATED) against the one input row. Each lane keeps partial sums across the K loop and
-        they are reduced once at the end, so the loop is loads and FMAs only. The row is held
-        as a [1, BLOCK_K] tile: a 1-D load broadcast against the weights measured slower."""
+        GATED) against the input row (both rows with TWO: each weight tile loaded once, used
+        twice). Each lane keeps partial sums across the K loop and they are reduced once at
+        the end, so the loop is loads and FMAs only. A row is held as a [1, BLOCK_K] tile: a
+        1-D load broadcast against the weights measured slower."""
         if PDL:
             gdc_launch_dependents()
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, 1)
         n_ok = rn < N
+        X1 = X + stride_x   # the second row (TWO)
         rstd = tl.zeros([1], dtype=tl.float32)   # set below where HAS_NORM
+        rstd1 = tl.zeros([1], dtype=tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = acc   # stands in where not GATED
+        acc1 = acc
+        acc_up1 = acc
         if GATED:
             acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if TWO:
+            acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            if GATED:
+                acc_up1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if ONE_TILE:
             # the whole row in one tile: the weight loads go out before the norm's, so the
             # DRAM and L2 latencies overlap instead of adding up
@@ -119,15 +133,24 @@ if triton is not None:
                 gdc_wait()
             if HAS_NORM:
                 rstd = _row_rstd(X, K, eps, BLOCK_K)
+                if TWO:
+                    rstd1 = _row_rstd(X1, K, eps, BLOCK_K)
             xf = _row_chunk(X, G, rk, k_ok, rstd, HAS_NORM)
             acc += w.to(tl.float32) * xf
             if GATED:
                 acc_up += wu.to(tl.float32) * xf
+            if TWO:
+                xf1 = _row_chunk(X1, G, rk, k_ok, rstd1, HAS_NORM)
+                acc1 += w.to(tl.float32) * xf1
+                if GATED:
+                    acc_up1 += wu.to(tl.float32) * xf1
         else:
             if PDL:
                 gdc_wait()
             if HAS_NORM:
                 rstd = _row_rstd(X, K, eps, BLOCK_K)
+                if TWO:
+                    rstd1 = _row_rstd(X1, K, eps, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = rk < K
@@ -135,9 +158,24 @@ if triton is not None:
                 mask = n_ok[:, None] & k_ok[None, :]
                 w = tl.load(W + rn[:, None] * stride_w + rk[None, :], mask=mask, other=0.0)
                 acc += w.to(tl.float32) * xf
+                if TWO:
+                    xf1 = _row_chunk(X1, G, rk, k_ok, rstd1, HAS_NORM)
+                    acc1 += w.to(tl.float32) * xf1
                 if GATED:
                     wu = tl.load(W + (rn + N)[:, None] * stride_w + rk[None, :], mask=mask, other=0.0)
                     acc_up += wu.to(tl.float32) * xf
+                    if TWO:
+                        acc_up1 += wu.to(tl.float32) * xf1
+        _row_out(acc, acc_up, rn, n_ok, B, R, Y, HAS_BIAS, HAS_RES, GATED)
+        if TWO:
+            _row_out(acc1, acc_up1, rn, n_ok, B, R + N, Y + N, HAS_BIAS, HAS_RES, GATED)
+
+    @triton.jit
+    def _row_out(acc, acc_up, rn, n_ok, B, R, Y, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                 GATED: tl.constexpr):
+        """One output row from its partial sums: the reduction, then the bias, SiLU * up or the
+        residual add at the reference's rounding points, and the store."""
+        rm = tl.arange(0, 1)
         out_ty = Y.dtype.element_ty
         y = tl.sum(acc, 1)[None, :].to(out_ty).to(tl.float32)
         if HAS_BIAS:
@@ -151,15 +189,15 @@ if triton is not None:
 
 
     @triton.jit
-    def _skinny_qkv_rope(X, W, B, G, Q_out, k_cache, v_cache, cos, sin, slots, K, stride_w, stride_slot, eps,
-                         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
+    def _skinny_qkv_rope(X, W, B, G, Q_out, k_cache, v_cache, cos, sin, slots, K, stride_w, stride_slot, stride_x,
+                         stride_cs, eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr, TWO: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
         """norm_linear for the fused q/k/v projection with the attention's first kernel folded
         into the epilogue: program p takes BLOCK_H dims of the first half of one head together
         with their rotary partners in the second half, rotates q and k (fp32 math, one
         rounding, as the separate kernel does), writes q out and k, v into the token's cache
-        slot. Same prologue, loop and rounding points as _skinny."""
+        slot. Same prologue, loop, rounding points and second row (TWO) as _skinny."""
         if PDL:
             gdc_launch_dependents()
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -168,8 +206,14 @@ if triton is not None:
         j = (tl.program_id(0) % per_head) * BLOCK_H + tl.arange(0, BLOCK_H)
         lo = head * HEAD_DIM + j
         hi = lo + HALF
+        X1 = X + stride_x
         acc_lo = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
         acc_hi = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
+        acc_lo1 = acc_lo   # the second row's, with TWO
+        acc_hi1 = acc_hi
+        if TWO:
+            acc_lo1 = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
+            acc_hi1 = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
         if ONE_TILE:   # weights first, as in _skinny
             rk = tl.arange(0, BLOCK_K)
             k_ok = rk < K
@@ -181,10 +225,17 @@ if triton is not None:
             xf = _row_chunk(X, G, rk, k_ok, rstd, True)
             acc_lo += w_lo.to(tl.float32) * xf
             acc_hi += w_hi.to(tl.float32) * xf
+            if TWO:
+                xf1 = _row_chunk(X1, G, rk, k_ok, _row_rstd(X1, K, eps, BLOCK_K), True)
+                acc_lo1 += w_lo.to(tl.float32) * xf1
+                acc_hi1 += w_hi.to(tl.float32) * xf1
         else:
             if PDL:
                 gdc_wait()
             rstd = _row_rstd(X, K, eps, BLOCK_K)
+            rstd1 = rstd
+            if TWO:
+                rstd1 = _row_rstd(X1, K, eps, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = rk < K
@@ -193,6 +244,22 @@ if triton is not None:
                 w_hi = tl.load(W + hi[:, None] * stride_w + rk[None, :], mask=k_ok[None, :], other=0.0)
                 acc_lo += w_lo.to(tl.float32) * xf
                 acc_hi += w_hi.to(tl.float32) * xf
+                if TWO:
+                    xf1 = _row_chunk(X1, G, rk, k_ok, rstd1, True)
+                    acc_lo1 += w_lo.to(tl.float32) * xf1
+                    acc_hi1 += w_hi.to(tl.float32) * xf1
+        _rope_out(acc_lo, acc_hi, lo, hi, j, head, B, Q_out, k_cache, v_cache, cos, sin, slots, stride_slot,
+                  HEADS, KV_HEADS, HEAD_DIM, HAS_BIAS)
+        if TWO:
+            _rope_out(acc_lo1, acc_hi1, lo, hi, j, head, B, Q_out + HEADS * HEAD_DIM, k_cache, v_cache,
+                      cos + stride_cs, sin + stride_cs, slots + 1, stride_slot, HEADS, KV_HEADS, HEAD_DIM, HAS_BIAS)
+
+    @triton.jit
+    def _rope_out(acc_lo, acc_hi, lo, hi, j, head, B, Q_out, k_cache, v_cache, cos, sin, slots, stride_slot,
+                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """One token's share of _skinny_qkv_rope's output: reduce, add the bias, rotate q and k,
+        store q or the cache row."""
+        HALF: tl.constexpr = HEAD_DIM // 2
         out_ty = Q_out.dtype.element_ty
         a = tl.sum(acc_lo, 1).to(out_ty).to(tl.float32)
         b = tl.sum(acc_hi, 1).to(out_ty).to(tl.float32)
@@ -223,6 +290,21 @@ if triton is not None:
 # so the 72B keeps cuBLAS unless --skinny-linears triton asks.
 AUTO_MAX_HIDDEN = 4096
 
+# Two-row steps take the kernel for the draft shapes only, where the kept-in-registers variant
+# beat cuBLAS at two rows (the 1.5B layer chain, session 6); targets (a bs-2 ar step) keep
+# cuBLAS there: not measured. PEARL_SKINNY_ROWS=1|2 overrides, to compare.
+TWO_ROWS_MAX_HIDDEN = 2048
+
+
+def rows_for(hidden: int) -> int:
+    """How many rows a step may have and still take the skinny kernels."""
+    forced = os.environ.get("PEARL_SKINNY_ROWS")
+    if forced is not None:
+        if forced not in ("1", "2"):
+            raise ValueError(f"PEARL_SKINNY_ROWS must be 1 or 2, got {forced!r}")
+        return int(forced)
+    return 2 if hidden <= TWO_ROWS_MAX_HIDDEN else 1
+
 
 def default_config(K: int, gated: bool = False) -> dict:
     """Two weight rows a program and the whole row in one tile where it fits (a loop over
@@ -240,16 +322,33 @@ def default_config(K: int, gated: bool = False) -> dict:
     return dict(block_n=2, block_k=tile, num_warps=4 if gated or K <= 1024 else 8)
 
 
+def two_row_config(K: int, gated: bool = False) -> dict:
+    """default_config for a step of two rows: its tiles while both rows' partial sums fit in
+    what one row's largest tiles hold (64 fp32 a lane), else tiles halved until they do, in a
+    loop. Not swept."""
+    c = dict(default_config(K, gated))
+    while 2 * (2 if gated else 1) * c["block_n"] * c["block_k"] > 64 * 32 * c["num_warps"] and c["block_k"] > 256:
+        c["block_k"] //= 2
+    return c
+
+
+def _rows(x, w) -> int:
+    M = x.shape[0]
+    assert 1 <= M <= MAX_ROWS and x.is_contiguous() and w.is_contiguous(), \
+        f"the skinny kernel takes 1-{MAX_ROWS} contiguous rows, got {tuple(x.shape)}"
+    return M
+
+
 def _launch(x, w, *, out_features, bias=None, residual=None, norm_w=None, eps=0.0, gated=False, config=None):
-    M, K = x.shape
-    assert M == 1 and x.is_contiguous() and w.is_contiguous(), "the skinny kernel takes one contiguous row"
-    y = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
-    c = config or default_config(K, gated)
+    M, K = _rows(x, w), x.shape[1]
+    assert residual is None or residual.is_contiguous()
+    y = torch.empty(M, out_features, dtype=x.dtype, device=x.device)
+    c = config or (default_config if M == 1 else two_row_config)(K, gated)
     use_pdl = pdl.enabled(x.device)
     _skinny[(triton.cdiv(out_features, c["block_n"]),)](
         x, w, w if bias is None else bias, w if residual is None else residual, w if norm_w is None else norm_w,
-        y, out_features, K, w.stride(0), eps, HAS_NORM=norm_w is not None, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, GATED=gated, ONE_TILE=K <= c["block_k"], PDL=use_pdl,
+        y, out_features, K, w.stride(0), x.stride(0), eps, HAS_NORM=norm_w is not None, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, GATED=gated, ONE_TILE=K <= c["block_k"], PDL=use_pdl, TWO=M == 2,
         BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=1, launch_pdl=use_pdl)
     return y
 
@@ -267,21 +366,22 @@ def norm_gate_up(x, norm_w, eps, w, config=None):
 
 
 def norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, heads, kv_heads, config=None):
-    """q of one token, rotated, as [1, heads, head_dim]; its rotated k and its v go straight
-    into the cache slot slots[0]. cos, sin: the token's rows of the rotary tables."""
+    """q of each token (one or two), rotated, as [tokens, heads, head_dim]; token i's rotated
+    k and its v go straight into the cache slot slots[i]. cos, sin: the tokens' rows of the
+    rotary tables."""
     head_dim = k_cache.shape[-1]
-    K = x.shape[1]
-    assert x.shape[0] == 1 and x.is_contiguous() and w.is_contiguous(), "the skinny kernel takes one contiguous row"
+    M, K = _rows(x, w), x.shape[1]
     assert w.shape[0] == (heads + 2 * kv_heads) * head_dim and k_cache.stride(2) == head_dim
-    c = config or default_config(K)
+    assert cos.stride() == sin.stride() and cos.stride(-1) == 1
+    c = config or (default_config(K) if M == 1 else two_row_config(K))
     block_h = min(max(c["block_n"] // 2, 1), head_dim // 2)
-    q = torch.empty(1, heads, head_dim, dtype=x.dtype, device=x.device)
+    q = torch.empty(M, heads, head_dim, dtype=x.dtype, device=x.device)
     use_pdl = pdl.enabled(x.device)
     _skinny_qkv_rope[((heads + 2 * kv_heads) * (head_dim // 2) // block_h,)](
         x, w, w if bias is None else bias, norm_w, q, k_cache, v_cache, cos, sin, slots, K, w.stride(0),
-        k_cache.stride(1), eps, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, HAS_BIAS=bias is not None,
-        ONE_TILE=K <= c["block_k"], PDL=use_pdl, BLOCK_H=block_h, BLOCK_K=c["block_k"], num_warps=c["num_warps"],
-        num_stages=1, launch_pdl=use_pdl)
+        k_cache.stride(1), x.stride(0), cos.stride(0), eps, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
+        HAS_BIAS=bias is not None, ONE_TILE=K <= c["block_k"], PDL=use_pdl, TWO=M == 2, BLOCK_H=block_h,
+        BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=1, launch_pdl=use_pdl)
     return q
 
 

@@ -103,12 +103,13 @@ class DecoderModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.skinny_ops = None   # set by the model runner: steps of <= skinny.MAX_ROWS tokens take it
+        self.skinny_ops = None   # set by the model runner: steps of <= skinny_rows tokens take it
+        self.skinny_rows = 1
 
     def forward(self, ids, positions):
         x, residual = self.embed_tokens(ids), None
         rope = self.rotary.cos_sin(positions, x.dtype)
-        if self.skinny_ops is not None and x.shape[0] <= skinny.MAX_ROWS:
+        if self.skinny_ops is not None and x.shape[0] <= self.skinny_rows:
             for layer in self.layers:
                 x = layer.forward_skinny(self.skinny_ops, rope, x)
             return self.norm(x)

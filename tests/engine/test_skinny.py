@@ -60,6 +60,12 @@ def test_skinny_logits_equal_layer_path(any_model_dir):
         assert ops.calls > 0, "a one-token step did not take the skinny path"
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         ops.calls = 0
+    # two tokens (a draft's catch-up after a fully accepted round) take it too, on draft-sized models
+    assert folded.runner.model.model.skinny_rows == 2
+    a, b = logits_of(plain, [5, 77], 2), logits_of(folded, [5, 77], 2)
+    assert ops.calls > 0, "a two-token step did not take the skinny path"
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    ops.calls = 0
     # a longer step (a prefill, a verify, a batch) keeps the layer path
     logits_of(folded, list(range(skinny.MAX_ROWS + 1)), 1)
     assert ops.calls == 0, "a step of more than MAX_ROWS tokens took the skinny path"
@@ -105,3 +111,14 @@ def test_skinny_with_tensor_parallel_matches_tp1(qwen2_dir):
 def test_skinny_choice_is_validated():
     with pytest.raises(ValueError, match="skinny_linears"):
         EngineConfig(model="x", skinny_linears="fast")
+
+
+def test_two_row_steps_are_for_draft_sized_models(monkeypatch):
+    monkeypatch.delenv("PEARL_SKINNY_ROWS", raising=False)
+    assert skinny.rows_for(896) == skinny.rows_for(1536) == 2   # Qwen2.5-0.5B, 1.5B
+    assert skinny.rows_for(3584) == 1                           # Qwen2.5-7B
+    monkeypatch.setenv("PEARL_SKINNY_ROWS", "1")
+    assert skinny.rows_for(896) == 1
+    monkeypatch.setenv("PEARL_SKINNY_ROWS", "3")
+    with pytest.raises(ValueError, match="PEARL_SKINNY_ROWS"):
+        skinny.rows_for(896)

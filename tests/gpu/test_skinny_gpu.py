@@ -16,30 +16,31 @@ OPS = [("norm_linear", S.norm_linear, S.reference_norm_linear),
 CONFIGS = [None, dict(block_n=2, block_k=128, num_warps=4), dict(block_n=1, block_k=2048, num_warps=8)]
 
 
-def _args(name, N, K, dtype):
-    """One input row (the kernel's only shape) and the op's weights."""
+def _args(name, N, K, dtype, rows=1):
+    """`rows` input rows (the kernel takes one or two) and the op's weights."""
     d = dict(dtype=dtype, device="cuda")
-    x = torch.randn(1, K, **d)
+    x = torch.randn(rows, K, **d)
     g = torch.rand(K, **d) + 0.5
     if name == "norm_linear":
         return x, g, 1e-6, torch.randn(N, K, **d) / K**0.5, torch.randn(N, **d)
     if name == "linear_add":
-        return x, torch.randn(N, K, **d) / K**0.5, torch.randn(1, N, **d)
+        return x, torch.randn(N, K, **d) / K**0.5, torch.randn(rows, N, **d)
     return x, g, 1e-6, torch.randn(2 * N, K, **d) / K**0.5
 
 
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", CONFIGS, ids=["default", "small-tiles", "wide-tiles"])
 @pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "no-pdl"])
-def test_kernel_matches_torch_ops(dtype, config, pdl, monkeypatch):
+def test_kernel_matches_torch_ops(dtype, config, pdl, rows, monkeypatch):
     monkeypatch.setenv("PEARL_PDL", pdl)
     torch.manual_seed(0)
     for (name, kern, ref), (N, K) in itertools.product(OPS, ((40, 72), (1152, 896), (333, 1000), (4608, 3584),
                                                             (896, 4864), (1536, 8960))):
-        args = _args(name, N, K, dtype)
+        args = _args(name, N, K, dtype, rows)
         torch.cuda.synchronize()   # a dependent launch reads its weights before it waits
         got, want = kern(*args, config=config), ref(*args)
-        label = f"{name} {dtype} N={N} K={K} config={config}"
+        label = f"{name} {dtype} rows={rows} N={N} K={K} config={config}"
         if dtype == torch.float32:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=label)
             continue
@@ -53,34 +54,38 @@ def test_kernel_matches_torch_ops(dtype, config, pdl, monkeypatch):
 @pytest.mark.parametrize("heads,kv_heads,head_dim,hidden,bias", [(14, 2, 64, 896, True), (28, 4, 128, 3584, True),
                                                                  (4, 4, 64, 72, False)])
 @pytest.mark.parametrize("config", CONFIGS, ids=["default", "small-tiles", "wide-tiles"])
-def test_qkv_rope_matches_separate_kernels(dtype, heads, kv_heads, head_dim, hidden, bias, config, device="cuda"):
+@pytest.mark.parametrize("rows", [1, 2])
+def test_qkv_rope_matches_separate_kernels(dtype, heads, kv_heads, head_dim, hidden, bias, config, rows,
+                                           device="cuda"):
     """norm_qkv_rope against the path it replaces: norm_linear, then the attention backend's
-    rotary + K/V store kernel. The same q, and the same cache with only the token's slot written."""
+    rotary + K/V store kernel. The same q, and the same cache with only the tokens' slots written."""
     from pearl_runtime.attention.gpu import TritonBackend
     from pearl_runtime.layers.rotary import RotaryEmbedding
     from pearl_runtime.utils.context import AttnContext
     torch.manual_seed(0)
     d = dict(dtype=dtype, device=device)
     n_out = (heads + 2 * kv_heads) * head_dim
-    x, g = torch.randn(1, hidden, **d), torch.rand(hidden, **d) + 0.5
+    x, g = torch.randn(rows, hidden, **d), torch.rand(hidden, **d) + 0.5
     w, b = torch.randn(n_out, hidden, **d) / hidden**0.5, torch.randn(n_out, **d) if bias else None
-    cos, sin = RotaryEmbedding(head_dim, 4096, 1e6, None).to(device).cos_sin(torch.tensor([1234], device=device), dtype)
-    slot = torch.tensor([37], device=device)
+    positions = torch.tensor([1234, 1235][:rows], device=device)
+    cos, sin = RotaryEmbedding(head_dim, 4096, 1e6, None).to(device).cos_sin(positions, dtype)
+    slot = torch.tensor([37, 38][:rows], device=device)
     caches = [torch.zeros(8, 16, kv_heads, head_dim, **d) for _ in range(4)]
-    ctx = AttnContext(q_lens=[1], context_lens=[38], cu_seqlens_q=None, q_lens_t=None, context_lens_t=None,
-                      slot_mapping=slot, block_tables=None, max_q_len=1, max_context_len=38)
+    ctx = AttnContext(q_lens=[rows], context_lens=[37 + rows], cu_seqlens_q=None, q_lens_t=None,
+                      context_lens_t=None, slot_mapping=slot, block_tables=None, max_q_len=rows,
+                      max_context_len=37 + rows)
     if device == "cuda":
         torch.cuda.synchronize()   # a dependent launch reads its weights before it waits
     qkv = S.norm_linear(x, g, 1e-6, w, b, config=config)
-    q, k, v = (t.view(1, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+    q, k, v = (t.view(rows, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
                                                             kv_heads * head_dim], dim=-1))
     want_q = TritonBackend().rope_store(q, k, v, cos, sin, caches[0], caches[1], ctx)
     got_q = S.norm_qkv_rope(x, g, 1e-6, w, b, cos, sin, caches[2], caches[3], slot, heads, kv_heads, config=config)
     # the two kernels sum each row's products in their own lane order: fp32 agrees to rounding,
     # bf16 to one rounding step of the projection's output
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
-    label = f"{dtype} heads={heads}/{kv_heads}x{head_dim} K={hidden} config={config}"
+    label = f"{dtype} rows={rows} heads={heads}/{kv_heads}x{head_dim} K={hidden} config={config}"
     torch.testing.assert_close(got_q, want_q, **tol, msg=label)
     for got, want in ((caches[2], caches[0]), (caches[3], caches[1])):
-        assert int(got.view(-1, kv_heads, head_dim).abs().sum((1, 2)).count_nonzero()) == 1, label
+        assert int(got.view(-1, kv_heads, head_dim).abs().sum((1, 2)).count_nonzero()) == rows, label
         torch.testing.assert_close(got, want, **tol, msg=label)
