@@ -290,10 +290,11 @@ if triton is not None:
 # so the 72B keeps cuBLAS unless --skinny-linears triton asks.
 AUTO_MAX_HIDDEN = 4096
 
-# Two-row steps take the kernel for the draft shapes only, where the kept-in-registers variant
-# beat cuBLAS at two rows (the 1.5B layer chain, session 6); targets (a bs-2 ar step) keep
-# cuBLAS there: not measured. PEARL_SKINNY_ROWS=1|2 overrides, to compare.
-TWO_ROWS_MAX_HIDDEN = 2048
+# Two-row steps take the kernel where it beat cuBLAS at two rows on an H200 (session 10): the
+# 0.5B layer chain ran 0.746 -> 0.541 ms and a 0.5B engine step at bs 2 1.187 -> 0.935 ms,
+# but the 1.5B chain ran 1.441 -> 1.817 ms (its long rows need looped tiles for two rows'
+# partial sums). Larger models keep cuBLAS for two rows. PEARL_SKINNY_ROWS=1|2 overrides.
+TWO_ROWS_MAX_HIDDEN = 1024
 
 
 def rows_for(hidden: int) -> int:
