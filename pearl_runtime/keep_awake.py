@@ -31,7 +31,7 @@ CHOICES = ("auto", "on", "off")
 # kernel groups tasks by session (autogroup, on in the lent VMs), a woken service thread
 # preempts an idle-policy task of its own group at once, but a task of another group only when
 # the scheduler's pick favours its group: spinners inside the draft's and the target's own
-# groups left half the wake-ups waiting (hops 0.26-0.33 ms against 0.15-0.17 with the spinners
+# groups left wake-ups waiting (hops 0.26-0.33 ms against 0.15-0.17 with the spinners
 # outside, session 10). Nice 19 for that group, so its pick loses to any service's.
 _SPIN = """
 import ctypes, os, signal, sys
