@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 MODES = ("ar", "sd", "pearl")
 
 
-def _target_flag(target_args: str, flag: str) -> str | None:
-    """The value `--target-args` gives `flag` (as `flag value` or `flag=value`), else None."""
-    args = shlex.split(target_args)
+def _service_flag(extra_args: str, flag: str) -> str | None:
+    """The value a service's extra flags (`--target-args`, `--draft-args`) give `flag` (as
+    `flag value` or `flag=value`), else None."""
+    args = shlex.split(extra_args)
     for i, a in enumerate(args):
         if a == flag and i + 1 < len(args):
             return args[i + 1]
@@ -43,13 +44,13 @@ def _target_flag(target_args: str, flag: str) -> str | None:
 
 def _head_start_setting(target_args: str) -> int:
     """The pearl target's --head-start as the projection needs it (-1: auto)."""
-    value = _target_flag(target_args, "--head-start")
+    value = _service_flag(target_args, "--head-start")
     return -1 if value in (None, "auto") else int(value)
 
 
 def _quorum_setting(target_args: str) -> float:
     """The pearl target's --head-start-quorum, for the projection's batch simulation."""
-    value = _target_flag(target_args, "--head-start-quorum")
+    value = _service_flag(target_args, "--head-start-quorum")
     return projection.HEAD_START_QUORUM if value is None else float(value)
 
 
@@ -57,7 +58,7 @@ def _keep_awake_setting(args, tdev: str, ddev: str) -> dict:
     """Whether each service ran its keep-awake spinners (pearl_runtime/keep_awake.py): its
     --keep-awake from --target-args / --draft-args, else the environment's, else auto."""
     default = os.environ.get("PEARL_KEEP_AWAKE", "auto")
-    return {who: keep_awake.wanted(_target_flag(extra, "--keep-awake") or default, dev)
+    return {who: keep_awake.wanted(_service_flag(extra, "--keep-awake") or default, dev)
             for who, extra, dev in (("target", args.target_args, tdev), ("draft", args.draft_args, ddev))}
 
 
