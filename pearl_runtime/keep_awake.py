@@ -15,6 +15,7 @@ The price: those cores read 100% busy. The loops run at the lowest priority and 
 any work, but they spend power. `--keep-awake auto` turns them on for a service on a GPU and
 off on CPU, where the cores run the model and CI machines are small. `on` and `off` force it.
 """
+import contextlib
 import os
 import signal
 import subprocess
@@ -87,21 +88,13 @@ class KeepAwake:
         self.stop()
 
 
-class _Off:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 def for_service(choice: str, device: str):
     """A context manager: spinners while the service runs when `choice` asks for them on `device`."""
     if wanted(choice, device):
         return KeepAwake()
     log.info("keep-awake off: idle cores may sleep, and waking one adds to each gRPC hop",
              choice=choice, device=device)
-    return _Off()
+    return contextlib.nullcontext()
 
 
 def _ranges(cores: list[int]) -> str:

@@ -32,7 +32,8 @@ def test_auto_is_on_for_a_gpu_only():
     assert keep_awake.wanted("on", "cpu") and not keep_awake.wanted("off", "cuda")
     with pytest.raises(SystemExit, match="--keep-awake"):
         keep_awake.wanted("yes", "cuda")
-    assert isinstance(keep_awake.for_service("off", "cuda"), keep_awake._Off)
+    assert not isinstance(keep_awake.for_service("off", "cuda"), keep_awake.KeepAwake)
+    assert isinstance(keep_awake.for_service("auto", "cuda:0"), keep_awake.KeepAwake)
 
 
 def test_one_idle_priority_spinner_pinned_to_each_core_and_stopped():
