@@ -7,6 +7,9 @@ the prior. So each speculative round reports its own draft time per token, verif
 acceptance, and gamma per batch bucket follows their moving averages with the same rules.
 The verify is observed at the current gamma only; other gammas are priced by scaling it with
 the start-time table of verify times by query length (step_timer.VerifyCost).
+
+sd with a measured start step also averages the round's fixed part (its wall time less the verify
+and gamma start steps) and prices a round as fixed + gamma x step + verify.
 """
 import logging
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ class Observed:
     """Moving averages of one batch bucket's rounds."""
     draft_ms_per_token: float
     verify_ratio: float   # the verify over the start-time table's at its query length (ms without a table)
+    fixed_ms: float | None = None   # sd: the round's ms besides its verify and draft steps
     rounds: int = 1
     skipped: int = 0      # slow rounds in a row left out of the averages
 
@@ -109,12 +113,13 @@ class GammaTuner:
 
     def observe(self, batch: int, gamma: int, draft_ms: float, verify_ms: float,
                 drafted: int, accepted: int, query_len: float | None = None,
-                draft_steps: int | None = None) -> int | None:
+                draft_steps: int | None = None, round_ms: float | None = None) -> int | None:
         """One speculative round at the bucket's `gamma`: the draft took `draft_ms` for
         `draft_steps` tokens a sequence (default gamma; a head-start round drafts gamma + its
         early part), the verify of `query_len` tokens a sequence (a mean over the batch; default gamma + 1)
         `verify_ms`; the batch's verify judged `drafted` draft tokens and accepted that many.
-        Returns the bucket's new gamma when it moves, else None."""
+        `round_ms`: the round's wall time, for sd's fixed part. Returns the bucket's new gamma
+        when it moves, else None."""
         if gamma < 1 or draft_ms <= 0 or verify_ms <= 0:
             return None
         w = self.WEIGHT
@@ -128,26 +133,41 @@ class GammaTuner:
         per_token = draft_ms / (draft_steps or gamma)
         # comparable across rounds of different lengths
         ratio = verify_ms / self._verify(b, 1.0)((query_len or gamma + 1) - 1)
+        # sd's round has a fixed part: 7B + 0.5B at bs 1, gamma 3 ran 7.8 ms = verify 4.8 +
+        # draft 2.6 (0.57 ms a step at start, so ~0.9 ms a round of its own) + transport and
+        # host 0.5. Priced as draft_ms / gamma (fixed part spread over the tokens, transport and
+        # host left out), auto settled at 3 where 4 ran ~3% faster; with it, 5-6 is best
+        step = self.start_draft_ms.get(b) if self.mode == "sd" and round_ms else None
+        fixed = None if step is None else max(0.0, round_ms - verify_ms - (draft_steps or gamma) * step)
         obs = self.observed.get(b)
+        if obs is not None and fixed is not None and obs.fixed_ms is None:
+            obs.fixed_ms = fixed
         if obs is None:
-            obs = self.observed[b] = Observed(per_token, ratio)
+            obs = self.observed[b] = Observed(per_token, ratio, fixed)
         elif obs.rounds < self.WARMUP:
             # a bucket's first rounds carry prefills (a 256-token prompt on a 72B target:
             # 360 ms against a 23 ms verify) and first-use stalls, which only ever slow a
             # round: keep the fastest
             obs.draft_ms_per_token = min(obs.draft_ms_per_token, per_token)
             obs.verify_ratio = min(obs.verify_ratio, ratio)
+            if fixed is not None:
+                obs.fixed_ms = min(obs.fixed_ms, fixed)
             obs.rounds += 1
         else:
             # later prefills (a request joining) and stalls: skip a round over OUTLIER x the
             # average, clip one over CLIP x, so one slow round cannot swing gamma; a run of slow rounds
             # is a new regime (a neighbour on the GPU) and is followed, clipped
             slow = per_token > self.OUTLIER * obs.draft_ms_per_token or ratio > self.OUTLIER * obs.verify_ratio
+            # the fixed part is judged at one draft step at least: near 0, any round would be slow
+            ref = None if fixed is None else max(obs.fixed_ms, step)
+            slow = slow or (ref is not None and fixed > self.OUTLIER * ref)
             obs.skipped = obs.skipped + 1 if slow else 0
             if slow and obs.skipped <= self.OUTLIER_RUN:
                 return None
             obs.draft_ms_per_token += w * (min(per_token, self.CLIP * obs.draft_ms_per_token) - obs.draft_ms_per_token)
             obs.verify_ratio += w * (min(ratio, self.CLIP * obs.verify_ratio) - obs.verify_ratio)
+            if fixed is not None:
+                obs.fixed_ms += w * (min(fixed, self.CLIP * ref) - obs.fixed_ms)
             obs.rounds += 1
         if obs.rounds < self.WARMUP or obs.rounds % self.EVERY:
             return None
@@ -155,9 +175,12 @@ class GammaTuner:
         if abs(alpha - self.priced_alpha) > self.REPRICE:
             self._reprice(alpha)
         current = self.picks.get(b, self.default)
-        new = self._best(b, obs.draft_ms_per_token, obs.verify_ratio, alpha)
-        if new == current or self._rate(b, new, obs.draft_ms_per_token, obs.verify_ratio, alpha) <= \
-                self.MIN_GAIN * self._rate(b, current, obs.draft_ms_per_token, obs.verify_ratio, alpha):
+        # without a fixed part (pearl, no start step, no round times) a token carries the round's share
+        t_d, t_f = (self.start_draft_ms[b], obs.fixed_ms) if obs.fixed_ms is not None else \
+            (obs.draft_ms_per_token, 0.0)
+        new = self._best(b, t_d, obs.verify_ratio, alpha, t_f)
+        if new == current or self._rate(b, new, t_d, obs.verify_ratio, alpha, t_f) <= \
+                self.MIN_GAIN * self._rate(b, current, t_d, obs.verify_ratio, alpha, t_f):
             self.proposed.pop(b, None)
             return None
         # a pick seen at one decision only is often the averages' noise: a 72B verify at batch
@@ -171,23 +194,23 @@ class GammaTuner:
             return None
         self.proposed.pop(b, None)
         self.picks[b] = new
-        log.info("gamma retuned: bucket %d, %d -> %d (draft %.3f ms a token, verify %.2f ms, alpha %.2f)", b, current,
-                 new, obs.draft_ms_per_token, obs.verify_ratio * self.verify_cost.scale(b, current), alpha)
+        log.info("gamma retuned: bucket %d, %d -> %d (draft %.3f ms a token, fixed %.2f ms, verify %.2f ms, "
+                 "alpha %.2f)", b, current, new, t_d, t_f, obs.verify_ratio * self.verify_cost.scale(b, current), alpha)
         return new
 
     def _verify(self, bucket: int, ratio: float):
         # PEARL prices its verify at the mean query of a mixed batch (pearl_tokens_per_ms)
         return lambda g: ratio * self.verify_cost.scale(bucket, g, interpolate=self.mode == "pearl")
 
-    def _rate(self, bucket: int, gamma: int, t_d: float, ratio: float, alpha: float) -> float:
-        """Expected tokens per ms of `gamma` by the mode's round model."""
+    def _rate(self, bucket: int, gamma: int, t_d: float, ratio: float, alpha: float, fixed: float = 0.0) -> float:
+        """Expected tokens per ms of `gamma` by the mode's round model (`fixed`: sd's only)."""
         t_v = self._verify(bucket, ratio)
         if self.mode == "pearl":
             return pearl_tokens_per_ms(gamma, t_v, t_d, alpha, self.head_start)
-        return sd_tokens_per_ms(gamma, t_v, t_d, alpha)
+        return sd_tokens_per_ms(gamma, t_v, t_d, alpha, fixed)
 
-    def _best(self, bucket: int, t_d: float, ratio: float, alpha: float) -> int:
+    def _best(self, bucket: int, t_d: float, ratio: float, alpha: float, fixed: float = 0.0) -> int:
         t_v = self._verify(bucket, ratio)
         if self.mode == "pearl":
             return pearl_gamma(t_v, t_d, self.max_gamma, alpha, self.head_start)
-        return sd_gamma(t_v, t_d, self.max_gamma, alpha)
+        return sd_gamma(t_v, t_d, self.max_gamma, alpha, fixed)

@@ -252,7 +252,8 @@ class TargetService:
         s.target_ms += target_ms
         s.wait_ms += wait_ms
         s.exchange_ms += exchange_ms if batch is not None else 0.0
-        s.round_ms += (time.perf_counter() - t0) * 1e3
+        round_ms = (time.perf_counter() - t0) * 1e3
+        s.round_ms += round_ms
         judged = taken_ok = 0
         for r, (n, drafted, accepted) in zip(reqs, before):
             s.committed_tokens += len(r.seq) - n
@@ -264,7 +265,7 @@ class TargetService:
         s.accepted_tokens += taken_ok
         if batch is not None and self.fixed_gamma is None:
             self.tuner.observe(len(reqs), rnd.gamma - rnd.early, batch.draft_ms, target_ms, judged, taken_ok,
-                               query_len=self._query_len, draft_steps=rnd.gamma)
+                               query_len=self._query_len, draft_steps=rnd.gamma, round_ms=round_ms)
 
     def close(self) -> None:
         """Release the engine (a TP group stops its workers and leaves its group). Synchronous:

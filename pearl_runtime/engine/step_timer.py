@@ -128,15 +128,18 @@ def measure_verify_cost(runner, query_lens: list[int], context_len: int = 256) -
 SD_PRIOR_ALPHA = 0.8   # acceptance assumed before any is measured
 
 
-def sd_tokens_per_ms(gamma: int, target_ms, draft_ms: float, alpha: float) -> float:
-    """sd's expected tokens per ms: sum(alpha^i, i <= g) / (g * draft + verify(g))."""
-    return sum(alpha ** i for i in range(gamma + 1)) / (gamma * draft_ms + as_function(target_ms)(gamma))
+def sd_tokens_per_ms(gamma: int, target_ms, draft_ms: float, alpha: float, fixed_ms: float = 0.0) -> float:
+    """sd's expected tokens per ms: sum(alpha^i, i <= g) / (fixed + g * draft + verify(g)).
+    `fixed_ms`: what a round costs whatever its gamma (transport, host work, the draft's own
+    per-round overhead); spread over the draft's tokens instead, it prices long gammas too
+    dear (7B + 0.5B at bs 1: ~1.3 ms of a 7.8 ms round at gamma 3)."""
+    return sum(alpha ** i for i in range(gamma + 1)) / (fixed_ms + gamma * draft_ms + as_function(target_ms)(gamma))
 
 
-def sd_gamma(target_ms, draft_ms: float, max_gamma: int, alpha: float = SD_PRIOR_ALPHA) -> int:
+def sd_gamma(target_ms, draft_ms: float, max_gamma: int, alpha: float = SD_PRIOR_ALPHA, fixed_ms: float = 0.0) -> int:
     """sd: draft and verify take turns, so the best gamma maximizes expected tokens per ms; a
     cheap draft earns a longer gamma. `target_ms`: a verify's ms, or gamma -> ms."""
-    return max(range(1, max_gamma + 1), key=lambda g: sd_tokens_per_ms(g, target_ms, draft_ms, alpha))
+    return max(range(1, max_gamma + 1), key=lambda g: sd_tokens_per_ms(g, target_ms, draft_ms, alpha, fixed_ms))
 
 
 def pearl_tokens_per_ms(gamma: int, target_ms, draft_ms: float, alpha: float, head_start: int = -1) -> float:

@@ -3,7 +3,7 @@ acceptance move each batch bucket's gamma by the same rules as the start-time pi
 import pytest
 
 from pearl_runtime.bench.projection import head_start_for, pearl_mean_query
-from pearl_runtime.engine.step_timer import VerifyCost
+from pearl_runtime.engine.step_timer import VerifyCost, sd_gamma, sd_tokens_per_ms
 from target_service.gamma_tuner import GammaTuner
 
 
@@ -230,3 +230,80 @@ def test_a_one_decision_blip_does_not_move_gamma(monkeypatch):
 def test_a_lasting_change_moves_gamma_at_the_second_decision():
     moves, gamma = _pearl_moves([1.0] * 8 + [1.4] * 16)
     assert moves == [7] and gamma == 7
+
+
+FLAT_4_8 = VerifyCost({q: {1: 4.8} for q in (2, 4, 8, 16, 32)})   # 7B verify at bs 1, ~flat in query length
+
+
+def _sd_rounds(tuner, n, round_ms=True, fixed=1.37, accepted=(2, 2, 2, 2, 2, 2, 2, 1)):
+    """Rounds at gamma 3 as a 7B target + 0.5B draft ran them at bs 1 (GPU): verify 4.8 ms, draft
+    0.57 ms a step + 0.9 ms a round, transport and host 0.47 ms; ~0.78 acceptance."""
+    moves = []
+    for i in range(n):
+        draft = 0.57 * 3 + 0.9
+        moves.append(tuner.observe(1, 3, draft, 4.8, 3, accepted[i % len(accepted)],
+                                   round_ms=4.8 + 0.57 * 3 + fixed if round_ms else None))
+    return [m for m in moves if m is not None]
+
+
+def _sd_tuner():
+    tuner = GammaTuner("sd", max_gamma=16, default=4, verify_cost=FLAT_4_8)
+    tuner.seed_measured({1: 0.57})
+    tuner.picks[1] = 3        # where the draft-time-per-token price settled
+    return tuner
+
+
+def test_sd_prices_the_rounds_fixed_part_and_lengthens_gamma():
+    """gamma 3 rounds of 7.8 ms carry ~1.37 ms that no gamma changes; spread over 3 draft tokens
+    it kept auto gamma at 3 where 4 ran ~3% faster. Priced as fixed + gamma x 0.57 + verify,
+    the model's best is 6."""
+    tuner = _sd_tuner()
+    assert _sd_rounds(tuner, 40) == [6]
+    obs = tuner.observed[1]
+    assert obs.fixed_ms == pytest.approx(1.37)
+    assert 0.77 < tuner.alpha < 0.8
+    assert tuner.gamma_for(1) == sd_gamma(4.8, 0.57, 16, tuner.alpha, fixed_ms=obs.fixed_ms) == 6
+    # the same rounds without their wall time: priced as before (draft ms / gamma, no fixed
+    # part), gamma 4 gains under MIN_GAIN and 3 stays
+    old = _sd_tuner()
+    assert _sd_rounds(old, 40, round_ms=False) == []
+    assert old.gamma_for(1) == 3 and old.observed[1].fixed_ms is None
+    t_d = old.observed[1].draft_ms_per_token
+    assert sd_tokens_per_ms(4, 4.8, t_d, old.alpha) < GammaTuner.MIN_GAIN * sd_tokens_per_ms(3, 4.8, t_d, old.alpha)
+
+
+def test_round_times_are_ignored_without_a_start_step_or_in_pearl():
+    for tuner in (GammaTuner("sd", max_gamma=16, default=3, verify_cost=FLAT_4_8),   # seeded picks only
+                  GammaTuner("pearl", max_gamma=16, default=3, verify_cost=FLAT_4_8)):
+        tuner.seed({1: 3})
+        _sd_rounds(tuner, 8)
+        assert tuner.observed[1].fixed_ms is None
+
+
+def test_the_fixed_part_skips_a_lone_slow_round_and_warms_up_on_the_fastest():
+    tuner = _sd_tuner()
+    _sd_rounds(tuner, 1, fixed=40.0)       # a first round's stall: the warm-up keeps the fastest
+    _sd_rounds(tuner, GammaTuner.WARMUP + 4)
+    assert tuner.observed[1].fixed_ms == pytest.approx(1.37)
+    assert _sd_rounds(tuner, 1, fixed=20.0) == []     # a transport stall: skipped
+    assert tuner.observed[1].fixed_ms == pytest.approx(1.37)
+    assert tuner.observed[1].skipped == 1
+    _sd_rounds(tuner, 1)
+    assert tuner.observed[1].skipped == 0
+    # a lasting slowdown is followed, each round clipped to CLIP x the average
+    _sd_rounds(tuner, GammaTuner.OUTLIER_RUN + 1, fixed=20.0)
+    w, clip = GammaTuner.WEIGHT, GammaTuner.CLIP
+    assert tuner.observed[1].fixed_ms == pytest.approx(1.37 + w * (clip - 1) * 1.37)
+
+
+def test_sd_tokens_per_ms_without_a_fixed_part_is_the_old_formula():
+    for g, verify, draft, alpha in ((3, 4.8, 0.86, 0.8), (7, lambda g: 20.0 + g, 1.8, 0.93)):
+        t_v = verify(g) if callable(verify) else verify
+        old = sum(alpha ** i for i in range(g + 1)) / (g * draft + t_v)
+        assert sd_tokens_per_ms(g, verify, draft, alpha) == old
+        assert sd_tokens_per_ms(g, verify, draft, alpha, fixed_ms=0.0) == old
+        assert sd_tokens_per_ms(g, verify, draft, alpha, fixed_ms=1.3) == pytest.approx(
+            sum(alpha ** i for i in range(g + 1)) / (1.3 + g * draft + t_v))
+    assert sd_gamma(6.9, 1.0, 16) == sd_gamma(6.9, 1.0, 16, fixed_ms=0.0) == 5
+    # a fixed cost per round prices like a dearer flat verify: it favours longer rounds
+    assert sd_gamma(6.9, 1.0, 16, fixed_ms=18.1) == sd_gamma(25.0, 1.0, 16) == 9
