@@ -112,13 +112,14 @@ class ModelRunner:
 
     def _few_row_ops(self, skinny_ops) -> None:
         """Steps of more rows than the skinny kernels take, up to 16 (a bs-1 verify), on the
-        few-row kernels where the skinny ones run; PEARL_FEW_ROWS=off keeps them on cuBLAS."""
+        few-row kernels where the skinny ones run, when PEARL_FEW_ROWS=on (auto: on for the
+        reference ops only: the Triton ones lost to cuBLAS on an H200, layers/few_rows.py)."""
         setting = os.environ.get("PEARL_FEW_ROWS", "auto")
         if setting not in ("auto", "on", "off"):
             raise ValueError(f"PEARL_FEW_ROWS must be auto, on or off, got {setting!r}")
         ops = skinny.REFERENCE if skinny_ops is skinny.REFERENCE else few_rows.FEW_ROWS
         model = self.model.model
-        if setting == "off" or ops is None:
+        if setting == "off" or ops is None or (setting == "auto" and ops is few_rows.FEW_ROWS):
             log.info("linears: steps of %d-%d tokens and more on cuBLAS (PEARL_FEW_ROWS=%s)",
                      model.skinny_rows + 1, few_rows.MAX_ROWS, setting)
             return
