@@ -146,15 +146,16 @@ def ops(names, copy, layers=24):
             torch.cuda.empty_cache()
 
 
-def few_op_configs(K):
-    for bn, bk, split, stages in itertools.product((16, 32, 64), (64, 128, 256), (0, 1, 2, 4, 8), (3, 4)):
-        if bk * split * 2 <= K or split <= 1:
-            yield None if split == 0 else dict(block_n=bn, block_k=bk, split=split, num_warps=4, num_stages=stages)
+def few_op_configs(K, gated):
+    """One tile a program: up to 128 weight elements a thread."""
+    for bn, bk, nw in itertools.product((16, 32, 64), (128, 256, 512, 1024), (4, 8)):
+        if bn * bk * (2 if gated else 1) <= 128 * 32 * nw and K <= 64 * bk:
+            yield dict(block_n=bn, block_k=bk, num_warps=nw)
 
 
 def few_ops(names, rows, copy, layers=24):
     """Each linear alone at `rows` rows on the few-row kernel, `layers` distinct weights in one
-    graph, over tiles, splits and stages (split 0 = default_config's pick)."""
+    graph, over tile shapes (K splits in K / block_k)."""
     print("\n| shape | op | rows | N x K | MB | torch us | default us | best us | GB/s | % copy | best config |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, M in itertools.product(names, rows):
@@ -177,12 +178,7 @@ def few_ops(names, rows, copy, layers=24):
             t_ref = graph_ms(lambda: run(None, ref=True), reps=30) / layers * 1e3
             t_def = graph_ms(lambda: run(None), reps=30) / layers * 1e3
             best, best_cfg = t_def, "default"
-            seen = set()
-            for cfg in few_op_configs(K):
-                key = repr(cfg)
-                if cfg is None or key in seen:
-                    continue
-                seen.add(key)
+            for cfg in few_op_configs(K, gated):
                 try:
                     t = graph_ms(lambda: run(cfg), reps=30) / layers * 1e3
                 except Exception as e:

@@ -30,28 +30,19 @@ except ImportError:   # CPU installs: skinny's reference ops are the only path
 
 if triton is not None:
     @triton.jit
-    def _rows_rstd(X, M, K, stride_x, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        """1 / RMS of each input row, [BLOCK_M] (rows past M read as zero)."""
-        rm = tl.arange(0, BLOCK_M)
-        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            xs = tl.load(X + rm[:, None] * stride_x + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
-                         other=0.0).to(tl.float32)
-            ss += tl.sum(xs * xs, 1)
-        return 1.0 / tl.sqrt(ss / K + eps)
-
-    @triton.jit
-    def _few_rows(X, W, B, R, G, Y, WS, CNT, K_cache, V_cache, COS, SIN, SLOTS,
+    def _few_rows(X, W, B, R, G, Y, WS, WS_SS, CNT, K_cache, V_cache, COS, SIN, SLOTS,
                   M, N, K, NW, stride_w, stride_x, eps, stride_slot, stride_cs,
                   MODE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                   SPLIT: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr,
                   HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program (p, s): weight rows `ra` of W (and `rb`: the up half when MODE 1, the
-        rotary partners half a head further when MODE 2) against the rows of X, over the
-        s-th of SPLIT slices of K. MODE 0: y = x W^T (+ bias, + residual); 1: silu(gate) *
-        up; 2: the fused q/k/v projection, rotated, q to Y and k, v into the cache slots."""
+        rotary partners half a head further when MODE 2), columns [s * BLOCK_K, +BLOCK_K),
+        against the rows of X. One tile a program, loaded before the wait for the previous
+        kernel, as the one-row kernel does: a loop over tiles waits out the memory latency
+        after the wait (session 11's first version ran a pipelined loop and reached 41-88%
+        of copy). MODE 0: y = x W^T (+ bias, + residual); 1: silu(gate) * up; 2: the fused
+        q/k/v projection, rotated, q to Y and k, v into the cache slots."""
         if PDL:
             gdc_launch_dependents()
         p = tl.program_id(0)
@@ -71,63 +62,77 @@ if triton is not None:
         rm = tl.arange(0, BLOCK_M)
         m_ok = rm < M
         n_ok = ra < N
-        tiles = tl.cdiv(K, BLOCK_K)
-        per_split = tl.cdiv(tiles, SPLIT)
-        k_lo = s * per_split * BLOCK_K
-        k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
+        rk = s * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        w = tl.load(W + ra[:, None] * stride_w + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        wb = w
+        if MODE != 0:
+            wb = tl.load(W + rb[:, None] * stride_w + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if PDL:   # x is the previous kernel's output
             gdc_wait()
-        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if HAS_NORM:
-            rstd = _rows_rstd(X, M, K, stride_x, eps, BLOCK_M, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        x = tl.load(X + rm[:, None] * stride_x + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)   # this tile's sum of x^2 a row, with HAS_NORM
+        if HAS_NORM:   # weight * x now, 1 / RMS(x) on the sums at the end (_normed)
+            g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
+            xf = x.to(tl.float32)
+            ss = tl.sum(xf * xf, 1)
+            x = (g[None, :] * xf).to(x.dtype)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w))
         acc_b = acc
         if MODE != 0:
-            acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < k_hi
-            x = tl.load(X + rm[:, None] * stride_x + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if HAS_NORM:   # the reference's rounding points: norm(x) in the dtype, then weight * it
-                g = tl.load(G + rk, mask=k_ok, other=0.0).to(tl.float32)
-                xn = (x.to(tl.float32) * rstd[:, None]).to(x.dtype)
-                x = (g[None, :] * xn.to(tl.float32)).to(x.dtype)
-            w = tl.load(W + ra[:, None] * stride_w + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if IEEE:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+                acc_b = tl.dot(x, tl.trans(wb), input_precision="ieee")
             else:
-                acc = tl.dot(x, tl.trans(w), acc)
-            if MODE != 0:
-                wb = tl.load(W + rb[:, None] * stride_w + rk[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                             other=0.0)
-                if IEEE:
-                    acc_b = tl.dot(x, tl.trans(wb), acc_b, input_precision="ieee")
-                else:
-                    acc_b = tl.dot(x, tl.trans(wb), acc_b)
+                acc_b = tl.dot(x, tl.trans(wb))
         if SPLIT > 1:
-            # leave this slice's sums; the tile's last program adds all slices in order
-            tile = rm[:, None] * NW + ra[None, :]
-            tl.store(WS + s * BLOCK_M * NW + tile, acc, mask=n_ok[None, :])
+            # leave this tile's sums (the real rows only); the last program of the weight rows
+            # adds all SPLIT of them in order, so the result does not depend on which was last
+            keep = m_ok[:, None] & n_ok[None, :]
+            part = WS + s * BLOCK_M * NW + rm[:, None] * NW + ra[None, :]
+            tl.store(part, acc, mask=keep)
             if MODE != 0:
-                tl.store(WS + s * BLOCK_M * NW + tile + (rb - ra)[None, :], acc_b, mask=n_ok[None, :])
+                tl.store(part + (rb - ra)[None, :], acc_b, mask=keep)
+            if HAS_NORM:
+                tl.store(WS_SS + (p * SPLIT + s) * BLOCK_M + rm, ss)
             tl.debug_barrier()   # every thread's stores before the release below
             done = tl.atomic_add(CNT + p, 1, sem="acq_rel", scope="gpu")
             if done == SPLIT - 1:
                 tl.debug_barrier()
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                if MODE != 0:
-                    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                ss = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for i in tl.static_range(SPLIT):
-                    acc += tl.load(WS + i * BLOCK_M * NW + tile, mask=n_ok[None, :], other=0.0, cache_modifier=".cg")
+                    part = WS + i * BLOCK_M * NW + rm[:, None] * NW + ra[None, :]
+                    acc += tl.load(part, mask=keep, other=0.0, cache_modifier=".cg")
                     if MODE != 0:
-                        acc_b += tl.load(WS + i * BLOCK_M * NW + tile + (rb - ra)[None, :], mask=n_ok[None, :],
-                                         other=0.0, cache_modifier=".cg")
+                        acc_b += tl.load(part + (rb - ra)[None, :], mask=keep, other=0.0, cache_modifier=".cg")
+                    if HAS_NORM:
+                        ss += tl.load(WS_SS + (p * SPLIT + i) * BLOCK_M + rm, cache_modifier=".cg")
                 tl.atomic_xchg(CNT + p, 0)   # ready for the next launch (graph replays included)
+                if HAS_NORM:
+                    acc, acc_b = _normed(acc, acc_b, ss, K, eps, MODE)
                 _finish(acc, acc_b, rm, m_ok, ra, rb, j, n_ok, head, B, R, Y, K_cache, V_cache, COS, SIN, SLOTS,
                         N, stride_slot, stride_cs, MODE, HAS_BIAS, HAS_RES, HEADS, KV_HEADS, HEAD_DIM)
         else:
+            if HAS_NORM:
+                acc, acc_b = _normed(acc, acc_b, ss, K, eps, MODE)
             _finish(acc, acc_b, rm, m_ok, ra, rb, j, n_ok, head, B, R, Y, K_cache, V_cache, COS, SIN, SLOTS,
                     N, stride_slot, stride_cs, MODE, HAS_BIAS, HAS_RES, HEADS, KV_HEADS, HEAD_DIM)
+
+    @triton.jit
+    def _normed(acc, acc_b, ss, K, eps, MODE: tl.constexpr):
+        """RMSNorm's scale on the products' sums: sum(g x w) / RMS(x). The reference rounds
+        x / RMS(x), then g times it, to the dtype before the product; scaling first would need
+        the whole row's RMS before a program's one tile, a pass over x per program. So these
+        sums differ from the reference's by those two roundings of the inputs."""
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        acc = acc * rstd[:, None]
+        if MODE != 0:
+            acc_b = acc_b * rstd[:, None]
+        return acc, acc_b
 
     @triton.jit
     def _finish(acc, acc_b, rm, m_ok, ra, rb, j, n_ok, head, B, R, Y, K_cache, V_cache, COS, SIN, SLOTS,
@@ -171,7 +176,6 @@ if triton is not None:
 
 
 _counters: dict[int, torch.Tensor] = {}   # device index -> split-K tile counters
-_sms: dict[int, int] = {}
 MAX_TILES = 8192
 
 
@@ -181,20 +185,16 @@ def prepare(device: torch.device) -> None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _counters:
         _counters[index] = torch.zeros(MAX_TILES, dtype=torch.int32, device=torch.device("cuda", index))
-        _sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def default_config(n_tiles: int, K: int, sms: int) -> dict:
-    """Not swept yet: 32-wide tiles of 128 columns, 4 stages of loads in flight, and K split
-    until the programs cover the SMs twice (each slice keeping at least 4 tiles)."""
-    block_k = 128
-    tiles = triton.cdiv(K, block_k)
-    split = max(1, min(16, triton.cdiv(2 * sms, n_tiles), tiles // 4))
-    return dict(block_n=32, block_k=block_k, split=split, num_warps=4, num_stages=4)
+def default_config(K: int, gated: bool = False) -> dict:
+    """Not swept yet: 32 weight rows by 512 columns a program (16 rows for the gated pair),
+    so each holds ~64 registers of weights a thread."""
+    return dict(block_n=16 if gated else 32, block_k=min(512, max(16, triton.next_power_of_2(K))), num_warps=4)
 
 
 def _launch(x, w, *, n_tiles, out, mode, bias=None, residual=None, norm_w=None, eps=0.0, config=None,
-            rope=None, heads=0, kv_heads=0, head_dim=0, block_n=None):
+            rope=None, heads=0, kv_heads=0, head_dim=0):
     M, K = x.shape
     assert 1 <= M <= MAX_ROWS and x.is_contiguous() and w.is_contiguous(), \
         f"the few-row kernel takes 1-{MAX_ROWS} contiguous rows, got {tuple(x.shape)}"
@@ -204,24 +204,25 @@ def _launch(x, w, *, n_tiles, out, mode, bias=None, residual=None, norm_w=None, 
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("few_rows.prepare(device) must run before CUDA graph capture")
         prepare(x.device)
-    c = dict(config or default_config(n_tiles(32), K, _sms[index]))
-    bn = block_n or c["block_n"]
-    grid0 = n_tiles(bn)
+    c = config or default_config(K, gated=mode == 1)
+    bn = min(c["block_n"], head_dim // 2) if mode == 2 else c["block_n"]   # within half a head
+    grid0, split = n_tiles(bn), triton.cdiv(K, c["block_k"])
     assert grid0 <= MAX_TILES, f"{grid0} tiles for {MAX_TILES} counters"
-    split = c["split"]
     nw = w.shape[0]
     ws = torch.empty(split, MAX_ROWS, nw, dtype=torch.float32, device=x.device) if split > 1 else x
+    ws_ss = torch.empty(grid0, split, MAX_ROWS, dtype=torch.float32, device=x.device) \
+        if split > 1 and norm_w is not None else x
     k_cache, v_cache, cos, sin, slots = rope or (x, x, x, x, x)
     use_pdl = pdl.enabled(x.device)
     _few_rows[(grid0, split)](
         x, w, w if bias is None else bias, w if residual is None else residual, w if norm_w is None else norm_w,
-        out, ws, _counters[index], k_cache, v_cache, cos, sin, slots,
+        out, ws, ws_ss, _counters[index], k_cache, v_cache, cos, sin, slots,
         M, w.shape[0] // 2 if mode == 1 else w.shape[0], K, nw, w.stride(0), x.stride(0), eps,
         k_cache.stride(1) if rope else 0, cos.stride(0) if rope else 0,
         MODE=mode, HAS_NORM=norm_w is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         SPLIT=split, PDL=use_pdl, IEEE=x.dtype == torch.float32, HEADS=heads, KV_HEADS=kv_heads,
         HEAD_DIM=head_dim, BLOCK_M=MAX_ROWS, BLOCK_N=bn, BLOCK_K=c["block_k"],
-        num_warps=c["num_warps"], num_stages=c["num_stages"], launch_pdl=use_pdl)
+        num_warps=c["num_warps"], num_stages=1, launch_pdl=use_pdl)
     return out
 
 
@@ -258,10 +259,9 @@ def norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, he
     heads_all = heads + 2 * kv_heads
     q = torch.empty(x.shape[0], heads, head_dim, dtype=x.dtype, device=x.device)
     # a program's columns stay within half a head
-    return _launch(x, w, n_tiles=lambda bn: heads_all * (half // min(bn, half)), out=q, mode=2, bias=bias,
+    return _launch(x, w, n_tiles=lambda bn: heads_all * (half // bn), out=q, mode=2, bias=bias,
                    norm_w=norm_w, eps=eps, config=config, rope=(k_cache, v_cache, cos, sin, slots), heads=heads,
-                   kv_heads=kv_heads, head_dim=head_dim,
-                   block_n=min((config or {}).get("block_n", 32), half))
+                   kv_heads=kv_heads, head_dim=head_dim)
 
 
 def fits_qkv_rope(head_dim: int, qk_norm: bool) -> bool:
