@@ -5,12 +5,6 @@ and on. Correctness against the torch ops is tests/gpu/test_skinny_gpu.py.
 
     python3 scripts/gpu_skinny_bench.py [--sweep] [--engines qwen2.5-7b,qwen2.5-0.5b]
     python3 scripts/gpu_skinny_bench.py --ops qwen2.5-0.5b --chains "" --engines ""   # per-op config sweep
-    python3 scripts/gpu_skinny_bench.py --chains qwen2.5-7b --rows 1,4,5 --engines "" --verify qwen2.5-7b
-    python3 scripts/gpu_skinny_bench.py --chains "" --engines "" --few-ops qwen2.5-7b --rows 5   # few-row sweep
-
-Chains of more than two rows run the few-row kernels (layers/few_rows.py); --verify times a
-whole engine's verify step (graph replay + LM head, as auto gamma measures it) with them off
-and on.
 """
 import argparse
 import gc
@@ -24,13 +18,11 @@ import triton
 
 from pearl_runtime.bench.probe import ar_step_ms, copy_bandwidth
 from pearl_runtime.bench.roofline import weight_bytes_per_step
-from pearl_runtime.layers import few_rows as FR
 from pearl_runtime.layers import skinny as S
 from pearl_runtime.layers.fused import enable_compile, ops as fused
 
 # name: (layers, hidden, intermediate, q+k+v width[, o input width]); the 32B and 72B ones have
 # 16 of their layers (the per-layer time is what they show), the -tp2 ones a rank's share at TP=2
-S_ONE, S_MAX_ROWS = S, S.MAX_ROWS
 SHAPES = {"qwen2.5-0.5b": (24, 896, 4864, 1152), "qwen2.5-1.5b": (28, 1536, 8960, 2048),
           "qwen2.5-7b": (28, 3584, 18944, 4608), "qwen2.5-32b": (16, 5120, 27648, 7168),
           "qwen2.5-32b-tp2": (16, 5120, 13824, 3584, 2560), "qwen2.5-72b-tp2": (16, 8192, 14784, 5120, 4096)}
@@ -82,9 +74,7 @@ class Chain:
         return x
 
     def skinny_path(self, config=None):
-        """The skinny kernels for one or two rows, the few-row ones past that."""
         h = self.h
-        S = FR if h.shape[0] > S_MAX_ROWS else S_ONE
         for lay in self.layers:
             S.norm_linear(h, lay["g1"], 1e-6, lay["qkv"], lay["bias"], config=config)
             h = S.linear_add(self.a, lay["o"], h, config=config)
@@ -146,77 +136,6 @@ def ops(names, copy, layers=24):
             torch.cuda.empty_cache()
 
 
-def few_op_configs(K, gated):
-    """One tile a program: up to 128 weight elements a thread."""
-    for bn, bk, nw in itertools.product((16, 32, 64), (128, 256, 512, 1024), (4, 8)):
-        if bn * bk * (2 if gated else 1) <= 128 * 32 * nw and K <= 64 * bk:
-            yield dict(block_n=bn, block_k=bk, num_warps=nw)
-
-
-def few_ops(names, rows, copy, layers=24):
-    """Each linear alone at `rows` rows on the few-row kernel, `layers` distinct weights in one
-    graph, over tile shapes (K splits in K / block_k)."""
-    print("\n| shape | op | rows | N x K | MB | torch us | default us | best us | GB/s | % copy | best config |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, M in itertools.product(names, rows):
-        _, H, I, Q, O = (*SHAPES[name], SHAPES[name][1])[:5]
-        d = dict(dtype=torch.bfloat16, device="cuda")
-        for op, N, K in (("qkv", Q, H), ("o", H, O), ("gate_up", I, H), ("down", H, I)):
-            gated = op == "gate_up"
-            ws = [torch.randn((2 if gated else 1) * N, K, **d) * 0.02 for _ in range(layers)]
-            x, g, r, b = torch.randn(M, K, **d), torch.ones(K, **d), torch.randn(M, N, **d), torch.randn(N, **d)
-
-            def run(cfg, ref=False):
-                for w in ws:
-                    if op == "qkv":
-                        (S.reference_norm_linear if ref else partial(FR.norm_linear, config=cfg))(x, g, 1e-6, w, b)
-                    elif gated:
-                        (S.reference_norm_gate_up if ref else partial(FR.norm_gate_up, config=cfg))(x, g, 1e-6, w)
-                    else:
-                        (S.reference_linear_add if ref else partial(FR.linear_add, config=cfg))(x, w, r)
-            mb = sum(w.numel() * 2 for w in ws) / layers / 1e6
-            t_ref = graph_ms(lambda: run(None, ref=True), reps=30) / layers * 1e3
-            t_def = graph_ms(lambda: run(None), reps=30) / layers * 1e3
-            best, best_cfg = t_def, "default"
-            for cfg in few_op_configs(K, gated):
-                try:
-                    t = graph_ms(lambda: run(cfg), reps=30) / layers * 1e3
-                except Exception as e:
-                    print(f"  {op} config {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
-                    continue
-                if t < best:
-                    best, best_cfg = t, cfg
-            print(f"| {name} | {op} | {M} | {N} x {K} | {mb:.1f} | {t_ref:.2f} | {t_def:.2f} | {best:.2f} | "
-                  f"{mb * 1e3 / best:.0f} | {100 * mb * 1e3 / best / copy:.0f}% | {best_cfg} |", flush=True)
-            del ws
-            torch.cuda.empty_cache()
-
-
-def verify_steps(names, query_lens):
-    """A whole engine's step of q tokens at bs 1 (graph replay + the LM head's row, as
-    auto gamma measures a verify), with the few-row kernels off and on."""
-    import os
-    from pearl_runtime.config import EngineConfig
-    from pearl_runtime.engine.llm_engine import LLMEngine
-    from pearl_runtime.engine.step_timer import measure_step_ms
-    from pearl_runtime.models.synthetic import prepare_synthetic_pair
-    print("\n| model | few-row kernels | " + " | ".join(f"q{q} ms" for q in query_lens) + " |")
-    print("|---|---|" + "---|" * len(query_lens))
-    for name in names:
-        tdir = prepare_synthetic_pair(name, "qwen2.5-0.5b", 0.8)[0] if name in ("qwen2.5-7b", "qwen2.5-32b") else \
-            prepare_synthetic_pair("qwen2.5-72b", name, 0.8)[1]
-        for setting in ("off", "on"):
-            os.environ["PEARL_FEW_ROWS"] = setting
-            eng = LLMEngine(EngineConfig(model=str(tdir), device="cuda", dtype="bfloat16", kv_cache_gb=2,
-                                         max_num_seqs=1))
-            times = [measure_step_ms(eng.runner, query_len=q, repeats=50).get(1, float("nan")) for q in query_lens]
-            print(f"| {name} | {setting} | " + " | ".join(f"{t:.3f}" for t in times) + " |", flush=True)
-            del eng
-            gc.collect()
-            torch.cuda.empty_cache()
-        os.environ.pop("PEARL_FEW_ROWS")
-
-
 def chains(names, rows, sweep, copy):
     print("\n| shape | M | weights MB | torch ms | skinny ms (default) | GB/s (default) | % copy | best sweep ms | best config |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -275,9 +194,6 @@ def main():
     p.add_argument("--engines", default="qwen2.5-7b,qwen2.5-0.5b")
     p.add_argument("--engine-bs", default="1", help="batch sizes of the engine ar steps")
     p.add_argument("--ops", default="", help="shapes whose linears are swept one by one")
-    p.add_argument("--few-ops", default="", help="shapes whose linears are swept on the few-row kernel at --rows")
-    p.add_argument("--verify", default="", help="models whose bs-1 verify steps are timed, few-row kernels off/on")
-    p.add_argument("--verify-q", default="1,3,4,5,6,8", help="the verify steps' query lengths")
     args = p.parse_args()
     enable_compile()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -285,10 +201,6 @@ def main():
     print(f"copy bandwidth {copy:.0f} GB/s (1 GiB device copy, read + write, best of 10)")
     if args.ops:
         ops(args.ops.split(","), copy)
-    if args.few_ops:
-        few_ops(args.few_ops.split(","), [int(m) for m in args.rows.split(",")], copy)
-    if args.verify:
-        verify_steps(args.verify.split(","), [int(q) for q in args.verify_q.split(",")])
     chains([n for n in args.chains.split(",") if n], [int(m) for m in args.rows.split(",")], args.sweep, copy)
     if args.engines:
         engines(args.engines.split(","), copy, [int(b) for b in args.engine_bs.split(",")])

@@ -4,7 +4,6 @@ import gc
 from collections import Counter
 from dataclasses import dataclass
 import logging
-import os
 
 import torch
 
@@ -13,7 +12,7 @@ from pearl_runtime.config import EngineConfig, ModelConfig
 from pearl_runtime.engine.cuda_graph import GraphRunner
 from pearl_runtime.engine.gemm_check import check_gemms, needs_check
 from pearl_runtime.engine.sequence import Sequence
-from pearl_runtime.layers import few_rows, skinny
+from pearl_runtime.layers import skinny
 from pearl_runtime.layers.fused import enable_compile
 from pearl_runtime.models.decoder import CausalLM
 from pearl_runtime.models.synthetic import calibrate, init_synthetic, synthetic_spec
@@ -103,33 +102,11 @@ class ModelRunner:
         if choice == "triton" and self.device.type != "cuda":
             raise RuntimeError("skinny_linears=triton needs a CUDA device")
         c = self.model_cfg
-        rope = ops.rope_fused(c.head_dim, c.qk_norm)
+        rope = ops.norm_qkv_rope is not None and skinny.fits_qkv_rope(c.head_dim, c.qk_norm)
         rows = self.model.model.skinny_rows = skinny.rows_for(c.hidden_size)
-        log.info("linears: steps of up to %d token(s) fold norm/SiLU/residual%s into %s kernels",
-                 rows, " and rotary + K/V store" if rope else "", ops.name)
-        self._few_row_ops(ops)
+        log.info("linears: steps of up to %d token(s) fold norm/SiLU/residual%s into %s kernels, larger steps "
+                 "cuBLAS", rows, " and rotary + K/V store" if rope else "", ops.name)
         return ops
-
-    def _few_row_ops(self, skinny_ops) -> None:
-        """Steps of more rows than the skinny kernels take, up to 16 (a bs-1 verify), on the
-        few-row kernels where the skinny ones run, when PEARL_FEW_ROWS=on (auto: on for the
-        reference ops only: the Triton ones lost to cuBLAS on an H200, layers/few_rows.py)."""
-        setting = os.environ.get("PEARL_FEW_ROWS", "auto")
-        if setting not in ("auto", "on", "off"):
-            raise ValueError(f"PEARL_FEW_ROWS must be auto, on or off, got {setting!r}")
-        ops = skinny.REFERENCE if skinny_ops is skinny.REFERENCE else few_rows.FEW_ROWS
-        model = self.model.model
-        if setting == "off" or ops is None or (setting == "auto" and ops is few_rows.FEW_ROWS):
-            log.info("linears: steps of %d-%d tokens and more on cuBLAS (PEARL_FEW_ROWS=%s)",
-                     model.skinny_rows + 1, few_rows.MAX_ROWS, setting)
-            return
-        if ops is few_rows.FEW_ROWS:
-            few_rows.prepare(self.device)   # its counters, before any graph captures them
-        model.few_row_ops, model.few_rows = ops, few_rows.MAX_ROWS
-        c = self.model_cfg
-        log.info("linears: steps of %d-%d tokens on %s kernels%s, larger steps cuBLAS", model.skinny_rows + 1,
-                 few_rows.MAX_ROWS, ops.name, " (rotary + K/V store fused)" if ops.rope_fused(c.head_dim, c.qk_norm)
-                 else "")
 
     def _block_bytes(self) -> int:
         c = self.model_cfg

@@ -393,14 +393,10 @@ def fits_qkv_rope(head_dim: int, qk_norm: bool) -> bool:
 
 
 class SkinnyOps:
-    """norm_qkv_rope is None where the rotation and the cache store stay in attention's kernel;
-    fits_qkv_rope says which heads it takes."""
-    def __init__(self, name, norm_linear, linear_add, norm_gate_up, norm_qkv_rope=None, fits_qkv_rope=fits_qkv_rope):
+    """norm_qkv_rope is None where the rotation and the cache store stay in attention's kernel."""
+    def __init__(self, name, norm_linear, linear_add, norm_gate_up, norm_qkv_rope=None):
         self.name, self.norm_linear, self.linear_add, self.norm_gate_up = name, norm_linear, linear_add, norm_gate_up
-        self.norm_qkv_rope, self.fits_qkv_rope = norm_qkv_rope, fits_qkv_rope
-
-    def rope_fused(self, head_dim: int, qk_norm: bool) -> bool:
-        return self.norm_qkv_rope is not None and self.fits_qkv_rope(head_dim, qk_norm)
+        self.norm_qkv_rope = norm_qkv_rope
 
 
 REFERENCE = SkinnyOps("torch reference", reference_norm_linear, reference_linear_add, reference_norm_gate_up,

@@ -5,6 +5,7 @@ from torch import nn
 
 from pearl_runtime.config import ModelConfig
 from pearl_runtime.layers.attention import Attention
+from pearl_runtime.layers import skinny
 from pearl_runtime.layers.fused import ops
 from pearl_runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from pearl_runtime.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -37,7 +38,7 @@ class SelfAttention(nn.Module):
     def forward_skinny(self, ops, rope, h, norm: RMSNorm):
         """h + attention(norm(h)) with the norm and the residual add folded into the linears,
         and where the ops have it, rotary and the K/V store into the qkv projection."""
-        if ops.rope_fused(self.head_dim, self.q_norm is not None):
+        if ops.norm_qkv_rope is not None and skinny.fits_qkv_rope(self.head_dim, self.q_norm is not None):
             attn = self.attn
             q = ops.norm_qkv_rope(h, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias, *rope,
                                   attn.k_cache, attn.v_cache, get_context().slot_mapping, self.num_heads,
@@ -104,17 +105,13 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.skinny_ops = None   # set by the model runner: steps of <= skinny_rows tokens take it
         self.skinny_rows = 1
-        self.few_row_ops = None  # and steps of up to few_rows tokens (a verify) this one
-        self.few_rows = 0
 
     def forward(self, ids, positions):
         x, residual = self.embed_tokens(ids), None
         rope = self.rotary.cos_sin(positions, x.dtype)
-        rows = x.shape[0]
-        fused = self.skinny_ops if rows <= self.skinny_rows else self.few_row_ops if rows <= self.few_rows else None
-        if fused is not None:
+        if self.skinny_ops is not None and x.shape[0] <= self.skinny_rows:
             for layer in self.layers:
-                x = layer.forward_skinny(fused, rope, x)
+                x = layer.forward_skinny(self.skinny_ops, rope, x)
             return self.norm(x)
         for layer in self.layers:
             x, residual = layer(rope, x, residual)

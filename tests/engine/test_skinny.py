@@ -71,30 +71,6 @@ def test_skinny_logits_equal_layer_path(any_model_dir):
     assert ops.calls == 0, "a step of more than MAX_ROWS tokens took the skinny path"
 
 
-def test_few_row_steps_take_the_few_row_ops(any_model_dir, monkeypatch):
-    """A verify (3-16 tokens of one sequence) runs the few-row ops (layers/few_rows.py on a
-    GPU) and gives the layer path's logits; 17 tokens and more keep the layer path, and
-    PEARL_FEW_ROWS=off keeps every such step there."""
-    from pearl_runtime.layers import few_rows
-    plain, folded = engine(any_model_dir, "off"), engine(any_model_dir, "reference")
-    model = folded.runner.model.model
-    assert model.few_rows == few_rows.MAX_ROWS == 16
-    ops = model.few_row_ops = CountingOps()
-    for n in (3, 5, 16):
-        tokens = [(i * 53) % 400 + 3 for i in range(n)]
-        a, b = logits_of(plain, tokens, n), logits_of(folded, tokens, n)
-        assert ops.calls == 4 * folded.runner.model_cfg.num_layers, f"a {n}-token step missed the few-row ops"
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-        ops.calls = 0
-    logits_of(folded, list(range(3, 20)), 1)
-    assert ops.calls == 0, "a 17-token step took the few-row ops"
-    monkeypatch.setenv("PEARL_FEW_ROWS", "off")
-    assert engine(any_model_dir, "reference").runner.model.model.few_row_ops is None
-    monkeypatch.setenv("PEARL_FEW_ROWS", "fast")
-    with pytest.raises(ValueError, match="PEARL_FEW_ROWS"):
-        engine(any_model_dir, "reference")
-
-
 def test_skinny_greedy_matches_transformers(any_model_dir):
     """One sequence at a time, so every decode step is a one-row step on the skinny path."""
     eng = engine(any_model_dir, "reference")
