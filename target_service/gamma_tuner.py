@@ -136,7 +136,8 @@ class GammaTuner:
         # sd's round has a fixed part: 7B + 0.5B at bs 1, gamma 3 ran 7.8 ms = verify 4.8 +
         # draft 2.6 (0.57 ms a step at start, so ~0.9 ms a round of its own) + transport and
         # host 0.5. Priced as draft_ms / gamma (fixed part spread over the tokens, transport and
-        # host left out), auto settled at 3 where 4 ran ~3% faster; with it, 5-6 is best
+        # host left out), auto settled at 3 where 4 ran ~3% faster; with it, auto runs at 5
+        # (H200, session 11: gammas 4-6 within 3% of each other)
         step = self.start_draft_ms.get(b) if self.mode == "sd" and round_ms else None
         fixed = None if step is None else max(0.0, round_ms - verify_ms - (draft_steps or gamma) * step)
         obs = self.observed.get(b)
