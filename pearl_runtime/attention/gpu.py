@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pearl_runtime.attention.base import AttentionBackend
 from pearl_runtime.attention.flash_layout import padded_query_index
@@ -32,6 +32,9 @@ def _paged_attention(Q, K, V, O, O_part, M_part, L_part, block_tables, cu_q, q_l
                      BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # without splits the o projection comes next (layers/pdl.py)
         gdc_launch_dependents()
+        # launched early too, behind the qkv kernel: everything read here is its output (or
+        # was written before it), so wait first; what it saves is the launch gap
+        gdc_wait()
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     tile = tl.program_id(2) // SPLITS
@@ -104,6 +107,7 @@ def _merge_splits(O_part, M_part, L_part, O, stride_ot, stride_oh, n_rows, n_hea
     all splits in one load (the split count is a runtime int: one compiled kernel)."""
     if PDL:   # the o projection after it may start loading its weights (layers/pdl.py)
         gdc_launch_dependents()
+        gdc_wait()   # the partials are the attention kernel's output
     token = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, MAX_SPLITS)
@@ -232,13 +236,13 @@ class TritonBackend(AttentionBackend):
             ctx.q_lens_t, ctx.context_lens_t, scale, q.stride(0), q.stride(1), k_cache.stride(0),
             k_cache.stride(1), k_cache.stride(2), ctx.block_tables.stride(0), n_rows, splits, GROUP=group,
             HEAD_DIM=head_dim, BLOCK_M=self.BLOCK_M, BLOCK_N=max(self.BLOCK_N, block_size), PAGE=block_size,
-            IEEE=q.dtype == torch.float32, PDL=use_pdl)
+            IEEE=q.dtype == torch.float32, PDL=use_pdl, launch_pdl=use_pdl)
         if splits > 1:
             # rows of padding tokens in a graph were never written: their output is garbage,
             # as it is without splits, and nothing reads it
             _merge_splits[(n_rows, q.shape[1])](o_part, m_part, l_part, out, out.stride(0), out.stride(1),
                                                 n_rows, q.shape[1], splits, HEAD_DIM=head_dim,
-                                                MAX_SPLITS=self.MAX_SPLITS, PDL=use_pdl)
+                                                MAX_SPLITS=self.MAX_SPLITS, PDL=use_pdl, launch_pdl=use_pdl)
         return out
 
 

@@ -74,10 +74,13 @@ def test_triton_store_kv_matches_reference():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(28, 4, 128), (14, 2, 64)])
 @pytest.mark.parametrize("max_splits", [1, 2, 16])
-def test_split_keys_match_reference(dtype, tol, heads, kv_heads, head_dim, max_splits):
+@pytest.mark.parametrize("pdl", ["1", "0"], ids=["pdl", "no-pdl"])
+def test_split_keys_match_reference(dtype, tol, heads, kv_heads, head_dim, max_splits, pdl, monkeypatch):
     """Decode and verify rows of a small batch, where the keys are split across programs:
-    contexts shorter than one key tile per split, longer ones, and a split with nothing."""
+    contexts shorter than one key tile per split, longer ones, and a split with nothing.
+    Both kernels launch as dependents (PEARL_PDL=1) or plainly."""
     from pearl_runtime.attention.gpu import TritonBackend
+    monkeypatch.setenv("PEARL_PDL", pdl)
     q_lens = [1, 5, 1, 16]
     ctx_lens = [1000, 333, 3, 70]
     q, kc, vc, ctx = _case(q_lens, ctx_lens, heads, kv_heads, head_dim, 16, dtype, seed=1)
