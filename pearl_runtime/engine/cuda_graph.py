@@ -7,10 +7,7 @@ rows a sequence pair, not 2 x 16 as a per-sequence padded layout made it (at bat
 72B target, padding was most of a compute-bound verify). Rows past the step's tokens, and
 sequences past its batch (no queries), are padding; their K/V go to a scratch block the
 block manager never hands out. Only the decoder body is captured; picking logit rows and
-the LM head run eagerly (their size varies). A greedy decode step (one token a sequence, the
-draft's chained steps and chained ar) can take the LM head and its argmax in a second small
-graph per decode bucket instead (`greedy`): eagerly they were ~10 small kernels a step, row
-select, fp32 copy, argmax, each with its launch gap (BENCHMARKS.md, session 11).
+the LM head run eagerly (their size varies).
 """
 import logging
 import time
@@ -37,10 +34,8 @@ class GraphRunner:
     RING = 4   # pinned staging buffers per graph
 
     def __init__(self, model, device, block_size: int, scratch_slot: int, max_blocks_per_seq: int,
-                 max_batch: int, q_buckets: tuple[int, ...], greedy_heads: bool = False):
+                 max_batch: int, q_buckets: tuple[int, ...]):
         self.model, self.device = model, device
-        self.greedy_heads = greedy_heads   # capture `heads` (not for TP ranks: their head gathers)
-        self.heads: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}   # decode bucket -> LM head + argmax
         self.block_size, self.scratch_slot = block_size, scratch_slot
         self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
         self.q_buckets = sorted(q_buckets)
@@ -109,20 +104,10 @@ class GraphRunner:
                 set_context(None)
             self.pool = graph.pool()
             self.graphs[(b, t)] = (graph, buf)
-            if self.greedy_heads and t == b:
-                self.model.logits(buf["hidden"]).argmax(-1)   # warm up
-                torch.cuda.synchronize(self.device)
-                head = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(head, pool=self.pool, stream=capture_stream):
-                    # argmax of the dtype's logits: the fp32 copy the eager path makes is exact
-                    buf["greedy"] = self.model.logits(buf["hidden"]).argmax(-1)
-                self.pool = head.pool()
-                self.heads[(b, t)] = head
         torch.cuda.synchronize(self.device)
         used = (torch.cuda.memory_reserved(self.device) - reserved_before) / 2**20
-        log.info("cuda graphs: captured %d (batch %s x tokens, packed; queries up to %d a sequence) and %d greedy "
-                 "heads in %.1f s, %.0f MiB", len(self.graphs), self.batch_buckets, self.max_q, len(self.heads),
-                 time.perf_counter() - start, used)
+        log.info("cuda graphs: captured %d (batch %s x tokens, packed; queries up to %d a sequence) in %.1f s, "
+                 "%.0f MiB", len(self.graphs), self.batch_buckets, self.max_q, time.perf_counter() - start, used)
 
     def key(self, batch: int, tokens: int, longest: int = 1) -> tuple[int, int] | None:
         """The graph for `batch` sequences feeding `tokens` tokens in all, none more than
@@ -142,17 +127,6 @@ class GraphRunner:
     def run(self, step, key: tuple[int, int], device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replay; returns hidden states of the step's logit rows. `device_ids` (on the
         device, in the step's token order) replaces step.ids."""
-        rows, buf = self._replay(step, key, device_ids)
-        return buf["hidden"].index_select(0, buf["rows"][:rows])
-
-    @torch.inference_mode()
-    def greedy(self, step, key: tuple[int, int], device_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """A decode step (key in `heads`) and its argmax tokens, [sequences], on the device."""
-        rows, buf = self._replay(step, key, device_ids)
-        self.heads[key].replay()
-        return buf["greedy"][:rows].clone()   # the next replay overwrites the buffer
-
-    def _replay(self, step, key: tuple[int, int], device_ids: torch.Tensor | None) -> tuple[int, dict]:
         b, t = key
         self.hits += 1
         graph, buf = self.graphs[key]
@@ -164,7 +138,7 @@ class GraphRunner:
         if device_ids is not None:
             buf["ids"][:len(step.ids)].copy_(device_ids)
         graph.replay()
-        return rows, buf
+        return buf["hidden"].index_select(0, buf["rows"][:rows])
 
 
 def pack_inputs(step, b: int, t: int, max_blocks: int, scratch_slot: int, h64: np.ndarray, h32: np.ndarray) -> int:

@@ -74,7 +74,6 @@ class ModelRunner:
         self.num_blocks = min_over_ranks(cfg.num_blocks or self._blocks_for(cfg.kv_cache_gb))
         self._allocate_kv_cache()
         self.graphs = None
-        self._greedy_paths: set[bool] = set()   # greedy_tokens' paths logged so far
         self._eager_shapes: Counter[tuple[int, int]] = Counter()   # eager steps by (batch, query) class
         self.model.model.skinny_ops = self._skinny_ops(cfg.skinny_linears)
         if self.synthetic and self.synthetic.get("accept") is not None:
@@ -84,8 +83,7 @@ class ModelRunner:
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.graphs = GraphRunner(self.model, self.device, self.block_size, self.scratch_slot,
                                       max_blocks_per_seq=-(-self.max_model_len // self.block_size),
-                                      max_batch=cfg.max_num_seqs, q_buckets=cfg.graph_query_lens,
-                                      greedy_heads=self.chains_on_device)
+                                      max_batch=cfg.max_num_seqs, q_buckets=cfg.graph_query_lens)
             self.graphs.capture()
         log.info("forward path: %s", "cuda graphs for steps within buckets, eager otherwise"
                  if self.graphs else "eager")
@@ -164,18 +162,15 @@ class ModelRunner:
             block_tables=torch.tensor(step.block_tables, dtype=torch.int32, device=dev),
             max_q_len=max(step.q_lens), max_context_len=max(step.ctx_lens))
 
-    def _current_device(self) -> None:
-        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
-            # the current device is per thread, and services run forwards on worker threads:
-            # Triton kernels, events and streams follow it, not the tensors
-            torch.cuda.set_device(self.device)
-
     @torch.inference_mode()
     def execute(self, step: StepInput, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor work of one forward (every TP rank runs this with the same StepInput).
         `ids`, a device tensor, replaces step.ids: a chained step feeds the last step's output
         without a round trip through the host."""
-        self._current_device()
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            # the current device is per thread, and services run forwards on worker threads:
+            # Triton kernels, events and streams follow it, not the tensors
+            torch.cuda.set_device(self.device)
         if self.graphs is not None:
             if (key := self.graphs.bucket(step)) is not None:
                 return self.model.logits(self.graphs.run(step, key, ids)).float()
@@ -220,21 +215,6 @@ class ModelRunner:
     chains_on_device = True
 
     @torch.inference_mode()
-    def greedy_tokens(self, step: StepInput, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The argmax token of each logit row, on the device: a decode step in its graph
-        with the LM head and argmax in the graph too, anything else through `execute`."""
-        self._current_device()
-        key = self.graphs.bucket(step) if self.graphs is not None else None
-        head = key is not None and key in self.graphs.heads
-        if head not in self._greedy_paths:   # each path once: a chain's catch-up step takes the other
-            self._greedy_paths.add(head)
-            log.info("greedy steps: %s", "LM head and argmax in the decode graph" if head else
-                     "LM head and argmax eager (a step outside the decode graphs, or no head graphs)")
-        if head:
-            return self.graphs.greedy(step, key, ids)
-        return self.execute(step, ids).argmax(-1)
-
-    @torch.inference_mode()
     def greedy_chain(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
         """`steps` greedy decode steps with a single device sync, at the end: step k > 0 takes
         step k-1's argmax straight from the device, so the host prepares step k while the
@@ -242,7 +222,7 @@ class ModelRunner:
         host work and syncs). The caller has made cache room for `steps` - 1 more tokens.
         Appends the tokens to each sequence; the last one is not fed, as after `run`."""
         first = self.prepare(seqs)
-        tokens = [self.greedy_tokens(first)]
+        tokens = [self.execute(first).argmax(-1)]
         base = [len(s) for s in seqs]
         bs, n = self.block_size, len(seqs)
         for k in range(1, steps):
@@ -251,7 +231,7 @@ class ModelRunner:
                              slots=[s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)],
                              q_lens=[1] * n, ctx_lens=[p + 1 for p in pos], cu_seqlens_q=list(range(n + 1)),
                              block_tables=first.block_tables, logit_rows=list(range(n)))
-            tokens.append(self.greedy_tokens(step, tokens[-1]))
+            tokens.append(self.execute(step, tokens[-1]).argmax(-1))
         out = torch.stack(tokens, 1).tolist()
         for seq, new in zip(seqs, out):
             seq.token_ids.extend(new)

@@ -79,34 +79,6 @@ def test_ragged_verify_in_a_packed_graph_matches_eager(llama_dir):
     torch.testing.assert_close(logits["graph"], logits["eager"], rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_chain_with_head_graphs_matches_eager_heads(llama_dir):
-    """Chained greedy steps (the draft's, chained ar's) with the LM head and argmax in the
-    decode graphs give the tokens of the same runner with those graphs dropped (the head
-    then runs eagerly), for one sequence and for a padded batch of three."""
-    from pearl_runtime.engine.sequence import Sequence
-    eng = LLMEngine(EngineConfig(model=str(llama_dir), device="cuda", dtype="float32", num_blocks=512,
-                                 max_num_seqs=8), load_tok=False)
-    graphs = eng.runner.graphs
-    heads = dict(graphs.heads)
-    assert (1, 1) in heads and (4, 4) in heads, f"decode buckets without a head graph: {sorted(heads)}"
-    for n in (1, 3):
-        out = {}
-        for path in ("head", "eager"):
-            graphs.heads = heads if path == "head" else {}
-            seqs = [Sequence(list(p)) for p in _prompts(n, seed=5)]
-            for seq in seqs:
-                eng.blocks.allocate(seq)
-                assert eng.blocks.ensure_capacity(seq, len(seq) + 20)
-            out[path] = eng.runner.greedy_chain(seqs, 1)                    # the prompts
-            hits = graphs.hits
-            out[path] = [a + b for a, b in zip(out[path], eng.runner.greedy_chain(seqs, 12))]
-            assert graphs.hits - hits == 12, "the chained decode steps did not all replay graphs"
-            for seq in seqs:
-                eng.blocks.free_seq(seq)
-        graphs.heads = heads
-        assert out["head"] == out["eager"], f"batch {n}: head graphs {out['head']} vs eager {out['eager']}"
-
-
 async def _wait_port(ports, name, tasks):
     """Until a service is listening; a service that failed to start fails the test here."""
     while name not in ports:
