@@ -66,6 +66,20 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                             f"draft {self.drafter.vocab_size}")
         return reply
 
+    def _remeasure_steps(self) -> None:
+        """Time the step again as a target connects and keep, per batch size, the lower of this
+        and the earlier readings. On a shared GPU the start-time reading can overlap the
+        target's own start-up (graph capture, verify timing) and read double (seen: 1.29
+        against 0.55 ms at bs 1), and auto gamma then ran the whole benchmark at 3; sharing
+        only ever adds time, so the lowest reading is the cleanest."""
+        again = measure_step_ms(self.drafter.runner, query_len=1)
+        lowered = {b: (round(self.step_ms[b], 3), round(t, 3)) for b, t in again.items()
+                   if b in self.step_ms and t < 0.9 * self.step_ms[b]}
+        self.step_ms = {b: min(t, again.get(b, t)) for b, t in self.step_ms.items()}
+        if lowered:
+            log.warning("draft step re-timed at connect came out lower: an earlier reading shared the GPU",
+                        **{f"bs{b}": f"{old} -> {new} ms" for b, (old, new) in lowered.items()})
+
     def _locked(self, fn, *args):
         with self.lock:
             return fn(*args)
@@ -134,6 +148,8 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "hello":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Speculate must open with a Hello")
+        if self.step_ms:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self._locked, self._remeasure_steps)
         reply = self._hello(first.hello)
         yield draft_pb2.FromDraft(hello=reply)
         if not reply.accepted:
