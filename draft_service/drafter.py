@@ -25,8 +25,9 @@ class Mirror:
 @dataclass
 class DraftResult:
     seq_ids: list[int]
-    tokens: torch.Tensor             # int32 [n, gamma]; -1 where nothing was drafted
+    tokens: torch.Tensor | None      # int32 [n, gamma]; -1 where nothing was drafted
     probs: torch.Tensor | None       # float32 [n, gamma, vocab] when any sequence samples
+    device_tokens: torch.Tensor | None = None   # [n, gamma] still on the device (tokens is None)
 
 
 class Drafter:
@@ -37,8 +38,21 @@ class Drafter:
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         self.paths = Counter()   # rounds drafted by each path, for logs and tests
         self._last_path = None
+        self._unsettled = None   # a round whose tokens were left on the device: (seqs, host copy, event)
+
+    def settle(self) -> None:
+        """Give the sequences of a round drafted with its tokens left on the device those
+        tokens (its copy to the host has long finished by the time the next round comes)."""
+        if self._unsettled is None:
+            return
+        seqs, host, done = self._unsettled
+        self._unsettled = None
+        if done is not None:
+            done.synchronize()
+        self.runner.commit_chain(seqs, host.tolist())
 
     def close(self, mirror: Mirror) -> None:
+        self.settle()
         for seq in mirror.seqs.values():
             self.blocks.free_seq(seq)
         mirror.seqs.clear()
@@ -47,6 +61,7 @@ class Drafter:
               verdicts: list[list[int]]) -> None:
         """verdicts: (seq_id, length, last token[, keep]) rows; keep 0 drops the drafts past
         `length` (the target trimmed what it carries), -1 or absent keeps them."""
+        self.settle()
         for sid in removes:
             seq = mirror.seqs.pop(sid, None)
             if seq is not None:
@@ -102,11 +117,14 @@ class Drafter:
             on_early(next(parts))
         return next(parts)
 
-    def parts(self, mirror: Mirror, gamma: int, early: int = 0) -> Iterator[DraftResult]:
+    def parts(self, mirror: Mirror, gamma: int, early: int = 0, on_device: bool = False) -> Iterator[DraftResult]:
         """`draft` as a generator: with 0 < early < gamma it first yields the first `early`
         tokens of every sequence, then (when resumed, from any thread) the whole round. The
         caller picks where each part runs: the draft service sends the early part from its
-        event loop before it drafts the rest."""
+        event loop before it drafts the rest. `on_device` (no early part): where the round
+        chains on the device, its tokens stay there (DraftResult.device_tokens, no sync) and
+        the sequences get them at the next call (`settle`)."""
+        self.settle()
         seq_ids = list(mirror.seqs)
         seqs = [mirror.seqs[s] for s in seq_ids]
         early = early if 0 < early < gamma else 0
@@ -114,6 +132,10 @@ class Drafter:
         # (two with an early part)
         if (seqs and self.runner.chains_on_device and all(s.params.greedy for s in seqs)
                 and all(self._ready(s, gamma) for s in seqs)):
+            if on_device and not early:
+                self._path("chained, tokens left on the device")
+                yield DraftResult(seq_ids, None, None, device_tokens=self._defer(seqs, gamma))
+                return
             self._path("chained")
             out = self.runner.greedy_chain(seqs, early) if early else [[] for _ in seqs]
             if early:
@@ -157,3 +179,15 @@ class Drafter:
         if early and step < early:   # stopped before the early part was complete: send what exists
             yield head()
         yield DraftResult(seq_ids, tokens, probs)
+
+    def _defer(self, seqs: list[Sequence], gamma: int) -> torch.Tensor:
+        tokens = self.runner.greedy_chain(seqs, gamma, defer=True)
+        if tokens.is_cuda:   # their way to the host starts now and is awaited next round
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(tokens.device))
+        else:
+            host, done = tokens, None
+        self._unsettled = (seqs, host, done)
+        return tokens

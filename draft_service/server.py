@@ -18,11 +18,14 @@ from pearl_runtime.engine.step_timer import measure_step_ms
 from pearl_runtime.rpc import params as wire_params
 from pearl_runtime.rpc import tensors
 from pearl_runtime.rpc.identity import tokenizer_hash
+from pearl_runtime.rpc.ipc import TokenExport
 from pearl_runtime.rpc.server import bind, new_server
 from draft_service.drafter import Drafter, Mirror
 from draft_service.round_profile import RoundClock, RoundProfiler
 
 log = structlog.get_logger()
+
+MAX_DEVICE_GAMMA = 64   # columns of a stream's device token buffer: longer rounds go inline
 
 
 class DraftServicer(draft_pb2_grpc.DraftServicer):
@@ -80,6 +83,17 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
             log.warning("draft step re-timed at connect came out lower: an earlier reading shared the GPU",
                         **{f"bs{b}": f"{old} -> {new} ms" for b, (old, new) in lowered.items()})
 
+    def _export(self, hello: draft_pb2.Hello) -> TokenExport | None:
+        """A device buffer for this stream's sd draft tokens, when the target asks and the
+        drafter chains its steps on the device (one process, not a TP group)."""
+        if not hello.device_tokens or not self.drafter.runner.chains_on_device:
+            return None
+        runner = self.drafter.runner
+        export = TokenExport(runner.device, rows=runner.cfg.max_num_seqs, cols=MAX_DEVICE_GAMMA)
+        log.info("draft tokens of sd rounds can stay on the device", target=hello.target_id,
+                 device=str(runner.device), generation=export.generation)
+        return export
+
     def _locked(self, fn, *args):
         with self.lock:
             return fn(*args)
@@ -97,10 +111,10 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         finally:
             self.lock.release()
 
-    def _inline_round(self, mirror: Mirror, rnd: draft_pb2.Round, received: float | None = None
-                      ) -> draft_pb2.DraftBatch | None:
+    def _inline_round(self, mirror: Mirror, rnd: draft_pb2.Round, received: float | None = None,
+                      export: TokenExport | None = None) -> draft_pb2.DraftBatch | None:
         """A round without an early part, on the event loop (`_inline`)."""
-        return self._inline(self._round, mirror, rnd, None, received)
+        return self._inline(self._round, mirror, rnd, None, received, export)
 
     def _head_path(self, name: str) -> None:
         self.head_paths[name] += 1
@@ -108,25 +122,26 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
             log.info("head-start round path", path=name, rounds=self.head_paths[name])
 
     def _round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None,
-               received: float | None = None) -> draft_pb2.DraftBatch:
+               received: float | None = None, export: TokenExport | None = None) -> draft_pb2.DraftBatch:
         """`received`: when the round came off the stream (time.monotonic), for RoundClock and
-        the batch's received_at."""
+        the batch's received_at. `export`: the stream's device token buffer, if any."""
         if self.profiler is None:
-            return self._timed_round(mirror, rnd, on_early, received)
+            return self._timed_round(mirror, rnd, on_early, received, export)
         self.profiler.begin()
         try:
-            return self._timed_round(mirror, rnd, on_early, received)
+            return self._timed_round(mirror, rnd, on_early, received, export)
         finally:
             self.profiler.end()
 
     def _timed_round(self, mirror: Mirror, rnd: draft_pb2.Round, on_early=None,
-                     received: float | None = None) -> draft_pb2.DraftBatch:
-        parts = self._parts(mirror, rnd, received)
+                     received: float | None = None, export: TokenExport | None = None) -> draft_pb2.DraftBatch:
+        parts = self._parts(mirror, rnd, received, export)
         if on_early is not None and 0 < rnd.early < rnd.gamma:   # runs on the forward thread, mid-round
             on_early(next(parts))
         return next(parts)
 
-    def _parts(self, mirror: Mirror, rnd: draft_pb2.Round, received: float | None = None):
+    def _parts(self, mirror: Mirror, rnd: draft_pb2.Round, received: float | None = None,
+               export: TokenExport | None = None):
         """The round's DraftBatches, as they exist: the early one when the round asks for one
         (0 < early < gamma), then the whole one. The first `next` applies the round."""
         start = time.monotonic()
@@ -134,12 +149,14 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         verdicts = tensors.decode_ints(rnd.verdicts) if not tensors.is_empty(rnd.verdicts) else []
         self.drafter.apply(mirror, adds, list(rnd.removes), verdicts)
         applied = time.monotonic()
-        parts = self.drafter.parts(mirror, rnd.gamma, rnd.early)
+        on_device = (export is not None and rnd.device_tokens and not 0 < rnd.early < rnd.gamma
+                     and len(mirror.seqs) * rnd.gamma <= export.flat.numel())
+        parts = self.drafter.parts(mirror, rnd.gamma, rnd.early, on_device=on_device)
         if 0 < rnd.early < rnd.gamma:
             yield _batch(rnd.round_id, next(parts), start, received, early=True)
         result = next(parts)
         drafted = time.monotonic()
-        batch = _batch(rnd.round_id, result, start, received)
+        batch = _batch(rnd.round_id, result, start, received, export=export)
         if self.clock is not None and received is not None:
             self.clock.add(received, start, applied, drafted, time.monotonic())
         yield batch
@@ -151,6 +168,9 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         if self.step_ms:
             await asyncio.get_running_loop().run_in_executor(self.executor, self._locked, self._remeasure_steps)
         reply = self._hello(first.hello)
+        export = self._export(first.hello) if reply.accepted else None
+        if export is not None:
+            reply.ipc_buffers.append(export.describe())
         yield draft_pb2.FromDraft(hello=reply)
         if not reply.accepted:
             log.warning("refused target", target=first.hello.target_id, reason=reply.reason)
@@ -166,7 +186,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a Round after the Hello")
                 if 0 < msg.round.early < msg.round.gamma:
                     # the early part goes out while the rest of the round is still drafting
-                    parts = self._parts(mirror, msg.round, received)
+                    parts = self._parts(mirror, msg.round, received, export)
                     if (head := self._inline(next, parts)) is not None:
                         # grpc resumes this generator once the early part is on its way, and
                         # the rest is drafted here too: two thread hops fewer, and no fight
@@ -190,15 +210,17 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                             await work
                         yield _sent(await head)
                         batch = await work
-                elif (batch := self._inline_round(mirror, msg.round, received)) is None:
+                elif (batch := self._inline_round(mirror, msg.round, received, export)) is None:
                     batch = await loop.run_in_executor(self.executor, self._locked, self._round, mirror, msg.round,
-                                                       None, received)
+                                                       None, received, export)
                 yield _sent(batch)
         finally:
             # a dead target's stream ends in cancellation, and an await here would be cancelled
             # too (the mirror would leak its KV blocks): hand the release to the forward thread
             if not self.closing:   # else the engine goes away whole, with every mirror's blocks
                 self.executor.submit(self._locked, self.drafter.close, mirror)
+            if export is not None:
+                export.close()
             self.streams -= 1
             log.info("target disconnected", target=first.hello.target_id, streams=self.streams)
 
@@ -209,8 +231,12 @@ def _resolve(fut: asyncio.Future, value) -> None:
 
 
 def _batch(round_id: int, result, start: float, received: float | None = None,
-           early: bool = False) -> draft_pb2.DraftBatch:
-    batch = draft_pb2.DraftBatch(round_id=round_id, seq_ids=result.seq_ids, tokens=tensors.encode(result.tokens),
+           early: bool = False, export: TokenExport | None = None) -> draft_pb2.DraftBatch:
+    if result.device_tokens is not None:   # sent as soon as the device has its write queued
+        tokens = export.publish(result.device_tokens)
+    else:
+        tokens = tensors.encode(result.tokens)
+    batch = draft_pb2.DraftBatch(round_id=round_id, seq_ids=result.seq_ids, tokens=tokens,
                                  early=early, received_at=received or 0.0)
     if result.probs is not None:
         batch.probs.CopyFrom(tensors.encode(result.probs))

@@ -105,7 +105,8 @@ def cmd_target(args) -> None:
         run_async(_until_signal(serve(_engine_config(args, model), args.host, args.port, args.mode, draft, gamma,
                                       ar_steps=args.ar_steps, max_gamma=args.max_gamma,
                                       head_start=_head_start(args.head_start),
-                                      head_start_quorum=_quorum(args.head_start_quorum))))
+                                      head_start_quorum=_quorum(args.head_start_quorum),
+                                      device_tokens=args.device_tokens == "on")))
 
 
 def cmd_gateway(args) -> None:
@@ -313,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ceiling of auto gamma (verifies longer than the largest graph bucket run eagerly)")
     t.add_argument("--ar-steps", type=int, default=int(_env("AR_STEPS", 4)),
                    help="ar mode: greedy decode steps chained on the device per round (1: one step, one sync)")
+    t.add_argument("--device-tokens", choices=("on", "off"), default=_env("DEVICE_TOKENS", "on"),
+                   help="sd mode: take greedy draft tokens through a device buffer the draft shares (CUDA IPC), "
+                        "not through the host; falls back to inline by itself where it cannot (logged)")
     t.set_defaults(fn=cmd_target)
 
     g = sub.add_parser("gateway", help="run the gateway")

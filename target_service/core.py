@@ -46,6 +46,27 @@ class DraftTokens:
     probs: torch.Tensor | None = None
 
 
+PLACEHOLDER = -1   # a draft token still on the device: replaced before anything judges it
+
+
+@dataclass
+class DeviceDrafts:
+    """An sd round's draft tokens, attached while still on the device: the verify reads them
+    from `ids` (every request's fed tokens, [last committed] + gamma drafts, in order) and the
+    host gets them back with the logits (`settle`)."""
+    reqs: list[Request]
+    ids: torch.Tensor   # int64 on the target's device
+    gamma: int
+
+    def settle(self, fed: list[int]) -> None:
+        """fed: `ids` on the host. The drafts replace the placeholders in pending and the sequence."""
+        g = self.gamma
+        for i, req in enumerate(self.reqs):
+            drafts = fed[i * (g + 1) + 1:(i + 1) * (g + 1)]
+            req.pending = drafts
+            req.seq.token_ids[len(req.seq) - g:] = drafts
+
+
 class TargetCore:
     def __init__(self, cfg: EngineConfig):
         self.runner = make_runner(cfg)   # TP group when cfg.tp_size > 1
@@ -107,13 +128,46 @@ class TargetCore:
                 taken[req.seq.seq_id] = len(toks)
         return taken
 
-    def forward(self, reqs: list[Request]) -> list[tuple[torch.Tensor, list[int]]]:
+    def attach_device(self, reqs: list[Request], seq_ids: list[int], tokens: torch.Tensor) -> DeviceDrafts | None:
+        """sd's draft tokens still on the device ([n, gamma], rows in `seq_ids` order). When
+        every request verifies just its last token plus the whole draft (no prompt in the
+        round, room in the cache), they attach as placeholders and the verify feeds them from
+        the device. Otherwise they come to the host first (one sync) and attach as usual: None."""
+        g = tokens.shape[1]
+        row = {sid: i for i, sid in enumerate(seq_ids)}
+        if not (self.runner.chains_on_device and g > 0
+                and all(r.seq.seq_id in row and not r.pending and len(r.seq) - r.seq.num_kv == 1 for r in reqs)
+                and all(self.blocks.ensure_capacity(r.seq, len(r.seq) + g) for r in reqs)):
+            host = tokens.tolist()
+            self.attach(reqs, {sid: DraftTokens(host[i]) for i, sid in enumerate(seq_ids)})
+            return None
+        dev = self.runner.device
+        rows = [row[r.seq.seq_id] for r in reqs]
+        if rows != list(range(len(seq_ids))):
+            tokens = tokens[torch.tensor(rows, device=tokens.device)]
+        last = torch.tensor([r.seq.token_ids[-1] for r in reqs], dtype=torch.int64).to(dev)
+        ids = torch.cat([last[:, None], tokens.to(dev, torch.int64)], 1).view(-1)
+        for r in reqs:
+            r.pending = [PLACEHOLDER] * g
+            r.seq.token_ids.extend(r.pending)
+        return DeviceDrafts(reqs, ids, g)
+
+    def forward(self, reqs: list[Request], handoff: DeviceDrafts | None = None
+                ) -> list[tuple[torch.Tensor, list[int]]]:
         """Verify step: rows for [last committed] + pending of every request (a new request
         feeds its whole prompt and gets one row). Returns each request's logit rows and their
-        argmax, taken for the whole batch with one device sync."""
+        argmax, taken for the whole batch with one device sync. `handoff`: the pending tokens
+        are on the device; they come to the host in that same sync."""
         sizes = [len(r.pending) + 1 for r in reqs]
-        logits = self.runner.run([r.seq for r in reqs], sizes)
-        best = logits.argmax(-1).tolist()
+        if handoff is None:
+            logits = self.runner.run([r.seq for r in reqs], sizes)
+            best = logits.argmax(-1).tolist()
+        else:
+            logits = self.runner.run([r.seq for r in reqs], sizes, ids=handoff.ids)
+            n = logits.shape[0]
+            both = torch.cat([logits.argmax(-1), handoff.ids]).tolist()
+            best = both[:n]
+            handoff.settle(both[n:])
         starts = accumulate(sizes, initial=0)
         return [(rows, best[s:s + n]) for rows, s, n in zip(logits.split(sizes), starts, sizes)]
 

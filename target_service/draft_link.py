@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import grpc
 import structlog
+import torch
 
 from pearl.v1 import draft_pb2, draft_pb2_grpc
+from pearl_runtime.rpc.ipc import IpcUnavailable, TokenImport
 from pearl_runtime.rpc.server import GRPC_OPTIONS, host_id
 
 log = structlog.get_logger()
@@ -42,8 +44,12 @@ class TransportSplit:
 
 
 class DraftLink:
-    def __init__(self, address: str, hello: draft_pb2.Hello, round_timeout_s: float = 60.0):
+    def __init__(self, address: str, hello: draft_pb2.Hello, round_timeout_s: float = 60.0,
+                 device: torch.device | None = None):
+        """device: this target's, where the draft's token buffer is opened (hello.device_tokens)."""
         self.address = address
+        self.device = device or torch.device("cpu")
+        self.tokens_in: TokenImport | None = None   # the draft's device token buffer, when opened
         self.hello = hello
         self.hello.host_id = self.hello.host_id or host_id()
         self.round_timeout_s = round_timeout_s
@@ -69,10 +75,25 @@ class DraftLink:
             raise DraftRefused(msg.hello.reason)
         self.generation += 1
         self.info = msg.hello
+        self.tokens_in = self._open_tokens(msg.hello)
         self.connected = True
         self._lost.clear()
         log.info("draft connected; speculation on", draft=self.address, draft_model=msg.hello.draft_model,
                  generation=self.generation)
+
+    def _open_tokens(self, reply: draft_pb2.HelloReply) -> TokenImport | None:
+        if not self.hello.device_tokens:
+            return None
+        if not reply.ipc_buffers:
+            log.info("draft tokens travel inline: the draft shares no device buffer", draft=self.address)
+            return None
+        try:
+            tokens_in = TokenImport(reply.ipc_buffers[0], self.device)
+        except IpcUnavailable as e:
+            log.warning("draft tokens travel inline", draft=self.address, reason=str(e)[:200])
+            return None
+        log.info("draft tokens of sd rounds stay on the device", draft=self.address, via=tokens_in.how)
+        return tokens_in
 
     async def maintain(self, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                        refused_backoff_s: float = 30.0) -> None:
@@ -137,6 +158,7 @@ class DraftLink:
 
     async def mark_down(self) -> None:
         self.connected = False
+        self.tokens_in = None
         await self._close()
         self._lost.set()
 

@@ -21,7 +21,7 @@ from pearl_runtime.rpc import params as wire_params
 from pearl_runtime.rpc import tensors
 from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.server import bind, new_server
-from target_service.core import DraftTokens, Request, TargetCore
+from target_service.core import DeviceDrafts, DraftTokens, Request, TargetCore
 from target_service.draft_link import DraftLink
 from pearl_runtime.engine.step_timer import VerifyCost, measure_verify_cost
 from target_service.gamma_tuner import GammaTuner
@@ -60,10 +60,11 @@ class RoundStats:
 class TargetService:
     def __init__(self, cfg: EngineConfig, mode: str = "pearl", draft_address: str | None = None,
                  gamma: int | None = 4, max_waiting: int = 1024, ar_steps: int = 4, max_gamma: int = 16,
-                 head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM):
+                 head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM, device_tokens: bool = True):
         """gamma None: auto, from the measured draft and target step times (GPU), else 4.
         ar_steps: ar mode chains up to this many greedy decode steps a round on the device
-        (one host sync for all; tokens stream in bursts of that many)."""
+        (one host sync for all; tokens stream in bursts of that many). device_tokens: in sd,
+        ask the draft to leave greedy draft tokens on the device (pearl_runtime/rpc/ipc.py)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if ar_steps < 1:
@@ -99,9 +100,13 @@ class TargetService:
         self.tok_hash = tokenizer_hash(self.tokenizer)
         self.link = None
         if mode != "ar" and draft_address:
+            device = self.core.runner.device
             hello = draft_pb2.Hello(target_id=f"target-{id(self):x}", tokenizer_hash=self.tok_hash,
-                                    vocab_size=self.core.runner.model_cfg.vocab_size, device=-1)
-            self.link = DraftLink(draft_address, hello)
+                                    vocab_size=self.core.runner.model_cfg.vocab_size,
+                                    device=device.index if device.type == "cuda" else -1,
+                                    device_tokens=device_tokens and mode == "sd" and self.core.runner.chains_on_device)
+            self.link = DraftLink(draft_address, hello, device=device)
+        self.token_paths = Counter()   # sd rounds by how their draft tokens came, for logs and tests
         self.inbox: deque = deque()           # ("submit", stream, Submission) | ("cancel", stream, id)
         self.wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-forward")
@@ -228,14 +233,15 @@ class TargetService:
                 # fresh tokens continue after what each sequence took from the early part
                 drafts = self._parse(batch, skip=taken)
             else:
+                rnd.device_tokens = self.link.tokens_in is not None
                 sent = time.perf_counter()
                 batch = await self.link.exchange(rnd)
                 wait_ms = exchange_ms = (time.perf_counter() - sent) * 1e3
-                self.core.attach(reqs, self._parse(batch))
+                handoff = self._attach_drafts(reqs, batch)
                 # nothing overlaps sd's verify, so it runs right here: the hop to the forward
                 # thread and back cost ~0.1 ms a round; the exchange above already gave the
                 # loop its turn to stream the last round's tokens and take new requests
-                logits, target_ms, _ = self._timed_forward(reqs)
+                logits, target_ms, _ = self._timed_forward(reqs, handoff)
         else:
             logits, target_ms, _ = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
         before = [(len(r.seq) - len(r.pending), r.drafted, r.accepted) for r in reqs]
@@ -286,12 +292,32 @@ class TargetService:
                 target_pb2.SeqUpdate(request_id=req.request_id, error=message,
                                      error_code=grpc.StatusCode.INTERNAL.value[0])])))
 
-    def _timed_forward(self, reqs):
+    def _attach_drafts(self, reqs: list[Request], batch) -> DeviceDrafts | None:
+        """sd: the round's draft tokens join the verify. Inline ones attach as they are; ones
+        left on the device are fed to the verify from there when the round allows it
+        (returned), else read to the host first. The path is counted and logged."""
+        if batch is None:
+            return None
+        if not batch.tokens.HasField("ipc"):
+            self.core.attach(reqs, self._parse(batch))
+            self._token_path("inline")
+            return None
+        tokens = self.link.tokens_in.read(batch.tokens)
+        handoff = self.core.attach_device(reqs, list(batch.seq_ids), tokens)
+        self._token_path("device" if handoff is not None else "device, read on the host (the round feeds a prompt)")
+        return handoff
+
+    def _token_path(self, path: str) -> None:
+        self.token_paths[path] += 1
+        if self.token_paths[path] in (1, 100, 10000):
+            log.info("sd draft tokens", path=path, rounds=self.token_paths[path])
+
+    def _timed_forward(self, reqs, handoff: DeviceDrafts | None = None):
         # tokens a sequence feeds, on average: what a packed verify's time depends on (a PEARL
         # round judges the last round's drafts, so this is not the round's own gamma + 1)
         self._query_len = sum(len(r.seq) - r.seq.num_kv for r in reqs) / len(reqs)
         t = time.perf_counter()
-        logits = self.core.forward(reqs)
+        logits = self.core.forward(reqs, handoff)
         # forward() ends in a device sync (argmax to host): the time is the GPU's
         done = time.perf_counter()
         return logits, (done - t) * 1e3, done
@@ -463,11 +489,12 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
 
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, mode: str = "pearl",
                 draft_address: str | None = None, gamma: int = 4, ready=None, ar_steps: int = 4,
-                max_gamma: int = 16, head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM) -> None:
+                max_gamma: int = 16, head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM,
+                device_tokens: bool = True) -> None:
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
     service = TargetService(cfg, mode, draft_address, gamma, ar_steps=ar_steps, max_gamma=max_gamma,
-                             head_start=head_start, head_start_quorum=head_start_quorum)
+                             head_start=head_start, head_start_quorum=head_start_quorum, device_tokens=device_tokens)
     server = new_server()
     target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(service), server)
     bound = bind(server, host, port)

@@ -8,21 +8,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("target_id", "tokenizer_hash", "vocab_size", "host_id", "device")
+    __slots__ = ("target_id", "tokenizer_hash", "vocab_size", "host_id", "device", "device_tokens")
     TARGET_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     target_id: str
     tokenizer_hash: str
     vocab_size: int
     host_id: str
     device: int
-    def __init__(self, target_id: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., host_id: _Optional[str] = ..., device: _Optional[int] = ...) -> None: ...
+    device_tokens: bool
+    def __init__(self, target_id: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., host_id: _Optional[str] = ..., device: _Optional[int] = ..., device_tokens: _Optional[bool] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("accepted", "reason", "draft_model", "tokenizer_hash", "vocab_size", "step_batch_sizes", "step_ms", "verdict_keep")
+    __slots__ = ("accepted", "reason", "draft_model", "tokenizer_hash", "vocab_size", "step_batch_sizes", "step_ms", "verdict_keep", "ipc_buffers")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +33,7 @@ class HelloReply(_message.Message):
     STEP_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     STEP_MS_FIELD_NUMBER: _ClassVar[int]
     VERDICT_KEEP_FIELD_NUMBER: _ClassVar[int]
+    IPC_BUFFERS_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     draft_model: str
@@ -39,7 +42,8 @@ class HelloReply(_message.Message):
     step_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     step_ms: _containers.RepeatedScalarFieldContainer[float]
     verdict_keep: bool
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., draft_model: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., step_batch_sizes: _Optional[_Iterable[int]] = ..., step_ms: _Optional[_Iterable[float]] = ..., verdict_keep: _Optional[bool] = ...) -> None: ...
+    ipc_buffers: _containers.RepeatedCompositeFieldContainer[_common_pb2.IpcBuffer]
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., draft_model: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., step_batch_sizes: _Optional[_Iterable[int]] = ..., step_ms: _Optional[_Iterable[float]] = ..., verdict_keep: _Optional[bool] = ..., ipc_buffers: _Optional[_Iterable[_Union[_common_pb2.IpcBuffer, _Mapping]]] = ...) -> None: ...
 
 class SeqAdd(_message.Message):
     __slots__ = ("seq_id", "token_ids", "params")
@@ -52,20 +56,22 @@ class SeqAdd(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("round_id", "gamma", "adds", "removes", "verdicts", "early")
+    __slots__ = ("round_id", "gamma", "adds", "removes", "verdicts", "early", "device_tokens")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     GAMMA_FIELD_NUMBER: _ClassVar[int]
     ADDS_FIELD_NUMBER: _ClassVar[int]
     REMOVES_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     EARLY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     gamma: int
     adds: _containers.RepeatedCompositeFieldContainer[SeqAdd]
     removes: _containers.RepeatedScalarFieldContainer[int]
     verdicts: _common_pb2.Tensor
     early: int
-    def __init__(self, round_id: _Optional[int] = ..., gamma: _Optional[int] = ..., adds: _Optional[_Iterable[_Union[SeqAdd, _Mapping]]] = ..., removes: _Optional[_Iterable[int]] = ..., verdicts: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., early: _Optional[int] = ...) -> None: ...
+    device_tokens: bool
+    def __init__(self, round_id: _Optional[int] = ..., gamma: _Optional[int] = ..., adds: _Optional[_Iterable[_Union[SeqAdd, _Mapping]]] = ..., removes: _Optional[_Iterable[int]] = ..., verdicts: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., early: _Optional[int] = ..., device_tokens: _Optional[bool] = ...) -> None: ...
 
 class ToDraft(_message.Message):
     __slots__ = ("hello", "round")

@@ -215,12 +215,14 @@ class ModelRunner:
     chains_on_device = True
 
     @torch.inference_mode()
-    def greedy_chain(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
+    def greedy_chain(self, seqs: list[Sequence], steps: int, defer: bool = False):
         """`steps` greedy decode steps with a single device sync, at the end: step k > 0 takes
         step k-1's argmax straight from the device, so the host prepares step k while the
         device still runs step k-1 (on a GPU the draft's small steps are otherwise bound by
         host work and syncs). The caller has made cache room for `steps` - 1 more tokens.
-        Appends the tokens to each sequence; the last one is not fed, as after `run`."""
+        Appends the tokens to each sequence; the last one is not fed, as after `run`.
+        `defer`: no sync; returns the tokens as a device tensor [n, steps] and leaves the
+        sequences as they were until `commit_chain` gets the tokens."""
         first = self.prepare(seqs)
         tokens = [self.execute(first).argmax(-1)]
         base = [len(s) for s in seqs]
@@ -232,17 +234,28 @@ class ModelRunner:
                              q_lens=[1] * n, ctx_lens=[p + 1 for p in pos], cu_seqlens_q=list(range(n + 1)),
                              block_tables=first.block_tables, logit_rows=list(range(n)))
             tokens.append(self.execute(step, tokens[-1]).argmax(-1))
+        if defer:
+            return torch.stack(tokens, 1)
         out = torch.stack(tokens, 1).tolist()
+        self.commit_chain(seqs, out)
+        return out
+
+    @staticmethod
+    def commit_chain(seqs: list[Sequence], out: list[list[int]]) -> None:
+        """What greedy_chain does to the sequences once their tokens are on the host."""
         for seq, new in zip(seqs, out):
             seq.token_ids.extend(new)
             seq.num_kv = len(seq) - 1
-        return out
 
-    def run(self, seqs: list[Sequence], num_logits: list[int] | None = None) -> torch.Tensor:
+    def run(self, seqs: list[Sequence], num_logits: list[int] | None = None,
+            ids: torch.Tensor | None = None) -> torch.Tensor:
         """Feed every token of each sequence that is not in the KV cache yet. Returns fp32
         logits for the last `num_logits[i]` fed positions of each sequence (default 1),
-        concatenated in order: [sum(num_logits), vocab]."""
-        logits = self.execute(self.prepare(seqs, num_logits))
+        concatenated in order: [sum(num_logits), vocab]. `ids` (on the device, int64, in the
+        fed order) replaces the sequences' own tokens: draft tokens that never left the GPU."""
+        step = self.prepare(seqs, num_logits)
+        # a TP group's execute takes host inputs only (chains_on_device is False there)
+        logits = self.execute(step) if ids is None else self.execute(step, ids)
         for seq in seqs:
             seq.num_kv = len(seq)
         return logits

@@ -88,8 +88,8 @@ def test_the_early_part_reaches_the_target_before_the_rest_is_drafted(servicer):
     got_early = threading.Event()
     real_parts = servicer.drafter.parts
 
-    def parts(*args):
-        it = real_parts(*args)
+    def parts(*args, **kw):
+        it = real_parts(*args, **kw)
         yield next(it)
         assert got_early.wait(10), "the early part did not arrive before the rest was drafted"
         yield next(it)

@@ -1,0 +1,98 @@
+"""sd's draft tokens through the draft's device buffer (pearl_runtime/rpc/ipc.py) with a real
+draft service in this process: the buffer is shared in process here (on a GPU between
+processes it is CUDA IPC: tests/gpu/test_device_tokens_gpu.py). Greedy output equals the
+target-only output on every path: the tokens fed from the buffer, read to the host first (a
+round that prefills a prompt), and inline (the target did not ask)."""
+import asyncio
+
+from pearl.v1 import common_pb2, draft_pb2_grpc, target_pb2
+from pearl_runtime.config import EngineConfig
+from pearl_runtime.rpc.server import bind, new_server
+from target_service.server import GatewayStream, TargetService
+from tests.services.procs import reference_greedy
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [3, 4], [20, 21, 22]]
+MAX_TOKENS = [20, 14, 17, 9]
+LATE = 3   # the last request arrives after this many rounds: its prompt's round reads the drafts on the host
+
+
+async def drive(target_cfg: EngineConfig, draft_address: str, device_tokens: bool):
+    """An sd TargetService on `target_cfg` linked to the draft at `draft_address`, round by round
+    over PROMPTS (the last one arriving late). Returns the outputs, the service (its link is
+    down by then) and how the link read the draft's buffer (None: it did not)."""
+    service = TargetService(target_cfg, mode="sd", draft_address=draft_address, gamma=3, device_tokens=device_tokens)
+    keeper = asyncio.get_running_loop().create_task(service.link.maintain())
+    try:
+        async with asyncio.timeout(60):
+            while not service.link.connected:
+                await asyncio.sleep(0.01)
+        how = service.link.tokens_in.how if service.link.tokens_in is not None else None
+        stream = GatewayStream()
+
+        def submit(i):
+            service.submit(stream, target_pb2.Submission(request_id=str(i), prompt_ids=PROMPTS[i],
+                           params=common_pb2.SamplingParams(max_tokens=MAX_TOKENS[i], ignore_eos=True)))
+
+        for i in range(len(PROMPTS) - 1):
+            submit(i)
+        got, done, rounds = {str(i): [] for i in range(len(PROMPTS))}, 0, 0
+        async with asyncio.timeout(120):
+            while done < len(PROMPTS):
+                if rounds == LATE:
+                    submit(len(PROMPTS) - 1)
+                service._drain_inbox()
+                await service.round()
+                rounds += 1
+                while not stream.out.empty():
+                    for u in stream.out.get_nowait().tokens.updates:
+                        got[u.request_id] += list(u.token_ids)
+                        done += bool(u.finish_reason)
+        return [got[str(i)] for i in range(len(PROMPTS))], service, how
+    finally:
+        keeper.cancel()
+        await service.link.mark_down()
+
+
+def check_paths(service, inline) -> None:
+    """The device run fed its verifies from the buffer (and read it on the host in the late
+    prompt's round); the inline run never touched it; both judged the same tokens."""
+    paths = service.token_paths
+    assert paths["device"] > 5, paths
+    assert paths["device, read on the host (the round feeds a prompt)"] >= 1, paths
+    assert "inline" not in paths
+    assert set(inline.token_paths) == {"inline"}, inline.token_paths
+    # the same tokens drafted and judged either way: the device path fed the verify the draft's
+    # real tokens (placeholders, or stale buffer contents, would be rejected)
+    assert 0 < service.stats.accepted_tokens < service.stats.drafted_tokens
+    assert (service.stats.accepted_tokens, service.stats.drafted_tokens, service.stats.rounds) == \
+        (inline.stats.accepted_tokens, inline.stats.drafted_tokens, inline.stats.rounds)
+
+
+async def _in_process(target_dir, draft_dir, device_tokens: bool):
+    from draft_service.server import DraftServicer
+    draft = DraftServicer(EngineConfig(model=str(draft_dir), num_blocks=256))
+    server = new_server()
+    draft_pb2_grpc.add_DraftServicer_to_server(draft, server)
+    port = bind(server, "127.0.0.1", 0)
+    await server.start()
+    try:
+        got, service, how = await drive(EngineConfig(model=str(target_dir), num_blocks=256), f"127.0.0.1:{port}",
+                                        device_tokens)
+        return got, service, how, draft
+    finally:
+        await server.stop(None)
+        draft.close()
+
+
+def test_sd_draft_tokens_on_the_device_are_lossless(llama_dir, draft_factory):
+    refs = reference_greedy(llama_dir, PROMPTS, MAX_TOKENS)
+    draft_dir = draft_factory(llama_dir, "perturbed")
+    got, service, how, draft = asyncio.run(_in_process(llama_dir, draft_dir, device_tokens=True))
+    inline_got, inline, inline_how, inline_draft = asyncio.run(_in_process(llama_dir, draft_dir, device_tokens=False))
+    assert got == refs and inline_got == refs
+    assert how == "shared in process" and inline_how is None
+    check_paths(service, inline)
+    paths = service.token_paths
+    assert draft.drafter.paths["chained, tokens left on the device"] == paths["device"] + paths[
+        "device, read on the host (the round feeds a prompt)"]
+    assert "chained, tokens left on the device" not in inline_draft.drafter.paths
