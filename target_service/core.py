@@ -144,8 +144,8 @@ class TargetCore:
         dev = self.runner.device
         rows = [row[r.seq.seq_id] for r in reqs]
         if rows != list(range(len(seq_ids))):
-            tokens = tokens[torch.tensor(rows, device=tokens.device)]
-        last = torch.tensor([r.seq.token_ids[-1] for r in reqs], dtype=torch.int64).to(dev)
+            tokens = tokens[_upload(rows, tokens.device)]
+        last = _upload([r.seq.token_ids[-1] for r in reqs], dev)
         ids = torch.cat([last[:, None], tokens.to(dev, torch.int64)], 1).view(-1)
         for r in reqs:
             r.pending = [PLACEHOLDER] * g
@@ -245,3 +245,13 @@ class TargetCore:
                 out.append(row + (0 if r.trimmed else -1,) if keep_column else row)
                 r.trimmed = False
         return out
+
+
+def _upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 values on `device` without blocking the host: a copy from pageable memory would
+    wait for the stream, which is held on the draft's event until its steps finish."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    host = torch.empty(len(values), dtype=torch.int64, pin_memory=True)   # torch's pinned cache
+    host.copy_(torch.tensor(values, dtype=torch.int64))
+    return host.to(device, non_blocking=True)
