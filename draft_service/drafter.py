@@ -38,17 +38,19 @@ class Drafter:
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         self.paths = Counter()   # rounds drafted by each path, for logs and tests
         self._last_path = None
-        self._unsettled = None   # a round whose tokens were left on the device: (seqs, host copy, event)
+        self._unsettled = None   # a round whose tokens were left on the device: (seqs, host copy, events)
+        self.last_device_ms = None   # the device time of the last such round, once settled
 
     def settle(self) -> None:
         """Give the sequences of a round drafted with its tokens left on the device those
         tokens (its copy to the host has long finished by the time the next round comes)."""
         if self._unsettled is None:
             return
-        seqs, host, done = self._unsettled
+        seqs, host, start, done = self._unsettled
         self._unsettled = None
         if done is not None:
             done.synchronize()
+            self.last_device_ms = start.elapsed_time(done)
         self.runner.commit_chain(seqs, host.tolist())
 
     def close(self, mirror: Mirror) -> None:
@@ -181,13 +183,16 @@ class Drafter:
         yield DraftResult(seq_ids, tokens, probs)
 
     def _defer(self, seqs: list[Sequence], gamma: int) -> torch.Tensor:
+        timed = self.runner.device.type == "cuda"
+        if timed:   # the round's device time, read at settle (the host is done long before)
+            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         tokens = self.runner.greedy_chain(seqs, gamma, defer=True)
-        if tokens.is_cuda:   # their way to the host starts now and is awaited next round
+        if timed:   # their way to the host starts now and is awaited next round
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(tokens.device))
+            done.record()
         else:
-            host, done = tokens, None
-        self._unsettled = (seqs, host, done)
+            host, start, done = tokens, None, None
+        self._unsettled = (seqs, host, start, done)
         return tokens
