@@ -457,7 +457,7 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
             verify_times=[target_pb2.VerifyTime(batch=b, query=q, ms=t)
                           for q, row in self.service.verify_cost.table.items() for b, t in row.items()],
             judged_runs=[target_pb2.JudgedRun(judged=j, accepted=a, count=c) for (j, a), c in s.judged_runs.items()],
-            **self._split())
+            device_token_rounds=self.service.token_paths["device"], **self._split())
 
     def _split(self) -> dict:
         split = self.service.link.split if self.service.link is not None else None

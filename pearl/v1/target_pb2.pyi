@@ -12,7 +12,7 @@ class MetricsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TargetMetrics(_message.Message):
-    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "head_start_rounds", "draft_connected", "exchange_ms", "gamma_sum", "gamma_by_batch", "verify_times", "judged_runs", "xfer_out_ms", "xfer_back_ms", "xfer_rounds")
+    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "head_start_rounds", "draft_connected", "exchange_ms", "gamma_sum", "gamma_by_batch", "verify_times", "judged_runs", "xfer_out_ms", "xfer_back_ms", "xfer_rounds", "device_token_rounds")
     class GammaByBatchEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class TargetMetrics(_message.Message):
     XFER_OUT_MS_FIELD_NUMBER: _ClassVar[int]
     XFER_BACK_MS_FIELD_NUMBER: _ClassVar[int]
     XFER_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TOKEN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     speculative_rounds: int
     draft_ms: float
@@ -62,7 +63,8 @@ class TargetMetrics(_message.Message):
     xfer_out_ms: float
     xfer_back_ms: float
     xfer_rounds: int
-    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ..., gamma_sum: _Optional[int] = ..., gamma_by_batch: _Optional[_Mapping[int, int]] = ..., verify_times: _Optional[_Iterable[_Union[VerifyTime, _Mapping]]] = ..., judged_runs: _Optional[_Iterable[_Union[JudgedRun, _Mapping]]] = ..., xfer_out_ms: _Optional[float] = ..., xfer_back_ms: _Optional[float] = ..., xfer_rounds: _Optional[int] = ...) -> None: ...
+    device_token_rounds: int
+    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ..., gamma_sum: _Optional[int] = ..., gamma_by_batch: _Optional[_Mapping[int, int]] = ..., verify_times: _Optional[_Iterable[_Union[VerifyTime, _Mapping]]] = ..., judged_runs: _Optional[_Iterable[_Union[JudgedRun, _Mapping]]] = ..., xfer_out_ms: _Optional[float] = ..., xfer_back_ms: _Optional[float] = ..., xfer_rounds: _Optional[int] = ..., device_token_rounds: _Optional[int] = ...) -> None: ...
 
 class JudgedRun(_message.Message):
     __slots__ = ("judged", "accepted", "count")

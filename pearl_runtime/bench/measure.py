@@ -22,6 +22,10 @@ Columns (per batch size; "a round" is one batched target forward, Metrics diff /
   the round message, judging, committing, streaming, the hop to the forward thread) that
   nothing overlaps. In PEARL the draft exchange runs during the forward, so its transport is
   hidden there or shows up in wait_ms.
+- sd with the drafts left on the device (TargetMetrics.device_token_rounds): draft_ms is the
+  draft's device time (its steps run on after it replies), target_ms the verify's device time,
+  xfer_ms the two hops (out + back), host_ms = round - draft - target - xfer: host work and
+  the GPU's idle gaps between draft and verify.
 - xfer_ms = exchange - draft: the draft round trip's transport (gRPC, serialization, the
   draft's event loop) beyond the draft's own time, per round. exchange is the time from
   sending the round to receiving the draft's batch; in sd it equals wait, in PEARL it runs
@@ -56,7 +60,7 @@ from pearl_runtime.rpc.server import GRPC_OPTIONS
 
 COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms",
             "committed_tokens", "drafted_tokens", "accepted_tokens", "head_start_rounds", "gamma_sum",
-            "xfer_out_ms", "xfer_back_ms", "xfer_rounds")
+            "xfer_out_ms", "xfer_back_ms", "xfer_rounds", "device_token_rounds")
 
 
 class BenchError(RuntimeError):
@@ -143,6 +147,13 @@ def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float, list]
     rounds = max(1, m["rounds"])
     per = {k: m[k] / rounds for k in ("draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms")}
     xfer = max(0.0, per["exchange_ms"] - per["draft_ms"]) if mode != "ar" else 0.0
+    host = per["round_ms"] - per["target_ms"] - per["wait_ms"]
+    if mode == "sd" and m["device_token_rounds"] and m["xfer_rounds"]:
+        # drafts left on the device: the draft reports its steps' device time (they run on
+        # after it has replied) and the target its verify's, so the round trip is the two hops
+        # and the rest of the round is host work and the GPU's idle gaps between the two
+        xfer = (m["xfer_out_ms"] + m["xfer_back_ms"]) / m["xfer_rounds"]
+        host = per["round_ms"] - per["draft_ms"] - per["target_ms"] - xfer
     forwards = sum(c.stats.target_forwards for c in completions)
     tokens = sum(c.stats.new_tokens for c in completions)
     ttft = [c.stats.time_to_first_token_ms for c in completions]
@@ -156,7 +167,7 @@ def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float, list]
         "accept_rate": m["accepted_tokens"] / m["drafted_tokens"] if m["drafted_tokens"] else None,
         "round_ms": per["round_ms"], "draft_ms": per["draft_ms"], "target_ms": per["target_ms"],
         "wait_ms": per["wait_ms"],
-        "host_ms": per["round_ms"] - per["target_ms"] - per["wait_ms"],
+        "host_ms": host,
         "xfer_ms": xfer, "xfer_share": xfer / per["round_ms"] if per["round_ms"] else 0.0,
         # its two hops, where the draft shares the target's clock (TargetMetrics.xfer_out_ms)
         "xfer_out_ms": m["xfer_out_ms"] / m["xfer_rounds"] if m["xfer_rounds"] else None,

@@ -162,6 +162,9 @@ def table(rows: list[dict]) -> str:
                  "full x: the rate while every request of the batch is decoding (until the first one ends), over ar's; "
                  "xfer = draft round trip minus the draft's own time (overlapped with the forward in pearl), "
                  "xfer% of the round; same = greedy outputs identical to ar")
+    if any(r.get("metrics_diff", {}).get("device_token_rounds") for r in rows if r["mode"] == "sd"):
+        lines.append("sd with draft tokens left on the device: draft and target are device times, xfer the two "
+                     "hops (out + back), host the rest of the round (host work and the GPU's idle gaps)")
     return "\n".join(lines)
 
 

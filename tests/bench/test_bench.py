@@ -464,3 +464,25 @@ def test_bench_records_each_services_keep_awake(monkeypatch):
     assert _keep_awake_setting(off, "cuda:0", "cuda:1") == {"target": False, "draft": False}
     monkeypatch.setenv("PEARL_KEEP_AWAKE", "on")
     assert _keep_awake_setting(plain, "cpu", "cpu") == {"target": True, "draft": True}
+
+
+def test_sd_row_with_device_tokens_splits_the_round_by_its_hops():
+    """sd rounds whose drafts stayed on the device report device times for the draft and the
+    verify: the row's transport is then the two hops and host the rest of the round; rows
+    without such rounds keep exchange - draft."""
+    from types import SimpleNamespace
+
+    from pearl_runtime.bench.measure import COUNTERS, row
+    stats = SimpleNamespace(time_to_first_token_ms=10.0, target_forwards=30, new_tokens=128)
+    runs = [([SimpleNamespace(stats=stats, token_ids=[1] * 128)], 1.0, [[(0.01, 1), (1.0, 127)]])]   # (time, tokens) arrivals
+    m = {k: 0 for k in COUNTERS} | {"rounds": 30, "speculative_rounds": 30, "draft_ms": 30 * 4.0,
+                                    "target_ms": 30 * 6.0, "wait_ms": 30 * 1.0, "exchange_ms": 30 * 1.0,
+                                    "round_ms": 30 * 11.0, "xfer_out_ms": 30 * 0.3, "xfer_back_ms": 30 * 0.2,
+                                    "xfer_rounds": 30, "device_token_rounds": 29, "committed_tokens": 128,
+                                    "gamma_sum": 150, "gamma_by_batch": {}, "path": "sd", "judged_runs": [],
+                                    "gamma": 5}
+    x = row("sd", 1, 128, runs, m)
+    assert x["xfer_ms"] == pytest.approx(0.5)
+    assert x["host_ms"] == pytest.approx(11.0 - 4.0 - 6.0 - 0.5)
+    inline = row("sd", 1, 128, runs, m | {"device_token_rounds": 0, "exchange_ms": 30 * 4.6, "wait_ms": 30 * 4.6})
+    assert inline["xfer_ms"] == pytest.approx(0.6) and inline["host_ms"] == pytest.approx(11.0 - 6.0 - 4.6)
