@@ -129,6 +129,22 @@ class DraftLink:
             return await self._lost_with(e)
         return await self._read(rnd.round_id, early=rnd.early > 0)
 
+    async def device_tokens(self, msg) -> torch.Tensor | None:
+        """A batch's tokens left in the draft's device buffer, once its event says they are
+        written (polled, yielding to the event loop); None, and the link marked down, when the
+        stream ends or the round's deadline passes first (a draft that died mid-round never
+        records the event)."""
+        tokens_in = self.tokens_in
+        deadline = time.monotonic() + self.round_timeout_s
+        while tokens_in is not None and not tokens_in.written():
+            if self.call is None or self.call.done() or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0)
+        else:
+            if tokens_in is not None:
+                return tokens_in.view(msg)
+        return await self._lost_with(ConnectionError("the draft went away before its device tokens were written"))
+
     async def rest(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
         """The whole batch of a round whose early part `exchange` returned."""
         return await self._read(rnd.round_id, early=False)

@@ -237,7 +237,7 @@ class TargetService:
                 sent = time.perf_counter()
                 batch = await self.link.exchange(rnd)
                 wait_ms = exchange_ms = (time.perf_counter() - sent) * 1e3
-                handoff = self._attach_drafts(reqs, batch)
+                handoff, batch = await self._attach_drafts(reqs, batch)
                 # nothing overlaps sd's verify, so it runs right here: the hop to the forward
                 # thread and back cost ~0.1 ms a round; the exchange above already gave the
                 # loop its turn to stream the last round's tokens and take new requests
@@ -292,20 +292,23 @@ class TargetService:
                 target_pb2.SeqUpdate(request_id=req.request_id, error=message,
                                      error_code=grpc.StatusCode.INTERNAL.value[0])])))
 
-    def _attach_drafts(self, reqs: list[Request], batch) -> DeviceDrafts | None:
+    async def _attach_drafts(self, reqs: list[Request], batch):
         """sd: the round's draft tokens join the verify. Inline ones attach as they are; ones
         left on the device are fed to the verify from there when the round allows it
-        (returned), else read to the host first. The path is counted and logged."""
+        (returned), else read to the host first. The path is counted and logged. Returns
+        (device drafts or None, the batch or None when the draft went away before writing)."""
         if batch is None:
-            return None
+            return None, None
         if not batch.tokens.HasField("ipc"):
             self.core.attach(reqs, self._parse(batch))
             self._token_path("inline")
-            return None
-        tokens = self.link.tokens_in.read(batch.tokens)
+            return None, batch
+        tokens = await self.link.device_tokens(batch.tokens)
+        if tokens is None:   # the round goes on without drafts (the link is down: ar until it is back)
+            return None, None
         handoff = self.core.attach_device(reqs, list(batch.seq_ids), tokens)
         self._token_path("device" if handoff is not None else "device, read on the host (the round feeds a prompt)")
-        return handoff
+        return handoff, batch
 
     def _token_path(self, path: str) -> None:
         self.token_paths[path] += 1

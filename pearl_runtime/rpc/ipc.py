@@ -4,8 +4,9 @@ Through the host, an sd round's hand-off is: the draft syncs on its last step, t
 in the DraftBatch, and the target copies them back up before it launches the verify, while the
 GPU waits for all of it. With a shared buffer the draft writes the round's tokens into it on
 the device, records an interprocess event and sends the DraftBatch at once (an IpcSlice in
-place of the bytes); the target enqueues its verify behind a wait on that event while the
-draft's steps are still running, and reads the tokens back after the verify, with its logits.
+place of the bytes); the target prepares its verify while the draft's steps still run, polls
+the event and launches the verify the moment it completes, and reads the tokens back after
+the verify, with its logits. (Not a stream wait on the event: see `written`.)
 On one H200 (scripts/ipc_handoff_probe.py, BENCHMARKS.md session 12) a hand-off over the host
 left the GPU idle 0.16 ms longer than one over an event, without counting gRPC.
 
@@ -102,12 +103,16 @@ class TokenImport:
             raise IpcUnavailable(f"cannot open the draft's CUDA IPC buffer: {e}") from e
         self.how = "CUDA IPC" + ("" if desc.gpu_uuid == gpu_uuid(device) else " from a peer GPU")
 
-    def read(self, msg: common_pb2.Tensor) -> torch.Tensor:
-        """A round's tokens as a view of the buffer; on a GPU this target's current stream first
-        waits on the draft's event, so everything enqueued after this reads them written."""
+    def written(self) -> bool:
+        """Whether the draft's last write has landed (its event has completed). Polled from
+        the host, never waited on by a stream: a stream waiting on the event of a process that
+        died before its record ran waits forever, and with it this process's GPU work
+        (scripts/ipc_event_death_probe.py, one H100)."""
+        return self.event is None or self.event.query()
+
+    def view(self, msg: common_pb2.Tensor) -> torch.Tensor:
+        """A round's tokens as a view of the buffer (read them once `written()`)."""
         if msg.ipc.generation != self.generation:
             raise ValueError(f"IpcSlice of generation {msg.ipc.generation}, the stream's buffer is {self.generation}")
         n, g = msg.shape
-        if self.event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.event)
         return self.flat[:n * g].view(n, g)

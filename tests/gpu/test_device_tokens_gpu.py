@@ -31,3 +31,31 @@ def test_sd_device_tokens_over_cuda_ipc_between_processes(llama_dir, draft_facto
     assert got == refs and inline_got == refs
     check_paths(service, inline)
     assert "tokens left on the device" in draft.log()
+
+
+def test_a_draft_killed_mid_run_leaves_the_target_serving(llama_dir, draft_factory, tmp_path):
+    """SIGKILL the draft between rounds, with its last round's tokens possibly still pending on
+    the GPU: the target gives the tokens up (it polls their event; a stream wait on it would
+    hang), serves on without a draft, and its output stays the target-only one."""
+    import signal
+    import threading
+    draft = Service("draft", ["--model", str(draft_factory(llama_dir, "perturbed")), "--device", "cuda",
+                              "--dtype", "float32", "--keep-awake", "off"], tmp_path, "draft", log_level="info")
+    draft.start()
+    killed = threading.Event()
+
+    def kill_at(k):
+        if k == 6 and not killed.is_set():
+            threading.Thread(target=lambda: (time.sleep(0.0005), draft.kill(signal.SIGKILL), killed.set())).start()
+
+    try:
+        draft.wait_listening(time.time() + 300)
+        cfg = EngineConfig(model=str(llama_dir), device="cuda", dtype="float32", num_blocks=256)
+        start = time.time()
+        got, service, how = asyncio.run(drive(cfg, draft.address, device_tokens=True, on_round=kill_at))
+    finally:
+        draft.kill()
+    assert how == "CUDA IPC" and killed.is_set()
+    assert time.time() - start < 120
+    assert got == reference_greedy(llama_dir, PROMPTS, MAX_TOKENS)
+    assert service.stats.speculative_rounds < service.stats.rounds   # rounds after the kill ran without drafts

@@ -16,10 +16,11 @@ MAX_TOKENS = [20, 14, 17, 9]
 LATE = 3   # the last request arrives after this many rounds: its prompt's round reads the drafts on the host
 
 
-async def drive(target_cfg: EngineConfig, draft_address: str, device_tokens: bool):
+async def drive(target_cfg: EngineConfig, draft_address: str, device_tokens: bool, on_round=None):
     """An sd TargetService on `target_cfg` linked to the draft at `draft_address`, round by round
     over PROMPTS (the last one arriving late). Returns the outputs, the service (its link is
-    down by then) and how the link read the draft's buffer (None: it did not)."""
+    down by then) and how the link read the draft's buffer (None: it did not). `on_round(k)`
+    runs before round k."""
     service = TargetService(target_cfg, mode="sd", draft_address=draft_address, gamma=3, device_tokens=device_tokens)
     keeper = asyncio.get_running_loop().create_task(service.link.maintain())
     try:
@@ -40,6 +41,8 @@ async def drive(target_cfg: EngineConfig, draft_address: str, device_tokens: boo
             while done < len(PROMPTS):
                 if rounds == LATE:
                     submit(len(PROMPTS) - 1)
+                if on_round is not None:
+                    on_round(rounds)
                 service._drain_inbox()
                 await service.round()
                 rounds += 1
@@ -96,3 +99,34 @@ def test_sd_draft_tokens_on_the_device_are_lossless(llama_dir, draft_factory):
     assert draft.drafter.paths["chained, tokens left on the device"] == paths["device"] + paths[
         "device, read on the host (the round feeds a prompt)"]
     assert "chained, tokens left on the device" not in inline_draft.drafter.paths
+
+
+def test_device_tokens_of_a_draft_that_went_away_are_given_up():
+    """A draft killed mid-round never records its event: the link polls it from the host (a
+    stream waiting on it would wait forever), gives up when the stream has ended, marks itself
+    down and the round goes on without drafts."""
+    from types import SimpleNamespace
+
+    from pearl.v1 import common_pb2, draft_pb2
+    from target_service.draft_link import DraftLink
+
+    class NeverWritten:
+        def written(self):
+            return False
+
+        def view(self, msg):
+            raise AssertionError("read before written")
+
+    async def main():
+        link = DraftLink("127.0.0.1:1", draft_pb2.Hello(device_tokens=True))
+        ended = SimpleNamespace(done=lambda: ended.finished, cancel=lambda: None, finished=False)
+        link.call, link.connected, link.tokens_in = ended, True, NeverWritten()
+        asyncio.get_running_loop().call_later(0.05, setattr, ended, "finished", True)
+        msg = common_pb2.Tensor(dtype="int32", shape=[1, 3], ipc=common_pb2.IpcSlice(generation=1))
+        start = asyncio.get_running_loop().time()
+        got = await link.device_tokens(msg)
+        return got, link, asyncio.get_running_loop().time() - start
+
+    got, link, waited = asyncio.run(main())
+    assert got is None and not link.connected and link.tokens_in is None and link.call is None
+    assert 0.04 < waited < 5
