@@ -150,7 +150,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         self.drafter.apply(mirror, adds, list(rnd.removes), verdicts)
         applied = time.monotonic()
         on_device = (export is not None and rnd.device_tokens and not 0 < rnd.early < rnd.gamma
-                     and len(mirror.seqs) * rnd.gamma <= export.flat.numel())
+                     and export.fits(len(mirror.seqs), rnd.gamma))
         parts = self.drafter.parts(mirror, rnd.gamma, rnd.early, on_device=on_device)
         if 0 < rnd.early < rnd.gamma:
             yield _batch(rnd.round_id, next(parts), start, received, early=True)

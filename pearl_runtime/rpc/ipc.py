@@ -4,9 +4,10 @@ Through the host, an sd round's hand-off is: the draft syncs on its last step, t
 in the DraftBatch, and the target copies them back up before it launches the verify, while the
 GPU waits for all of it. With a shared buffer the draft writes the round's tokens into it on
 the device, records an interprocess event and sends the DraftBatch at once (an IpcSlice in
-place of the bytes); the target prepares its verify while the draft's steps still run, polls
-the event and launches the verify the moment it completes, and reads the tokens back after
-the verify, with its logits. (Not a stream wait on the event: see `written`.)
+place of the bytes); the target polls the event and launches its verify the moment it
+completes, and reads the tokens back after the verify, with its logits. The draft's sync and
+the batch's hop back then happen while the draft's steps still run. (Not a stream wait on
+the event: see `written`.)
 On one H200 (scripts/ipc_handoff_probe.py, BENCHMARKS.md session 12) a hand-off over the host
 left the GPU idle 0.16 ms longer than one over an event, without counting gRPC.
 
@@ -60,8 +61,8 @@ class TokenExport:
             msg.event_handle = self.event.ipc_handle()
         return msg
 
-    def fits(self, tokens: torch.Tensor) -> bool:
-        return tokens.shape[0] * tokens.shape[1] <= self.flat.numel()
+    def fits(self, seqs: int, gamma: int) -> bool:
+        return seqs * gamma <= self.flat.numel()
 
     def publish(self, tokens: torch.Tensor) -> common_pb2.Tensor:
         """Write a round's tokens ([n, gamma], on this export's device) behind the work that
