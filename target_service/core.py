@@ -57,7 +57,6 @@ class DeviceDrafts:
     reqs: list[Request]
     ids: torch.Tensor   # int64 on the target's device
     gamma: int
-    verify_ms: float | None = None   # the verify's own GPU time (its stream first waits out the draft)
 
     def settle(self, fed: list[int]) -> None:
         """fed: `ids` on the host. The drafts replace the placeholders in pending and the sequence."""
@@ -164,20 +163,9 @@ class TargetCore:
             logits = self.runner.run([r.seq for r in reqs], sizes)
             best = logits.argmax(-1).tolist()
         else:
-            # timed on the device: on the host the step would include the draft's last steps,
-            # which the stream waits for, and auto gamma would price them as verify time
-            timed = logits = None
-            if handoff.ids.is_cuda:
-                timed = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                timed[0].record()
             logits = self.runner.run([r.seq for r in reqs], sizes, ids=handoff.ids)
             n = logits.shape[0]
-            both = torch.cat([logits.argmax(-1), handoff.ids])
-            if timed is not None:
-                timed[1].record()
-            both = both.tolist()
-            if timed is not None:
-                handoff.verify_ms = timed[0].elapsed_time(timed[1])
+            both = torch.cat([logits.argmax(-1), handoff.ids]).tolist()
             best = both[:n]
             handoff.settle(both[n:])
         starts = accumulate(sizes, initial=0)
@@ -260,8 +248,8 @@ class TargetCore:
 
 
 def _upload(values: list[int], device: torch.device) -> torch.Tensor:
-    """int64 values on `device` without blocking the host: a copy from pageable memory would
-    wait for the stream, which is held on the draft's event until its steps finish."""
+    """int64 values on `device` without a host sync (a copy from pageable memory waits for the
+    stream): the verify's launch is what the GPU waits for."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=torch.int64, device=device)
     host = torch.empty(len(values), dtype=torch.int64, pin_memory=True)   # torch's pinned cache

@@ -23,9 +23,9 @@ Columns (per batch size; "a round" is one batched target forward, Metrics diff /
   nothing overlaps. In PEARL the draft exchange runs during the forward, so its transport is
   hidden there or shows up in wait_ms.
 - sd with the drafts left on the device (TargetMetrics.device_token_rounds): draft_ms is the
-  draft's device time (its steps run on after it replies), target_ms the verify's device time,
-  xfer_ms the two hops (out + back), host_ms = round - draft - target - xfer: host work and
-  the GPU's idle gaps between draft and verify.
+  draft's device time (its steps run on after it replies; reported a round late), xfer_ms the
+  two hops (out + back), host_ms = round - draft - target - xfer: host work and the GPU's idle
+  gaps between draft and verify.
 - xfer_ms = exchange - draft: the draft round trip's transport (gRPC, serialization, the
   draft's event loop) beyond the draft's own time, per round. exchange is the time from
   sending the round to receiving the draft's batch; in sd it equals wait, in PEARL it runs
@@ -150,8 +150,8 @@ def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float, list]
     host = per["round_ms"] - per["target_ms"] - per["wait_ms"]
     if mode == "sd" and m["device_token_rounds"] and m["xfer_rounds"]:
         # drafts left on the device: the draft reports its steps' device time (they run on
-        # after it has replied) and the target its verify's, so the round trip is the two hops
-        # and the rest of the round is host work and the GPU's idle gaps between the two
+        # after it has replied), so the round trip is the two hops and the rest of the round
+        # is host work and the GPU's idle gaps between draft and verify
         xfer = (m["xfer_out_ms"] + m["xfer_back_ms"]) / m["xfer_rounds"]
         host = per["round_ms"] - per["draft_ms"] - per["target_ms"] - xfer
     forwards = sum(c.stats.target_forwards for c in completions)

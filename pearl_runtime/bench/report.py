@@ -163,7 +163,7 @@ def table(rows: list[dict]) -> str:
                  "xfer = draft round trip minus the draft's own time (overlapped with the forward in pearl), "
                  "xfer% of the round; same = greedy outputs identical to ar")
     if any(r.get("metrics_diff", {}).get("device_token_rounds") for r in rows if r["mode"] == "sd"):
-        lines.append("sd with draft tokens left on the device: draft and target are device times, xfer the two "
+        lines.append("sd with draft tokens left on the device: draft is the draft's device time, xfer the two "
                      "hops (out + back), host the rest of the round (host work and the GPU's idle gaps)")
     return "\n".join(lines)
 
