@@ -130,3 +130,36 @@ def test_device_tokens_of_a_draft_that_went_away_are_given_up():
     got, link, waited = asyncio.run(main())
     assert got is None and not link.connected and link.tokens_in is None and link.call is None
     assert 0.04 < waited < 5
+
+
+def test_two_targets_on_one_draft_each_get_their_own_buffer(llama_dir, draft_factory):
+    """Two sd targets share one draft, their rounds interleaving: each stream has its own device
+    buffer, and a round left on the device for one target is settled into its mirror before the
+    other target's round drafts."""
+    from draft_service.server import DraftServicer
+    refs = reference_greedy(llama_dir, PROMPTS, MAX_TOKENS)
+
+    async def main():
+        draft = DraftServicer(EngineConfig(model=str(draft_factory(llama_dir, "perturbed")), num_blocks=512))
+        server = new_server()
+        draft_pb2_grpc.add_DraftServicer_to_server(draft, server)
+        port = bind(server, "127.0.0.1", 0)
+        await server.start()
+        try:
+            cfg = EngineConfig(model=str(llama_dir), num_blocks=256)
+            runs = await asyncio.gather(drive(cfg, f"127.0.0.1:{port}", True), drive(cfg, f"127.0.0.1:{port}", True))
+            return runs, draft
+        finally:
+            await server.stop(None)
+            draft.close()
+
+    (a, b), draft = asyncio.run(main())
+    for got, service, how in (a, b):
+        assert got == refs and how == "shared in process"
+        assert service.token_paths["device"] > 5, service.token_paths
+    assert a[1].link.generation == b[1].link.generation == 1
+    # the same work judged the same drafts: neither mirror took the other's tokens
+    assert (a[1].stats.accepted_tokens, a[1].stats.drafted_tokens, a[1].stats.rounds) == \
+        (b[1].stats.accepted_tokens, b[1].stats.drafted_tokens, b[1].stats.rounds)
+    assert draft.drafter.paths["chained, tokens left on the device"] == sum(
+        s.token_paths["device"] + s.token_paths["device, read on the host (the round feeds a prompt)"] for _, s, _ in (a, b))
