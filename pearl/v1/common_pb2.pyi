@@ -59,7 +59,7 @@ class IpcSlice(_message.Message):
     def __init__(self, buffer: _Optional[int] = ..., offset: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class IpcBuffer(_message.Message):
-    __slots__ = ("index", "generation", "pid", "gpu_uuid", "dtype", "shape", "mem_handle", "storage_size", "storage_offset", "ref_counter_handle", "ref_counter_offset", "storage_event_handle", "storage_event_sync", "event_handle")
+    __slots__ = ("index", "generation", "pid", "gpu_uuid", "dtype", "shape", "mem_handle", "storage_size", "storage_offset", "ref_counter_handle", "ref_counter_offset", "storage_event_handle", "storage_event_sync", "event_handle", "process")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class IpcBuffer(_message.Message):
     STORAGE_EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
     STORAGE_EVENT_SYNC_FIELD_NUMBER: _ClassVar[int]
     EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
     index: int
     generation: int
     pid: int
@@ -88,4 +89,5 @@ class IpcBuffer(_message.Message):
     storage_event_handle: bytes
     storage_event_sync: bool
     event_handle: bytes
-    def __init__(self, index: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., gpu_uuid: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., mem_handle: _Optional[bytes] = ..., storage_size: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., storage_event_handle: _Optional[bytes] = ..., storage_event_sync: _Optional[bool] = ..., event_handle: _Optional[bytes] = ...) -> None: ...
+    process: str
+    def __init__(self, index: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., gpu_uuid: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., mem_handle: _Optional[bytes] = ..., storage_size: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., storage_event_handle: _Optional[bytes] = ..., storage_event_sync: _Optional[bool] = ..., event_handle: _Optional[bytes] = ..., process: _Optional[str] = ...) -> None: ...

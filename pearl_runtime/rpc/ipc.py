@@ -16,12 +16,14 @@ itself and opens nothing; that also works on CPU.
 """
 import itertools
 import os
+import uuid
 
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from pearl.v1 import common_pb2
 
+PROCESS = uuid.uuid4().hex   # who owns a buffer: pids repeat across containers (each may be pid 1)
 _generations = itertools.count(1)
 _exports: dict[int, "TokenExport"] = {}   # this process's live exports, by generation
 
@@ -50,8 +52,8 @@ class TokenExport:
         _exports[self.generation] = self
 
     def describe(self) -> common_pb2.IpcBuffer:
-        msg = common_pb2.IpcBuffer(index=0, generation=self.generation, pid=os.getpid(), dtype="int32",
-                                   shape=[self.rows * self.cols], gpu_uuid=gpu_uuid(self.device))
+        msg = common_pb2.IpcBuffer(index=0, generation=self.generation, pid=os.getpid(), process=PROCESS,
+                                   dtype="int32", shape=[self.rows * self.cols], gpu_uuid=gpu_uuid(self.device))
         if self.event is not None:
             (_, _, _, _, _, _, _, handle, size, offset, _, rc_handle, rc_offset, ev_handle,
              ev_sync) = reduce_tensor(self.flat)[1]
@@ -83,7 +85,7 @@ class TokenImport:
 
     def __init__(self, desc: common_pb2.IpcBuffer, device: torch.device):
         self.generation, self.device = desc.generation, device
-        if desc.pid == os.getpid():
+        if desc.process == PROCESS:
             export = _exports.get(desc.generation)
             if export is None:
                 raise IpcUnavailable(f"no buffer of generation {desc.generation} in this process")

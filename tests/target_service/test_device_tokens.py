@@ -163,3 +163,24 @@ def test_two_targets_on_one_draft_each_get_their_own_buffer(llama_dir, draft_fac
         (b[1].stats.accepted_tokens, b[1].stats.drafted_tokens, b[1].stats.rounds)
     assert draft.drafter.paths["chained, tokens left on the device"] == sum(
         s.token_paths["device"] + s.token_paths["device, read on the host (the round feeds a prompt)"] for _, s, _ in (a, b))
+
+
+def test_a_buffer_of_another_process_is_opened_not_looked_up(monkeypatch):
+    """Only a buffer of this very process is taken as it is: another process's (even one with
+    the same pid, as in another container) must be opened, and a host-memory one cannot be."""
+    import torch
+
+    from pearl_runtime.rpc import ipc
+    export = ipc.TokenExport(torch.device("cpu"), rows=2, cols=4)
+    try:
+        desc = export.describe()
+        assert ipc.TokenImport(desc, torch.device("cpu")).how == "shared in process"
+        monkeypatch.setattr(ipc, "PROCESS", "another process, same pid")
+        try:
+            ipc.TokenImport(desc, torch.device("cpu"))
+        except ipc.IpcUnavailable as e:
+            assert "host memory of another process" in str(e)
+        else:
+            raise AssertionError("a host buffer of another process was taken as it is")
+    finally:
+        export.close()
