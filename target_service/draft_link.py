@@ -139,11 +139,11 @@ class DraftLink:
         deadline = time.monotonic() + self.round_timeout_s
         while tokens_in is not None and not tokens_in.written():
             if self.call is None or self.call.done() or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0)
-        else:
-            if tokens_in is not None:
-                return tokens_in.view(msg)
+                tokens_in = None
+            else:
+                await asyncio.sleep(0)
+        if tokens_in is not None:
+            return tokens_in.view(msg)
         return await self._lost_with(ConnectionError("the draft went away before its device tokens were written"))
 
     async def rest(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:

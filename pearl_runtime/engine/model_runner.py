@@ -253,9 +253,7 @@ class ModelRunner:
         logits for the last `num_logits[i]` fed positions of each sequence (default 1),
         concatenated in order: [sum(num_logits), vocab]. `ids` (on the device, int64, in the
         fed order) replaces the sequences' own tokens: draft tokens that never left the GPU."""
-        step = self.prepare(seqs, num_logits)
-        # a TP group's execute takes host inputs only (chains_on_device is False there)
-        logits = self.execute(step) if ids is None else self.execute(step, ids)
+        logits = self.execute(self.prepare(seqs, num_logits), ids)
         for seq in seqs:
             seq.num_kv = len(seq)
         return logits

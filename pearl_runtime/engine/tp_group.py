@@ -181,7 +181,9 @@ class TPModelRunner(ModelRunner):
                 return None
             time.sleep(0.1)
 
-    def execute(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput, ids: torch.Tensor | None = None) -> torch.Tensor:
+        if ids is not None:   # workers get the StepInput from the host, never a device tensor
+            raise ValueError("a TP group's steps take host token ids only (chains_on_device is False)")
         if not self.ready:
             # inside ModelRunner.__init__ (warm-up, calibration): each rank runs these steps itself
             return super().execute(step)

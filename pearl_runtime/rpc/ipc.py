@@ -84,7 +84,7 @@ class TokenImport:
     """The target's side: the draft's buffer, opened once per stream."""
 
     def __init__(self, desc: common_pb2.IpcBuffer, device: torch.device):
-        self.generation, self.device = desc.generation, device
+        self.generation = desc.generation
         if desc.process == PROCESS:
             export = _exports.get(desc.generation)
             if export is None:
