@@ -19,6 +19,7 @@ from pearl_runtime.rpc import params as wire_params
 from pearl_runtime.rpc import tensors
 from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.ipc import TokenExport
+from pearl_runtime.rpc.round_datagrams import RoundInbox
 from pearl_runtime.rpc.server import bind, new_server
 from draft_service.drafter import Drafter, Mirror
 from draft_service.round_profile import RoundClock, RoundProfiler
@@ -28,8 +29,25 @@ log = structlog.get_logger()
 MAX_DEVICE_GAMMA = 64   # columns of a stream's device token buffer: longer rounds go inline
 
 
+class AheadRounds:
+    """One stream's rounds that came by datagram ahead of the stream's copy
+    (pearl_runtime/rpc/round_datagrams.py): what each drafted, until the stream's copy asks."""
+
+    def __init__(self):
+        self.claimed = 0   # the highest round id taken by either copy: each round runs once
+        self.ready: dict[int, draft_pb2.DraftBatch | Exception] = {}
+
+    def claim(self, round_id: int) -> bool:
+        """A datagram's round is new: after every round either copy has started."""
+        if round_id <= self.claimed:
+            return False
+        self.claimed = round_id
+        return True
+
+
 class DraftServicer(draft_pb2_grpc.DraftServicer):
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, round_host: str | None = "127.0.0.1"):
+        """round_host: where to open the Round datagram port (the gRPC port's host); None: no port."""
         self.model = cfg.model
         self.tok_hash = tokenizer_hash(load_tokenizer(cfg.model))
         self.drafter = Drafter(cfg)
@@ -42,6 +60,9 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         self.streams = 0
         self.closing = False
         self.head_paths = Counter()   # head-start rounds by where they were drafted
+        self.round_paths = Counter()  # rounds by the copy that started them: "stream" or "datagram"
+        self.round_host = round_host
+        self.inbox: RoundInbox | None = None
         self.profiler = RoundProfiler.from_env(cuda=self.drafter.runner.device.type == "cuda")
         self.clock = RoundClock.from_env()
         self.step_ms = measure_step_ms(self.drafter.runner, query_len=1)
@@ -93,6 +114,47 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         log.info("draft tokens of sd rounds can stay on the device", target=hello.target_id,
                  device=str(runner.device), generation=export.generation)
         return export
+
+    async def _datagrams(self, hello: draft_pb2.Hello, reply: draft_pb2.HelloReply, mirror: Mirror,
+                         export: TokenExport | None, ahead: AheadRounds) -> bytes | None:
+        """A key on this service's Round datagram port for the stream (in the reply), when the
+        target asks: a datagram's round is drafted on arrival (`_ahead_round`)."""
+        if not hello.round_datagrams or self.round_host is None:
+            return None
+        if self.inbox is None:
+            try:
+                self.inbox = await RoundInbox.open(self.round_host)
+            except OSError as e:
+                log.warning("no Round datagram port; rounds come by the stream alone", error=str(e)[:200])
+                self.round_host = None
+                return None
+            log.info("Round datagram port open", host=self.round_host, port=self.inbox.port)
+        key = self.inbox.register(partial(self._ahead_round, mirror, export, ahead))
+        reply.round_port, reply.round_key = self.inbox.port, key
+        return key
+
+    def _ahead_round(self, mirror: Mirror, export: TokenExport | None, ahead: AheadRounds,
+                     rnd: draft_pb2.Round, arrived: float) -> None:
+        """A Round by datagram, on the event loop: drafted now, unless the stream's copy came
+        first, it asks for an early part, or the drafter is busy with another stream (then
+        the stream's copy runs it, as without datagrams)."""
+        if 0 < rnd.early < rnd.gamma or not ahead.claim(rnd.round_id):
+            return
+        try:
+            batch = self._inline_round(mirror, rnd, arrived, export)
+        except Exception as e:   # raised where the stream's copy asks for the batch
+            ahead.ready[rnd.round_id] = e
+            return
+        if batch is None:
+            ahead.claimed = rnd.round_id - 1
+            return
+        ahead.ready[rnd.round_id] = batch
+        self._round_path("datagram")
+
+    def _round_path(self, name: str) -> None:
+        self.round_paths[name] += 1
+        if self.round_paths[name] in (1, 100, 10000):
+            log.info("rounds started by", copy=name, rounds=self.round_paths[name])
 
     def _locked(self, fn, *args):
         with self.lock:
@@ -175,11 +237,12 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         export = self._export(first.hello) if reply.accepted else None
         if export is not None:
             reply.ipc_buffers.append(export.describe())
+        mirror, ahead = Mirror(), AheadRounds()
+        key = await self._datagrams(first.hello, reply, mirror, export, ahead) if reply.accepted else None
         yield draft_pb2.FromDraft(hello=reply)
         if not reply.accepted:
             log.warning("refused target", target=first.hello.target_id, reason=reply.reason)
             return
-        mirror = Mirror()
         self.streams += 1
         log.info("target connected", target=first.hello.target_id, streams=self.streams)
         loop = asyncio.get_running_loop()
@@ -188,6 +251,13 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                 received = time.monotonic()
                 if msg.WhichOneof("kind") != "round":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a Round after the Hello")
+                if (done := ahead.ready.pop(msg.round.round_id, None)) is not None:   # its datagram came first
+                    if isinstance(done, Exception):
+                        raise done
+                    yield _sent(done)
+                    continue
+                ahead.claimed = max(ahead.claimed, msg.round.round_id)   # a late datagram of it is ignored
+                self._round_path("stream")
                 if 0 < msg.round.early < msg.round.gamma:
                     # the early part goes out while the rest of the round is still drafting
                     parts = self._parts(mirror, msg.round, received, export)
@@ -225,6 +295,8 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                 self.executor.submit(self._locked, self.drafter.close, mirror)
             if export is not None:
                 export.close()
+            if key is not None:
+                self.inbox.unregister(key)
             self.streams -= 1
             log.info("target disconnected", target=first.hello.target_id, streams=self.streams)
 
@@ -257,7 +329,7 @@ def _sent(batch: draft_pb2.DraftBatch) -> draft_pb2.FromDraft:
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, ready=None) -> None:
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
-    servicer = DraftServicer(cfg)
+    servicer = DraftServicer(cfg, round_host=host)
     server = new_server()
     draft_pb2_grpc.add_DraftServicer_to_server(servicer, server)
     bound = bind(server, host, port)
@@ -273,3 +345,5 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, r
             await server.stop(grace=1)   # raises CancelledError when serve() itself was cancelled
         finally:
             servicer.close()
+            if servicer.inbox is not None:
+                servicer.inbox.close()

@@ -106,7 +106,8 @@ def cmd_target(args) -> None:
                                       ar_steps=args.ar_steps, max_gamma=args.max_gamma,
                                       head_start=_head_start(args.head_start),
                                       head_start_quorum=_quorum(args.head_start_quorum),
-                                      device_tokens=args.device_tokens == "on")))
+                                      device_tokens=args.device_tokens == "on",
+                                      round_datagrams=args.round_datagrams == "on")))
 
 
 def cmd_gateway(args) -> None:
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device-tokens", choices=("on", "off"), default=_env("DEVICE_TOKENS", "on"),
                    help="sd mode: take greedy draft tokens through a device buffer the draft shares (CUDA IPC), "
                         "not through the host; falls back to inline by itself where it cannot (logged)")
+    t.add_argument("--round-datagrams", choices=("on", "off"), default=_env("ROUND_DATAGRAMS", "on"),
+                   help="also send each small Round to the draft as a UDP datagram, ahead of the gRPC stream's "
+                        "copy (the draft drafts whichever arrives first); off: the stream alone")
     t.set_defaults(fn=cmd_target)
 
     g = sub.add_parser("gateway", help="run the gateway")

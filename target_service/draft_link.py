@@ -14,6 +14,7 @@ import torch
 
 from pearl.v1 import draft_pb2, draft_pb2_grpc
 from pearl_runtime.rpc.ipc import IpcUnavailable, TokenImport
+from pearl_runtime.rpc.round_datagrams import RoundSender
 from pearl_runtime.rpc.server import GRPC_OPTIONS, host_id
 
 log = structlog.get_logger()
@@ -50,6 +51,7 @@ class DraftLink:
         self.address = address
         self.device = device or torch.device("cpu")
         self.tokens_in: TokenImport | None = None   # the draft's device token buffer, when opened
+        self.datagrams: RoundSender | None = None   # Rounds also go here, ahead of the stream (hello.round_datagrams)
         self.hello = hello
         self.hello.host_id = self.hello.host_id or host_id()
         self.round_timeout_s = round_timeout_s
@@ -76,6 +78,7 @@ class DraftLink:
         self.generation += 1
         self.info = msg.hello
         self.tokens_in = self._open_tokens(msg.hello)
+        self.datagrams = self._open_datagrams(msg.hello)
         self.connected = True
         self._lost.clear()
         log.info("draft connected; speculation on", draft=self.address, draft_model=msg.hello.draft_model,
@@ -95,6 +98,21 @@ class DraftLink:
             return None
         log.info("draft tokens of sd rounds stay on the device", draft=self.address, via=tokens_in.how)
         return tokens_in
+
+    def _open_datagrams(self, reply: draft_pb2.HelloReply) -> RoundSender | None:
+        if not self.hello.round_datagrams:
+            return None
+        if not reply.round_port:
+            log.info("Rounds go by the stream alone: the draft has no datagram port", draft=self.address)
+            return None
+        host = self.address.rsplit(":", 1)[0] if ":" in self.address else self.address
+        try:
+            sender = RoundSender(host, reply.round_port, reply.round_key)
+        except OSError as e:
+            log.warning("Rounds go by the stream alone", draft=self.address, reason=str(e)[:200])
+            return None
+        log.info("Rounds go by datagram too, ahead of the stream", draft=self.address, port=reply.round_port)
+        return sender
 
     async def maintain(self, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                        refused_backoff_s: float = 30.0) -> None:
@@ -119,15 +137,27 @@ class DraftLink:
         """Send one Round and wait for its DraftBatch, or for its early part when the round asks
         for one (then `rest` reads the whole batch; a draft that predates early parts answers
         with the whole batch, early=False). None (and the link marked down) on failure."""
+        return await self.receive(rnd) if await self.send(rnd) else None
+
+    async def send(self, rnd: draft_pb2.Round) -> bool:
+        """Write one Round to the stream (`receive` reads its answer). False, and the link
+        marked down, on failure."""
         try:
             if self.call is None:
                 raise ConnectionError("the draft link is down")
             self._written = time.monotonic()
+            if self.datagrams is not None and not rnd.early:   # the draft sends early parts from the stream's copy
+                self.datagrams.send(rnd)
             await self.call.write(draft_pb2.ToDraft(round=rnd))
         # InvalidStateError: the call already ended (the draft died while this target was idle);
         # grpc.aio raises it from write() instead of an AioRpcError
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError) as e:
-            return await self._lost_with(e)
+            await self._lost_with(e)
+            return False
+        return True
+
+    async def receive(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
+        """The answer to a Round that `send` wrote (its early part, when it asks for one)."""
         return await self._read(rnd.round_id, early=rnd.early > 0)
 
     async def device_tokens(self, msg) -> torch.Tensor | None:
@@ -180,6 +210,9 @@ class DraftLink:
         self._lost.set()
 
     async def _close(self) -> None:
+        if self.datagrams is not None:
+            self.datagrams.close()
+            self.datagrams = None
         if self.call is not None:
             self.call.cancel()
             self.call = None

@@ -60,11 +60,14 @@ class RoundStats:
 class TargetService:
     def __init__(self, cfg: EngineConfig, mode: str = "pearl", draft_address: str | None = None,
                  gamma: int | None = 4, max_waiting: int = 1024, ar_steps: int = 4, max_gamma: int = 16,
-                 head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM, device_tokens: bool = True):
+                 head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM, device_tokens: bool = True,
+                 round_datagrams: bool = True):
         """gamma None: auto, from the measured draft and target step times (GPU), else 4.
         ar_steps: ar mode chains up to this many greedy decode steps a round on the device
         (one host sync for all; tokens stream in bursts of that many). device_tokens: in sd,
-        ask the draft to leave greedy draft tokens on the device (pearl_runtime/rpc/ipc.py)."""
+        ask the draft to leave greedy draft tokens on the device (pearl_runtime/rpc/ipc.py).
+        round_datagrams: also send each small Round as a datagram, ahead of the stream's copy
+        (pearl_runtime/rpc/round_datagrams.py)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if ar_steps < 1:
@@ -104,13 +107,15 @@ class TargetService:
             hello = draft_pb2.Hello(target_id=f"target-{id(self):x}", tokenizer_hash=self.tok_hash,
                                     vocab_size=self.core.runner.model_cfg.vocab_size,
                                     device=device.index if device.type == "cuda" else -1,
-                                    device_tokens=device_tokens and mode == "sd" and self.core.runner.chains_on_device)
+                                    device_tokens=device_tokens and mode == "sd" and self.core.runner.chains_on_device,
+                                    round_datagrams=round_datagrams)
             self.link = DraftLink(draft_address, hello, device=device)
         self.token_paths = Counter()   # sd rounds by how their draft tokens came, for logs and tests
         self.inbox: deque = deque()           # ("submit", stream, Submission) | ("cancel", stream, id)
         self.wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-forward")
         self.round_id = 0
+        self._ahead = None   # sd: (reqs, Round, sent, t0) of the next round, its Round already sent
         self.stats = RoundStats()
         self.draft_generation = 0
         self._last_path = None
@@ -160,7 +165,7 @@ class TargetService:
             asyncio.get_running_loop().create_task(self.link.maintain())
         while True:
             self._drain_inbox()
-            if not self.core.has_work():
+            if not self.core.has_work() and self._ahead is None:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
@@ -172,6 +177,10 @@ class TargetService:
 
     async def round(self) -> None:
         loop = asyncio.get_running_loop()
+        if (ahead := self._ahead) is not None:   # sd: this round's Round already went out
+            self._ahead = None
+            await self._sd_round(*ahead)
+            return
         t0 = time.perf_counter()
         reqs = self.core.schedule()
         if not reqs:
@@ -195,7 +204,7 @@ class TargetService:
         speculate = self.link is not None and self.link.connected
         self._log_path("pearl" if speculate and self.mode == "pearl" else "sd" if speculate else "ar")
         drafts: dict[int, DraftTokens] = {}
-        batch, wait_ms, exchange_ms = None, 0.0, 0.0
+        rnd, batch, wait_ms, exchange_ms = None, None, 0.0, 0.0
         if speculate:
             rnd = self._build_round(reqs)
             if self.mode == "pearl":
@@ -233,22 +242,62 @@ class TargetService:
                 # fresh tokens continue after what each sequence took from the early part
                 drafts = self._parse(batch, skip=taken)
             else:
-                rnd.device_tokens = self.link.tokens_in is not None
                 sent = time.perf_counter()
-                batch = await self.link.exchange(rnd)
-                wait_ms = exchange_ms = (time.perf_counter() - sent) * 1e3
-                handoff, batch = await self._attach_drafts(reqs, batch)
-                # nothing overlaps sd's verify, so it runs right here: the hop to the forward
-                # thread and back cost ~0.1 ms a round; the exchange above already gave the
-                # loop its turn to stream the last round's tokens and take new requests
-                logits, target_ms, _ = self._timed_forward(reqs, handoff)
+                await self._sd_round(reqs, rnd, sent if await self.link.send(rnd) else None, t0)
+                return
         else:
             logits, target_ms, _ = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
-        before = [(len(r.seq) - len(r.pending), r.drafted, r.accepted) for r in reqs]
         # PEARL carries at most gamma - 1 pending tokens a sequence into the next round (when
         # the draft reads the verdicts' keep column, so it can drop what it drafted past them)
         cap = rnd.gamma - rnd.early - 1 if batch is not None and self.mode == "pearl" and self._trims else None
+        before = self._judge(reqs, logits, drafts, cap)
+        self._account(reqs, rnd, batch, before, target_ms, wait_ms, exchange_ms, (time.perf_counter() - t0) * 1e3)
+
+    async def _sd_round(self, reqs: list[Request], rnd: draft_pb2.Round, sent: float | None, t0: float) -> None:
+        """An sd round whose Round went to the draft at `sent` (None: the write failed, the link
+        is down). Nothing overlaps sd's verify, so it runs right here on the event loop: the hop
+        to the forward thread and back cost ~0.1 ms a round. Once judged, the next round's
+        Round goes out (`_send_ahead`) before this one's tokens are published."""
+        batch = await self.link.receive(rnd) if sent is not None else None
+        wait_ms = exchange_ms = (time.perf_counter() - sent) * 1e3 if sent is not None else 0.0
+        # a request cancelled after its Round went out leaves the round (its drafts are ignored)
+        reqs = [r for r in reqs if self.core.requests.get(r.seq.seq_id) is r]
+        if not reqs:
+            return
+        handoff, batch = await self._attach_drafts(reqs, batch)
+        logits, target_ms, _ = self._timed_forward(reqs, handoff)
+        before = self._judge(reqs, logits, {}, None)
+        round_ms = (time.perf_counter() - t0) * 1e3
+        if batch is not None:
+            await self._send_ahead()
+        self._account(reqs, rnd, batch, before, target_ms, wait_ms, exchange_ms, round_ms)
+
+    async def _send_ahead(self) -> None:
+        """sd: schedule the next round and send its Round now, right after this round's verdicts
+        exist: the draft starts on it while this round's tokens are published and counted (on a
+        shared GPU the GPU idles from the verify's end to the draft's first step). New requests
+        and cancellations that came in meanwhile are taken first, as at the top of a round."""
+        t0 = time.perf_counter()
+        self._drain_inbox()
+        if not self.link.connected or not self.core.has_work():
+            return
+        reqs = self.core.schedule()
+        if not reqs:
+            return
+        rnd = self._build_round(reqs)
+        sent = time.perf_counter()
+        self._ahead = (reqs, rnd, sent if await self.link.send(rnd) else None, t0)
+
+    def _judge(self, reqs: list[Request], logits, drafts: dict[int, DraftTokens], cap: int | None) -> list[tuple]:
+        """Judge and commit the round; returns each request's (committed, drafted, accepted)
+        before it, for the counters."""
+        before = [(len(r.seq) - len(r.pending), r.drafted, r.accepted) for r in reqs]
         self.core.finish_round(reqs, logits, drafts, max_pending=cap)
+        return before
+
+    def _account(self, reqs: list[Request], rnd, batch, before: list[tuple], target_ms: float, wait_ms: float,
+                 exchange_ms: float, round_ms: float) -> None:
+        """Publish the round's tokens, then count it (and let auto gamma see it)."""
         self._publish(reqs)
         s = self.stats
         s.rounds += 1
@@ -258,7 +307,6 @@ class TargetService:
         s.target_ms += target_ms
         s.wait_ms += wait_ms
         s.exchange_ms += exchange_ms if batch is not None else 0.0
-        round_ms = (time.perf_counter() - t0) * 1e3
         s.round_ms += round_ms
         judged = taken_ok = 0
         for r, (n, drafted, accepted) in zip(reqs, before):
@@ -366,7 +414,8 @@ class TargetService:
             self.core.removed.clear()
         self.round_id += 1
         self.gamma = self._gamma_for(len(reqs))
-        rnd = draft_pb2.Round(round_id=self.round_id, gamma=self.gamma, removes=self.core.removed)
+        rnd = draft_pb2.Round(round_id=self.round_id, gamma=self.gamma, removes=self.core.removed,
+                              device_tokens=self.mode == "sd" and self.link.tokens_in is not None)
         self.core.removed = []
         verdicts = self.core.draft_verdicts(keep_column=self._trims)
         if verdicts:
@@ -493,11 +542,12 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, mode: str = "pearl",
                 draft_address: str | None = None, gamma: int = 4, ready=None, ar_steps: int = 4,
                 max_gamma: int = 16, head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM,
-                device_tokens: bool = True) -> None:
+                device_tokens: bool = True, round_datagrams: bool = True) -> None:
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
     service = TargetService(cfg, mode, draft_address, gamma, ar_steps=ar_steps, max_gamma=max_gamma,
-                             head_start=head_start, head_start_quorum=head_start_quorum, device_tokens=device_tokens)
+                             head_start=head_start, head_start_quorum=head_start_quorum, device_tokens=device_tokens,
+                             round_datagrams=round_datagrams)
     server = new_server()
     target_pb2_grpc.add_TargetServicer_to_server(TargetServicer(service), server)
     bound = bind(server, host, port)

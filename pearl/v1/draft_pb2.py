@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from pearl.v1 import common_pb2 as pearl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pearl/v1/draft.proto\x12\x08pearl.v1\x1a\x15pearl/v1/common.proto\"~\n\x05Hello\x12\x11\n\ttarget_id\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\x05\x12\x15\n\rdevice_tokens\x18\x06 \x01(\x08\"\xda\x01\n\nHelloReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x18\n\x10step_batch_sizes\x18\x06 \x03(\r\x12\x0f\n\x07step_ms\x18\x07 \x03(\x02\x12\x14\n\x0cverdict_keep\x18\x08 \x01(\x08\x12(\n\x0bipc_buffers\x18\t \x03(\x0b\x32\x13.pearl.v1.IpcBuffer\"U\n\x06SeqAdd\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.pearl.v1.SamplingParams\"\xa3\x01\n\x05Round\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\r\n\x05gamma\x18\x02 \x01(\r\x12\x1e\n\x04\x61\x64\x64s\x18\x03 \x03(\x0b\x32\x10.pearl.v1.SeqAdd\x12\x0f\n\x07removes\x18\x04 \x03(\x04\x12\"\n\x08verdicts\x18\x05 \x01(\x0b\x32\x10.pearl.v1.Tensor\x12\r\n\x05\x65\x61rly\x18\x06 \x01(\r\x12\x15\n\rdevice_tokens\x18\x07 \x01(\x08\"U\n\x07ToDraft\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.pearl.v1.HelloH\x00\x12 \n\x05round\x18\x02 \x01(\x0b\x32\x0f.pearl.v1.RoundH\x00\x42\x06\n\x04kind\"\xb9\x01\n\nDraftBatch\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12 \n\x06tokens\x18\x03 \x01(\x0b\x32\x10.pearl.v1.Tensor\x12\x1f\n\x05probs\x18\x04 \x01(\x0b\x32\x10.pearl.v1.Tensor\x12\x10\n\x08\x64raft_ms\x18\x05 \x01(\x02\x12\r\n\x05\x65\x61rly\x18\x06 \x01(\x08\x12\x13\n\x0breceived_at\x18\x07 \x01(\x01\x12\x0f\n\x07sent_at\x18\x08 \x01(\x01\"a\n\tFromDraft\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.pearl.v1.HelloReplyH\x00\x12%\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x14.pearl.v1.DraftBatchH\x00\x42\x06\n\x04kind2@\n\x05\x44raft\x12\x37\n\tSpeculate\x12\x11.pearl.v1.ToDraft\x1a\x13.pearl.v1.FromDraft(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pearl/v1/draft.proto\x12\x08pearl.v1\x1a\x15pearl/v1/common.proto\"\x97\x01\n\x05Hello\x12\x11\n\ttarget_id\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\x05\x12\x15\n\rdevice_tokens\x18\x06 \x01(\x08\x12\x17\n\x0fround_datagrams\x18\x07 \x01(\x08\"\x81\x02\n\nHelloReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x03 \x01(\t\x12\x16\n\x0etokenizer_hash\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x18\n\x10step_batch_sizes\x18\x06 \x03(\r\x12\x0f\n\x07step_ms\x18\x07 \x03(\x02\x12\x14\n\x0cverdict_keep\x18\x08 \x01(\x08\x12(\n\x0bipc_buffers\x18\t \x03(\x0b\x32\x13.pearl.v1.IpcBuffer\x12\x12\n\nround_port\x18\n \x01(\r\x12\x11\n\tround_key\x18\x0b \x01(\x0c\"U\n\x06SeqAdd\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.pearl.v1.SamplingParams\"\xa3\x01\n\x05Round\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\r\n\x05gamma\x18\x02 \x01(\r\x12\x1e\n\x04\x61\x64\x64s\x18\x03 \x03(\x0b\x32\x10.pearl.v1.SeqAdd\x12\x0f\n\x07removes\x18\x04 \x03(\x04\x12\"\n\x08verdicts\x18\x05 \x01(\x0b\x32\x10.pearl.v1.Tensor\x12\r\n\x05\x65\x61rly\x18\x06 \x01(\r\x12\x15\n\rdevice_tokens\x18\x07 \x01(\x08\"U\n\x07ToDraft\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.pearl.v1.HelloH\x00\x12 \n\x05round\x18\x02 \x01(\x0b\x32\x0f.pearl.v1.RoundH\x00\x42\x06\n\x04kind\"\xb9\x01\n\nDraftBatch\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12 \n\x06tokens\x18\x03 \x01(\x0b\x32\x10.pearl.v1.Tensor\x12\x1f\n\x05probs\x18\x04 \x01(\x0b\x32\x10.pearl.v1.Tensor\x12\x10\n\x08\x64raft_ms\x18\x05 \x01(\x02\x12\r\n\x05\x65\x61rly\x18\x06 \x01(\x08\x12\x13\n\x0breceived_at\x18\x07 \x01(\x01\x12\x0f\n\x07sent_at\x18\x08 \x01(\x01\"a\n\tFromDraft\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.pearl.v1.HelloReplyH\x00\x12%\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x14.pearl.v1.DraftBatchH\x00\x42\x06\n\x04kind2@\n\x05\x44raft\x12\x37\n\tSpeculate\x12\x11.pearl.v1.ToDraft\x1a\x13.pearl.v1.FromDraft(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pearl.v1.draft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HELLO']._serialized_start=57
-  _globals['_HELLO']._serialized_end=183
-  _globals['_HELLOREPLY']._serialized_start=186
-  _globals['_HELLOREPLY']._serialized_end=404
-  _globals['_SEQADD']._serialized_start=406
-  _globals['_SEQADD']._serialized_end=491
-  _globals['_ROUND']._serialized_start=494
-  _globals['_ROUND']._serialized_end=657
-  _globals['_TODRAFT']._serialized_start=659
-  _globals['_TODRAFT']._serialized_end=744
-  _globals['_DRAFTBATCH']._serialized_start=747
-  _globals['_DRAFTBATCH']._serialized_end=932
-  _globals['_FROMDRAFT']._serialized_start=934
-  _globals['_FROMDRAFT']._serialized_end=1031
-  _globals['_DRAFT']._serialized_start=1033
-  _globals['_DRAFT']._serialized_end=1097
+  _globals['_HELLO']._serialized_start=58
+  _globals['_HELLO']._serialized_end=209
+  _globals['_HELLOREPLY']._serialized_start=212
+  _globals['_HELLOREPLY']._serialized_end=469
+  _globals['_SEQADD']._serialized_start=471
+  _globals['_SEQADD']._serialized_end=556
+  _globals['_ROUND']._serialized_start=559
+  _globals['_ROUND']._serialized_end=722
+  _globals['_TODRAFT']._serialized_start=724
+  _globals['_TODRAFT']._serialized_end=809
+  _globals['_DRAFTBATCH']._serialized_start=812
+  _globals['_DRAFTBATCH']._serialized_end=997
+  _globals['_FROMDRAFT']._serialized_start=999
+  _globals['_FROMDRAFT']._serialized_end=1096
+  _globals['_DRAFT']._serialized_start=1098
+  _globals['_DRAFT']._serialized_end=1162
 # @@protoc_insertion_point(module_scope)

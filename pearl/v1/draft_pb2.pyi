@@ -8,23 +8,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("target_id", "tokenizer_hash", "vocab_size", "host_id", "device", "device_tokens")
+    __slots__ = ("target_id", "tokenizer_hash", "vocab_size", "host_id", "device", "device_tokens", "round_datagrams")
     TARGET_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_DATAGRAMS_FIELD_NUMBER: _ClassVar[int]
     target_id: str
     tokenizer_hash: str
     vocab_size: int
     host_id: str
     device: int
     device_tokens: bool
-    def __init__(self, target_id: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., host_id: _Optional[str] = ..., device: _Optional[int] = ..., device_tokens: _Optional[bool] = ...) -> None: ...
+    round_datagrams: bool
+    def __init__(self, target_id: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., host_id: _Optional[str] = ..., device: _Optional[int] = ..., device_tokens: _Optional[bool] = ..., round_datagrams: _Optional[bool] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("accepted", "reason", "draft_model", "tokenizer_hash", "vocab_size", "step_batch_sizes", "step_ms", "verdict_keep", "ipc_buffers")
+    __slots__ = ("accepted", "reason", "draft_model", "tokenizer_hash", "vocab_size", "step_batch_sizes", "step_ms", "verdict_keep", "ipc_buffers", "round_port", "round_key")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +36,8 @@ class HelloReply(_message.Message):
     STEP_MS_FIELD_NUMBER: _ClassVar[int]
     VERDICT_KEEP_FIELD_NUMBER: _ClassVar[int]
     IPC_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_PORT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_KEY_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     draft_model: str
@@ -43,7 +47,9 @@ class HelloReply(_message.Message):
     step_ms: _containers.RepeatedScalarFieldContainer[float]
     verdict_keep: bool
     ipc_buffers: _containers.RepeatedCompositeFieldContainer[_common_pb2.IpcBuffer]
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., draft_model: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., step_batch_sizes: _Optional[_Iterable[int]] = ..., step_ms: _Optional[_Iterable[float]] = ..., verdict_keep: _Optional[bool] = ..., ipc_buffers: _Optional[_Iterable[_Union[_common_pb2.IpcBuffer, _Mapping]]] = ...) -> None: ...
+    round_port: int
+    round_key: bytes
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., draft_model: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., step_batch_sizes: _Optional[_Iterable[int]] = ..., step_ms: _Optional[_Iterable[float]] = ..., verdict_keep: _Optional[bool] = ..., ipc_buffers: _Optional[_Iterable[_Union[_common_pb2.IpcBuffer, _Mapping]]] = ..., round_port: _Optional[int] = ..., round_key: _Optional[bytes] = ...) -> None: ...
 
 class SeqAdd(_message.Message):
     __slots__ = ("seq_id", "token_ids", "params")

@@ -44,7 +44,7 @@ def test_a_draft_killed_mid_run_leaves_the_target_serving(llama_dir, draft_facto
     draft.start()
     killed = []
 
-    def kill_at(k):
+    def kill_at(k, *_):
         if k == 6 and not killed:   # the signal lands while the next round's exchange is under way
             os.killpg(draft.proc.pid, signal.SIGKILL)
             killed.append(k)

@@ -16,12 +16,13 @@ MAX_TOKENS = [20, 14, 17, 9]
 LATE = 3   # the last request arrives after this many rounds: its prompt's round reads the drafts on the host
 
 
-async def drive(target_cfg: EngineConfig, draft_address: str, device_tokens: bool, on_round=None):
+async def drive(target_cfg: EngineConfig, draft_address: str, device_tokens: bool, on_round=None, **service_args):
     """An sd TargetService on `target_cfg` linked to the draft at `draft_address`, round by round
     over PROMPTS (the last one arriving late). Returns the outputs, the service (its link is
-    down by then) and how the link read the draft's buffer (None: it did not). `on_round(k)`
-    runs before round k."""
-    service = TargetService(target_cfg, mode="sd", draft_address=draft_address, gamma=3, device_tokens=device_tokens)
+    down by then) and how the link read the draft's buffer (None: it did not). `on_round(k,
+    service, stream)` runs before round k (stream: the requests' GatewayStream)."""
+    service = TargetService(target_cfg, mode="sd", draft_address=draft_address, gamma=3, device_tokens=device_tokens,
+                            **service_args)
     keeper = asyncio.get_running_loop().create_task(service.link.maintain())
     try:
         async with asyncio.timeout(60):
@@ -42,7 +43,7 @@ async def drive(target_cfg: EngineConfig, draft_address: str, device_tokens: boo
                 if rounds == LATE:
                     submit(len(PROMPTS) - 1)
                 if on_round is not None:
-                    on_round(rounds)
+                    on_round(rounds, service, stream)
                 service._drain_inbox()
                 await service.round()
                 rounds += 1
@@ -71,7 +72,7 @@ def check_paths(service, inline) -> None:
         (inline.stats.accepted_tokens, inline.stats.drafted_tokens, inline.stats.rounds)
 
 
-async def _in_process(target_dir, draft_dir, device_tokens: bool):
+async def _in_process(target_dir, draft_dir, device_tokens: bool, on_round=None, **service_args):
     from draft_service.server import DraftServicer
     draft = DraftServicer(EngineConfig(model=str(draft_dir), num_blocks=256))
     server = new_server()
@@ -80,7 +81,7 @@ async def _in_process(target_dir, draft_dir, device_tokens: bool):
     await server.start()
     try:
         got, service, how = await drive(EngineConfig(model=str(target_dir), num_blocks=256), f"127.0.0.1:{port}",
-                                        device_tokens)
+                                        device_tokens, on_round, **service_args)
         return got, service, how, draft
     finally:
         await server.stop(None)
