@@ -11,6 +11,7 @@ import torch
 
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.block_manager import BlockManager
+from pearl_runtime.engine.model_runner import StagedStep
 from pearl_runtime.engine.scheduler import Scheduler
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.engine.stopping import commit
@@ -51,12 +52,26 @@ PLACEHOLDER = -1   # a draft token still on the device: replaced before anything
 
 @dataclass
 class DeviceDrafts:
-    """An sd round's draft tokens, attached while still on the device: the verify reads them
-    from `ids` (every request's fed tokens, [last committed] + gamma drafts, in order) and the
-    host gets them back with the logits (`settle`)."""
+    """An sd round's draft tokens, attached while still on the device (the sequences hold
+    placeholders): the verify reads them from `ids()` (every request's fed tokens, [last
+    committed] + gamma drafts, in order) and the host gets them back with the logits
+    (`settle`). `tokens`: the draft's rows, in the requests' order; read them only once the
+    draft's event says they are written."""
     reqs: list[Request]
-    ids: torch.Tensor   # int64 on the target's device
+    last: torch.Tensor     # int64 [n] on the target's device: each request's last committed token
+    tokens: torch.Tensor   # [rows, gamma], the draft's buffer
+    rows: torch.Tensor | None   # the requests' rows of it (None: all, in order)
     gamma: int
+
+    def ids(self) -> torch.Tensor:
+        tokens = self.tokens if self.rows is None else self.tokens[self.rows]
+        return torch.cat([self.last[:, None], tokens.to(self.last.device, torch.int64)], 1).view(-1)
+
+    def detach(self) -> None:
+        """Take the placeholders back out (the draft went away before writing its tokens)."""
+        for req in self.reqs:
+            del req.seq.token_ids[len(req.seq) - len(req.pending):]
+            req.pending = []
 
     def settle(self, fed: list[int]) -> None:
         """fed: `ids` on the host. The drafts replace the placeholders in pending and the sequence."""
@@ -129,47 +144,49 @@ class TargetCore:
         return taken
 
     def attach_device(self, reqs: list[Request], seq_ids: list[int], tokens: torch.Tensor) -> DeviceDrafts | None:
-        """sd's draft tokens still on the device ([n, gamma], rows in `seq_ids` order). When
-        every request verifies just its last token plus the whole draft (no prompt in the
-        round, room in the cache), they attach as placeholders and the verify feeds them from
-        the device. Otherwise they come to the host first (one sync) and attach as usual: None."""
+        """sd's draft tokens still on the device ([n, gamma], rows in `seq_ids` order, not yet
+        read). When every request verifies just its last token plus the whole draft (no prompt
+        in the round, room in the cache), they attach as placeholders and the verify will
+        feed them from the device. Otherwise None: read them on the host, once written, and
+        `attach` them."""
         g = tokens.shape[1]
         row = {sid: i for i, sid in enumerate(seq_ids)}
         if not (self.runner.chains_on_device and g > 0
                 and all(r.seq.seq_id in row and not r.pending and len(r.seq) - r.seq.num_kv == 1 for r in reqs)
                 and all(self.blocks.ensure_capacity(r.seq, len(r.seq) + g) for r in reqs)):
-            host = tokens.tolist()
-            self.attach(reqs, {sid: DraftTokens(host[i]) for i, sid in enumerate(seq_ids)})
             return None
-        dev = self.runner.device
         rows = [row[r.seq.seq_id] for r in reqs]
-        if rows != list(range(len(seq_ids))):
-            tokens = tokens[_upload(rows, tokens.device)]
-        last = _upload([r.seq.token_ids[-1] for r in reqs], dev)
-        ids = torch.cat([last[:, None], tokens.to(dev, torch.int64)], 1).view(-1)
+        rows = _upload(rows, tokens.device) if rows != list(range(len(seq_ids))) else None
+        last = _upload([r.seq.token_ids[-1] for r in reqs], self.runner.device)
         for r in reqs:
             r.pending = [PLACEHOLDER] * g
             r.seq.token_ids.extend(r.pending)
-        return DeviceDrafts(reqs, ids, g)
+        return DeviceDrafts(reqs, last, tokens, rows, g)
 
-    def forward(self, reqs: list[Request], handoff: DeviceDrafts | None = None
-                ) -> list[tuple[torch.Tensor, list[int]]]:
+    def stage_verify(self, reqs: list[Request]) -> tuple[StagedStep, list[int]]:
+        """The host half of a verify fed from the device (`forward` with a DeviceDrafts): its
+        inputs prepared and queued, so the launch that waits for the draft is short."""
+        sizes = [len(r.pending) + 1 for r in reqs]
+        return self.runner.stage([r.seq for r in reqs], sizes), sizes
+
+    def launch_verify(self, staged: tuple[StagedStep, list[int]], handoff: DeviceDrafts
+                      ) -> list[tuple[torch.Tensor, list[int]]]:
+        """A staged verify, fed the draft's tokens (written by now): as `forward`."""
+        step, sizes = staged
+        ids = handoff.ids()
+        logits = self.runner.launch(step, ids)
+        n = logits.shape[0]
+        both = torch.cat([logits.argmax(-1), ids]).tolist()   # the drafts come to the host in the same sync
+        handoff.settle(both[n:])
+        return _by_request(logits, both[:n], sizes)
+
+    def forward(self, reqs: list[Request]) -> list[tuple[torch.Tensor, list[int]]]:
         """Verify step: rows for [last committed] + pending of every request (a new request
         feeds its whole prompt and gets one row). Returns each request's logit rows and their
-        argmax, taken for the whole batch with one device sync. `handoff`: the pending tokens
-        are on the device; they come to the host in that same sync."""
+        argmax, taken for the whole batch with one device sync."""
         sizes = [len(r.pending) + 1 for r in reqs]
-        if handoff is None:
-            logits = self.runner.run([r.seq for r in reqs], sizes)
-            best = logits.argmax(-1).tolist()
-        else:
-            logits = self.runner.run([r.seq for r in reqs], sizes, ids=handoff.ids)
-            n = logits.shape[0]
-            both = torch.cat([logits.argmax(-1), handoff.ids]).tolist()
-            best = both[:n]
-            handoff.settle(both[n:])
-        starts = accumulate(sizes, initial=0)
-        return [(rows, best[s:s + n]) for rows, s, n in zip(logits.split(sizes), starts, sizes)]
+        logits = self.runner.run([r.seq for r in reqs], sizes)
+        return _by_request(logits, logits.argmax(-1).tolist(), sizes)
 
     def chain_length(self, reqs: list[Request], limit: int) -> int:
         """ar with every request greedy: how many decode steps this round may chain on the
@@ -245,6 +262,11 @@ class TargetCore:
                 out.append(row + (0 if r.trimmed else -1,) if keep_column else row)
                 r.trimmed = False
         return out
+
+
+def _by_request(logits: torch.Tensor, best: list[int], sizes: list[int]) -> list[tuple[torch.Tensor, list[int]]]:
+    starts = accumulate(sizes, initial=0)
+    return [(rows, best[s:s + n]) for rows, s, n in zip(logits.split(sizes), starts, sizes)]
 
 
 def _upload(values: list[int], device: torch.device) -> torch.Tensor:

@@ -160,9 +160,14 @@ class DraftLink:
         """The answer to a Round that `send` wrote (its early part, when it asks for one)."""
         return await self._read(rnd.round_id, early=rnd.early > 0)
 
-    async def device_tokens(self, msg) -> torch.Tensor | None:
-        """A batch's tokens left in the draft's device buffer, once its event says they are
-        written (polled, yielding to the event loop); None, and the link marked down, when the
+    def tokens_view(self, msg) -> torch.Tensor | None:
+        """A batch's tokens in the draft's device buffer, as a view (read it once
+        `tokens_written`); None when the buffer is gone (the link went down)."""
+        return self.tokens_in.view(msg) if self.tokens_in is not None else None
+
+    async def tokens_written(self) -> bool:
+        """Whether the draft's last write to its device buffer has landed, once its event says
+        so (polled, yielding to the event loop); False, and the link marked down, when the
         stream ends or the round's deadline passes first (a draft that died mid-round never
         records the event)."""
         tokens_in = self.tokens_in
@@ -173,8 +178,9 @@ class DraftLink:
             else:
                 await asyncio.sleep(0)
         if tokens_in is not None:
-            return tokens_in.view(msg)
-        return await self._lost_with(ConnectionError("the draft went away before its device tokens were written"))
+            return True
+        await self._lost_with(ConnectionError("the draft went away before its device tokens were written"))
+        return False
 
     async def rest(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
         """The whole batch of a round whose early part `exchange` returned."""

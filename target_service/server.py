@@ -21,7 +21,7 @@ from pearl_runtime.rpc import params as wire_params
 from pearl_runtime.rpc import tensors
 from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.server import bind, new_server
-from target_service.core import DeviceDrafts, DraftTokens, Request, TargetCore
+from target_service.core import DraftTokens, Request, TargetCore
 from target_service.draft_link import DraftLink
 from pearl_runtime.engine.step_timer import VerifyCost, measure_verify_cost
 from target_service.gamma_tuner import GammaTuner
@@ -264,8 +264,7 @@ class TargetService:
         reqs = [r for r in reqs if self.core.requests.get(r.seq.seq_id) is r]
         if not reqs:
             return
-        handoff, batch = await self._attach_drafts(reqs, batch)
-        logits, target_ms, _ = self._timed_forward(reqs, handoff)
+        logits, target_ms, batch = await self._verify_drafts(reqs, batch)
         before = self._judge(reqs, logits, {}, None)
         round_ms = (time.perf_counter() - t0) * 1e3
         if batch is not None:
@@ -340,38 +339,49 @@ class TargetService:
                 target_pb2.SeqUpdate(request_id=req.request_id, error=message,
                                      error_code=grpc.StatusCode.INTERNAL.value[0])])))
 
-    async def _attach_drafts(self, reqs: list[Request], batch):
-        """sd: the round's draft tokens join the verify. Inline ones attach as they are; ones
-        left on the device are fed to the verify from there when the round allows it
-        (returned), else read to the host first. The path is counted and logged. Returns
-        (device drafts or None, the batch or None when the draft went away before writing)."""
-        if batch is None:
-            return None, None
-        if not batch.tokens.HasField("ipc"):
+    async def _verify_drafts(self, reqs: list[Request], batch):
+        """sd: verify the round's draft tokens. Inline ones attach as they are. Ones left on the
+        device feed the verify from there when the round allows it: the verify is staged
+        first, and launched once the draft's event says they are written; else they are read
+        to the host once written. The path is counted and logged. Returns (logits, verify ms,
+        the batch or None when there was none or the draft went away before writing)."""
+        if batch is not None and batch.tokens.HasField("ipc"):
+            tokens = self.link.tokens_view(batch.tokens)
+            handoff = self.core.attach_device(reqs, list(batch.seq_ids), tokens) if tokens is not None else None
+            if handoff is not None:
+                staged = self.core.stage_verify(reqs)
+                if await self.link.tokens_written():
+                    self._token_path("device")
+                    return *self._timed(reqs, self.core.launch_verify, staged, handoff), batch
+                handoff.detach()
+            elif tokens is not None and await self.link.tokens_written():
+                self.core.attach(reqs, {sid: DraftTokens(t) for sid, t in zip(batch.seq_ids, tokens.tolist())})
+                self._token_path("device, read on the host (the round feeds a prompt)")
+                return *self._timed(reqs, self.core.forward, reqs), batch
+            batch = None   # the round goes on without drafts (the link is down: ar until it is back)
+        elif batch is not None:
             self.core.attach(reqs, self._parse(batch))
             self._token_path("inline")
-            return None, batch
-        tokens = await self.link.device_tokens(batch.tokens)
-        if tokens is None:   # the round goes on without drafts (the link is down: ar until it is back)
-            return None, None
-        handoff = self.core.attach_device(reqs, list(batch.seq_ids), tokens)
-        self._token_path("device" if handoff is not None else "device, read on the host (the round feeds a prompt)")
-        return handoff, batch
+        return *self._timed(reqs, self.core.forward, reqs), batch
 
     def _token_path(self, path: str) -> None:
         self.token_paths[path] += 1
         if self.token_paths[path] in (1, 100, 10000):
             log.info("sd draft tokens", path=path, rounds=self.token_paths[path])
 
-    def _timed_forward(self, reqs, handoff: DeviceDrafts | None = None):
+    def _timed_forward(self, reqs):
+        logits, ms = self._timed(reqs, self.core.forward, reqs)
+        return logits, ms, time.perf_counter()
+
+    def _timed(self, reqs, verify, *args):
+        """verify(*args) (it ends in a device sync: the argmax to the host, so the time is the
+        GPU's) and its time in ms."""
         # tokens a sequence feeds, on average: what a packed verify's time depends on (a PEARL
         # round judges the last round's drafts, so this is not the round's own gamma + 1)
         self._query_len = sum(len(r.seq) - r.seq.num_kv for r in reqs) / len(reqs)
         t = time.perf_counter()
-        logits = self.core.forward(reqs, handoff)
-        # forward() ends in a device sync (argmax to host): the time is the GPU's
-        done = time.perf_counter()
-        return logits, (done - t) * 1e3, done
+        logits = verify(*args)
+        return logits, (time.perf_counter() - t) * 1e3
 
     def _timed_chain(self, reqs, steps):
         t = time.perf_counter()

@@ -127,16 +127,26 @@ class GraphRunner:
     def run(self, step, key: tuple[int, int], device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replay; returns hidden states of the step's logit rows. `device_ids` (on the
         device, in the step's token order) replaces step.ids."""
+        return self.replay(key, self.stage(step, key), device_ids)
+
+    def stage(self, step, key: tuple[int, int]) -> int:
+        """The step's inputs into graph `key`'s buffers (queued copies from pinned memory).
+        Returns the number of logit rows, for `replay`."""
         b, t = key
-        self.hits += 1
         graph, buf = self.graphs[key]
         pin64, pin32, done = self._staging(key, buf)
         rows = pack_inputs(step, b, t, self.max_blocks, self.scratch_slot, pin64.numpy(), pin32.numpy())
         buf["i64"].copy_(pin64, non_blocking=True)
         buf["i32"].copy_(pin32, non_blocking=True)
         done.record()
+        return rows
+
+    def replay(self, key: tuple[int, int], rows: int, device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run graph `key` on the inputs `stage` queued last; `device_ids` replace the first ids."""
+        self.hits += 1
+        graph, buf = self.graphs[key]
         if device_ids is not None:
-            buf["ids"][:len(step.ids)].copy_(device_ids)
+            buf["ids"][:device_ids.shape[0]].copy_(device_ids)
         graph.replay()
         return buf["hidden"].index_select(0, buf["rows"][:rows])
 

@@ -37,6 +37,15 @@ class StepInput:
     logit_rows: list[int]         # which fed positions need logits
 
 
+@dataclass
+class StagedStep:
+    """A forward prepared by `ModelRunner.stage`, waiting for `launch`."""
+    seqs: list[Sequence]
+    step: StepInput
+    key: tuple[int, int] | None   # its graph, None: it runs eagerly
+    rows: int                     # logit rows (graph steps)
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -246,6 +255,28 @@ class ModelRunner:
         for seq, new in zip(seqs, out):
             seq.token_ids.extend(new)
             seq.num_kv = len(seq) - 1
+
+    def stage(self, seqs: list[Sequence], num_logits: list[int] | None = None) -> StagedStep:
+        """`run` in two halves: the host work now (and, for a graph step, its inputs' copies
+        queued), the launch later (`launch`), once the device ids it will take exist. The sd
+        target stages its verify before it waits for the draft's tokens."""
+        assert self.chains_on_device, "a TP group's steps go through execute"
+        step = self.prepare(seqs, num_logits)
+        key = self.graphs.bucket(step) if self.graphs is not None else None
+        return StagedStep(seqs, step, key, self.graphs.stage(step, key) if key is not None else 0)
+
+    @torch.inference_mode()
+    def launch(self, staged: StagedStep, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The second half of `run` for a `stage`d step (the last one staged for its graph)."""
+        if staged.key is None:
+            logits = self.execute(staged.step, ids)
+        else:
+            if torch.cuda.current_device() != self.device.index:   # as in execute
+                torch.cuda.set_device(self.device)
+            logits = self.model.logits(self.graphs.replay(staged.key, staged.rows, ids)).float()
+        for seq in staged.seqs:
+            seq.num_kv = len(seq)
+        return logits
 
     def run(self, seqs: list[Sequence], num_logits: list[int] | None = None,
             ids: torch.Tensor | None = None) -> torch.Tensor:

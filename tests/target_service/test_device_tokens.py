@@ -115,21 +115,18 @@ def test_device_tokens_of_a_draft_that_went_away_are_given_up():
         def written(self):
             return False
 
-        def view(self, msg):
-            raise AssertionError("read before written")
 
     async def main():
         link = DraftLink("127.0.0.1:1", draft_pb2.Hello(device_tokens=True))
         ended = SimpleNamespace(done=lambda: ended.finished, cancel=lambda: None, finished=False)
         link.call, link.connected, link.tokens_in = ended, True, NeverWritten()
         asyncio.get_running_loop().call_later(0.05, setattr, ended, "finished", True)
-        msg = common_pb2.Tensor(dtype="int32", shape=[1, 3], ipc=common_pb2.IpcSlice(generation=1))
         start = asyncio.get_running_loop().time()
-        got = await link.device_tokens(msg)
+        got = await link.tokens_written()
         return got, link, asyncio.get_running_loop().time() - start
 
     got, link, waited = asyncio.run(main())
-    assert got is None and not link.connected and link.tokens_in is None and link.call is None
+    assert got is False and not link.connected and link.tokens_in is None and link.call is None
     assert 0.04 < waited < 5
 
 
@@ -185,3 +182,39 @@ def test_a_buffer_of_another_process_is_opened_not_looked_up(monkeypatch):
             raise AssertionError("a host buffer of another process was taken as it is")
     finally:
         export.close()
+
+
+def test_the_verify_is_staged_before_the_drafts_are_written(llama_dir, draft_factory):
+    """The target prepares its verify (inputs packed and queued) before it polls the draft's
+    event, so only the launch waits for the draft; a draft gone before writing leaves the
+    staged verify unused and the placeholders taken back out: the round verifies without
+    drafts, and the output is still the target-only one."""
+    refs = reference_greedy(llama_dir, PROMPTS, MAX_TOKENS)
+    order = []
+
+    def watch(k, service, stream):
+        if k == 0:
+            stage, written = service.core.stage_verify, service.link.tokens_written
+
+            def staged(reqs):
+                order.append("staged")
+                return stage(reqs)
+
+            async def polled():
+                gone = len(order) > 12 and "gone" not in order   # once, mid-run
+                order.append("gone" if gone else "written")
+                if gone:
+                    await service.link.mark_down()
+                    return False
+                return await written()
+
+            service.core.stage_verify, service.link.tokens_written = staged, polled
+
+    got, service, how, draft = asyncio.run(_in_process(llama_dir, draft_factory(llama_dir, "perturbed"), True, watch))
+    assert got == refs
+    assert "gone" in order and service.token_paths["device"] > 3, (order, service.token_paths)
+    assert order[order.index("gone") - 1] == "staged", order   # the draft went with a verify staged
+    # every device round staged its verify, then polled (the late prompt's round polls alone)
+    pairs = [(a, b) for a, b in zip(order, order[1:]) if a == "staged"]
+    assert pairs and all(b in ("written", "gone") for _, b in pairs), order
+    assert order.count("staged") >= service.token_paths["device"] + 1   # + the round whose draft went

@@ -73,10 +73,10 @@ def run_mixed(llama_dir, verdict_keep: bool):
         queries, mixed, batch = [], 0, []
         forward, attach, schedule = service.core.forward, service.core.attach, service.core.schedule
 
-        def spy_forward(reqs, handoff=None):
+        def spy_forward(reqs):
             if all(r.seq.num_kv > 0 for r in reqs):   # no prompt in this forward
                 queries.append(max(len(r.pending) + 1 for r in reqs))
-            return forward(reqs, handoff)
+            return forward(reqs)
 
         def spy_schedule():
             batch[:] = schedule()
