@@ -256,6 +256,7 @@ class ModelRunner:
             seq.token_ids.extend(new)
             seq.num_kv = len(seq) - 1
 
+    @torch.inference_mode()   # a graph's input buffers are inference tensors
     def stage(self, seqs: list[Sequence], num_logits: list[int] | None = None) -> StagedStep:
         """`run` in two halves: the host work now (and, for a graph step, its inputs' copies
         queued), the launch later (`launch`), once the device ids it will take exist. The sd
