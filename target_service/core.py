@@ -58,14 +58,18 @@ class DeviceDrafts:
     (`settle`). `tokens`: the draft's rows, in the requests' order; read them only once the
     draft's event says they are written."""
     reqs: list[Request]
-    last: torch.Tensor     # int64 [n] on the target's device: each request's last committed token
+    last: list[int]        # each request's last committed token
     tokens: torch.Tensor   # [rows, gamma], the draft's buffer
-    rows: torch.Tensor | None   # the requests' rows of it (None: all, in order)
+    rows: list[int] | None   # the requests' rows of it (None: all, in order)
     gamma: int
 
-    def ids(self) -> torch.Tensor:
-        tokens = self.tokens if self.rows is None else self.tokens[self.rows]
-        return torch.cat([self.last[:, None], tokens.to(self.last.device, torch.int64)], 1).view(-1)
+    def ids(self, device: torch.device) -> torch.Tensor:
+        """Every request's fed tokens on `device`. Called once the drafts are written: nothing
+        here touches the device before (a copy queued while the draft's steps run, in another
+        process, costs them a context switch)."""
+        tokens = self.tokens if self.rows is None else self.tokens[_upload(self.rows, self.tokens.device)]
+        last = _upload(self.last, device)
+        return torch.cat([last[:, None], tokens.to(device, torch.int64)], 1).view(-1)
 
     def detach(self) -> None:
         """Take the placeholders back out (the draft went away before writing its tokens)."""
@@ -156,16 +160,15 @@ class TargetCore:
                 and all(self.blocks.ensure_capacity(r.seq, len(r.seq) + g) for r in reqs)):
             return None
         rows = [row[r.seq.seq_id] for r in reqs]
-        rows = _upload(rows, tokens.device) if rows != list(range(len(seq_ids))) else None
-        last = _upload([r.seq.token_ids[-1] for r in reqs], self.runner.device)
+        last = [r.seq.token_ids[-1] for r in reqs]
         for r in reqs:
             r.pending = [PLACEHOLDER] * g
             r.seq.token_ids.extend(r.pending)
-        return DeviceDrafts(reqs, last, tokens, rows, g)
+        return DeviceDrafts(reqs, last, tokens, None if rows == list(range(len(seq_ids))) else rows, g)
 
     def stage_verify(self, reqs: list[Request]) -> tuple[StagedStep, list[int]]:
         """The host half of a verify fed from the device (`forward` with a DeviceDrafts): its
-        inputs prepared and queued, so the launch that waits for the draft is short."""
+        inputs prepared on the host, so the launch that waits for the draft is short."""
         sizes = [len(r.pending) + 1 for r in reqs]
         return self.runner.stage([r.seq for r in reqs], sizes), sizes
 
@@ -173,7 +176,7 @@ class TargetCore:
                       ) -> list[tuple[torch.Tensor, list[int]]]:
         """A staged verify, fed the draft's tokens (written by now): as `forward`."""
         step, sizes = staged
-        ids = handoff.ids()
+        ids = handoff.ids(self.runner.device)
         logits = self.runner.launch(step, ids)
         n = logits.shape[0]
         both = torch.cat([logits.argmax(-1), ids]).tolist()   # the drafts come to the host in the same sync

@@ -129,22 +129,22 @@ class GraphRunner:
         device, in the step's token order) replaces step.ids."""
         return self.replay(key, self.stage(step, key), device_ids)
 
-    def stage(self, step, key: tuple[int, int]) -> int:
-        """The step's inputs into graph `key`'s buffers (queued copies from pinned memory).
-        Returns the number of logit rows, for `replay`."""
+    def stage(self, step, key: tuple[int, int]) -> tuple:
+        """The step's inputs packed into pinned memory for graph `key`: host work only, so
+        nothing reaches the device (where another process may be running) before `replay`."""
         b, t = key
-        graph, buf = self.graphs[key]
-        pin64, pin32, done = self._staging(key, buf)
+        pin64, pin32, done = self._staging(key, self.graphs[key][1])
         rows = pack_inputs(step, b, t, self.max_blocks, self.scratch_slot, pin64.numpy(), pin32.numpy())
+        return rows, pin64, pin32, done
+
+    def replay(self, key: tuple[int, int], staged: tuple, device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy `stage`d inputs in and run graph `key`; `device_ids` replace the first ids."""
+        self.hits += 1
+        graph, buf = self.graphs[key]
+        rows, pin64, pin32, done = staged
         buf["i64"].copy_(pin64, non_blocking=True)
         buf["i32"].copy_(pin32, non_blocking=True)
         done.record()
-        return rows
-
-    def replay(self, key: tuple[int, int], rows: int, device_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Run graph `key` on the inputs `stage` queued last; `device_ids` replace the first ids."""
-        self.hits += 1
-        graph, buf = self.graphs[key]
         if device_ids is not None:
             buf["ids"][:device_ids.shape[0]].copy_(device_ids)
         graph.replay()

@@ -43,7 +43,7 @@ class StagedStep:
     seqs: list[Sequence]
     step: StepInput
     key: tuple[int, int] | None   # its graph, None: it runs eagerly
-    rows: int                     # logit rows (graph steps)
+    inputs: tuple | None          # a graph step's packed inputs (GraphRunner.stage)
 
 
 class ModelRunner:
@@ -256,15 +256,15 @@ class ModelRunner:
             seq.token_ids.extend(new)
             seq.num_kv = len(seq) - 1
 
-    @torch.inference_mode()   # a graph's input buffers are inference tensors
     def stage(self, seqs: list[Sequence], num_logits: list[int] | None = None) -> StagedStep:
-        """`run` in two halves: the host work now (and, for a graph step, its inputs' copies
-        queued), the launch later (`launch`), once the device ids it will take exist. The sd
-        target stages its verify before it waits for the draft's tokens."""
+        """`run` in two halves: the host work now (for a graph step, its inputs packed in pinned
+        memory; nothing is queued on the device), the launch later (`launch`), once the device
+        ids it will take exist. The sd target stages its verify before it waits for the
+        draft's tokens."""
         assert self.chains_on_device, "a TP group's steps go through execute"
         step = self.prepare(seqs, num_logits)
         key = self.graphs.bucket(step) if self.graphs is not None else None
-        return StagedStep(seqs, step, key, self.graphs.stage(step, key) if key is not None else 0)
+        return StagedStep(seqs, step, key, self.graphs.stage(step, key) if key is not None else None)
 
     @torch.inference_mode()
     def launch(self, staged: StagedStep, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -274,7 +274,7 @@ class ModelRunner:
         else:
             if torch.cuda.current_device() != self.device.index:   # as in execute
                 torch.cuda.set_device(self.device)
-            logits = self.model.logits(self.graphs.replay(staged.key, staged.rows, ids)).float()
+            logits = self.model.logits(self.graphs.replay(staged.key, staged.inputs, ids)).float()
         for seq in staged.seqs:
             seq.num_kv = len(seq)
         return logits
