@@ -5,8 +5,7 @@ where a row is (query token, query head of that kv head's group), so GQA heads s
 K/V tile load. Query j of a sequence sits at position ctx_len - q_len + j and sees keys up
 to it. Queries are read from `cu_seqlens_q[i]` with `q_lens[i]` real tokens; the rest of a
 padded CUDA-graph slot is skipped. At small batches a row tile's keys are split across
-programs, and the last of them to finish merges them (a ticket per row tile), or a second
-kernel does where there is no ticket buffer.
+programs and a second kernel merges them.
 """
 import logging
 from typing import ClassVar
@@ -27,11 +26,10 @@ log = logging.getLogger(__name__)
 # plain runtime ints: specialized (Triton's ==1 and %16 variants, a constexpr per split count)
 # each new shape compiled a kernel mid-serving, a first-token stall of up to ~0.75 s
 @triton.jit(do_not_specialize=["stride_bt", "n_rows", "SPLITS"])
-def _paged_attention(Q, K, V, O, O_part, M_part, L_part, Tickets, block_tables, cu_q, q_lens, ctx_lens, scale,
+def _paged_attention(Q, K, V, O, O_part, M_part, L_part, block_tables, cu_q, q_lens, ctx_lens, scale,
                      stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, n_rows, SPLITS,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-                     MERGE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     if PDL:   # without splits the o projection comes next (layers/pdl.py)
         gdc_launch_dependents()
         # launched early too, behind the qkv kernel: everything read here is its output (or
@@ -94,46 +92,12 @@ def _paged_attention(Q, K, V, O, O_part, M_part, L_part, Tickets, block_tables, 
         o_ptrs = O + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     else:
-        # unnormalized partials; rows are (split, token, head)
+        # unnormalized partials, merged by _merge_splits; rows are (split, token, head)
         n_heads = tl.num_programs(1) * GROUP
         row = (split * n_rows + token) * n_heads + head
         tl.store(O_part + row[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
         tl.store(M_part + row, m_i, mask=row_ok)
         tl.store(L_part + row, l_i, mask=row_ok)
-        if MERGE:
-            # the tile's last split to finish merges them all, so no second kernel (and its
-            # launch) stands between this one and the o projection. The barrier puts every
-            # thread's stores before the ticket, which is acq_rel at GPU scope: the last
-            # program sees the others' partials (read past L1). It resets the ticket.
-            tl.debug_barrier()
-            ticket = Tickets + (seq * tl.num_programs(1) + kvh) * (tl.num_programs(2) // SPLITS) + tile
-            if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-                tl.store(ticket, 0)
-                _merge_rows(O_part, M_part, L_part, O, token, head, row_ok, d, n_rows, n_heads, SPLITS,
-                            stride_qt, stride_qh, HEAD_DIM, BLOCK_M)
-
-
-@triton.jit
-def _merge_rows(O_part, M_part, L_part, O, token, head, row_ok, d, n_rows, n_heads, splits, stride_ot, stride_oh,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """A row tile's outputs from every split's partial sums, rescaled to a running max."""
-    m_run = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
-    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for s in range(0, splits):
-        row = (s * n_rows + token) * n_heads + head
-        m_s = tl.load(M_part + row, mask=row_ok, other=-1e30, cache_modifier=".cg")
-        l_s = tl.load(L_part + row, mask=row_ok, other=0.0, cache_modifier=".cg")
-        o_s = tl.load(O_part + row[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0,
-                      cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_s)
-        keep, take = tl.exp(m_run - m_new), tl.exp(m_s - m_new)
-        l_run = l_run * keep + l_s * take
-        acc = acc * keep[:, None] + o_s * take[:, None]
-        m_run = m_new
-    out = acc / tl.where(row_ok, l_run, 1.0)[:, None]
-    tl.store(O + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["n_rows", "splits"])
@@ -203,10 +167,7 @@ class TritonBackend(AttentionBackend):
     BLOCK_M = 16
     BLOCK_N = 64    # keys per tile: several pages, so short contexts take few serial steps
     MAX_SPLITS = 16
-    TICKETS = 4096  # row tiles a split launch may have, for the in-kernel merge
     _sms: ClassVar[dict[int, int]] = {}   # SM count per device index
-    _tickets: dict[int, torch.Tensor] | None = None   # per device: zeros between launches
-    _merge_logged: set[str] | None = None
     _logged_store_fallback = False
     _logged_rope_fallback = False
 
@@ -252,29 +213,6 @@ class TritonBackend(AttentionBackend):
             splits *= 2
         return splits
 
-    def _tickets_for(self, device: torch.device, tiles: int) -> torch.Tensor | None:
-        """This backend's ticket buffer on `device` (one int per row tile of a split launch,
-        zero between launches; `tiles` 0: a launch without splits, which never reads it but
-        takes it all the same, so it runs the same compiled kernel), or None: more tiles
-        than it holds, or first asked for inside a CUDA graph capture (a buffer made there
-        would belong to the graph's pool; warm-up runs precede every capture, so it exists
-        by then). Which merge runs is logged once per kind."""
-        if self._tickets is None:
-            self._tickets, self._merge_logged = {}, set()
-        buf = self._tickets.get(device.index)
-        if buf is None and not torch.cuda.is_current_stream_capturing():
-            buf = self._tickets[device.index] = torch.zeros(self.TICKETS, dtype=torch.int32, device=device)
-        if buf is not None and tiles <= self.TICKETS:
-            path = "the last split's program" if tiles else None
-        else:
-            path = f"a second kernel ({tiles} row tiles, {self.TICKETS} tickets)" if buf is not None else \
-                "a second kernel (no ticket buffer yet during a graph capture)"
-            buf = None
-        if path is not None and path not in self._merge_logged:
-            self._merge_logged.add(path)
-            log.info("attention key splits merged by %s", path)
-        return buf
-
     def attend(self, q, k_cache, v_cache, ctx, scale):
         out = torch.empty_like(q)
         n_seqs = ctx.context_lens_t.shape[0]
@@ -292,15 +230,14 @@ class TritonBackend(AttentionBackend):
             l_part = torch.empty_like(m_part)
         else:
             o_part = m_part = l_part = out   # unused
-        tickets = self._tickets_for(q.device, n_seqs * kv_heads * tiles if splits > 1 else 0)
         use_pdl = pdl.enabled(q.device)
         _paged_attention[(n_seqs, kv_heads, tiles * splits)](
-            q, k_cache, v_cache, out, o_part, m_part, l_part, out if tickets is None else tickets, ctx.block_tables,
-            ctx.cu_seqlens_q, ctx.q_lens_t, ctx.context_lens_t, scale, q.stride(0), q.stride(1), k_cache.stride(0),
+            q, k_cache, v_cache, out, o_part, m_part, l_part, ctx.block_tables, ctx.cu_seqlens_q,
+            ctx.q_lens_t, ctx.context_lens_t, scale, q.stride(0), q.stride(1), k_cache.stride(0),
             k_cache.stride(1), k_cache.stride(2), ctx.block_tables.stride(0), n_rows, splits, GROUP=group,
             HEAD_DIM=head_dim, BLOCK_M=self.BLOCK_M, BLOCK_N=max(self.BLOCK_N, block_size), PAGE=block_size,
-            IEEE=q.dtype == torch.float32, PDL=use_pdl, MERGE=tickets is not None, launch_pdl=use_pdl)
-        if splits > 1 and tickets is None:
+            IEEE=q.dtype == torch.float32, PDL=use_pdl, launch_pdl=use_pdl)
+        if splits > 1:
             # rows of padding tokens in a graph were never written: their output is garbage,
             # as it is without splits, and nothing reads it
             _merge_splits[(n_rows, q.shape[1])](o_part, m_part, l_part, out, out.stride(0), out.stride(1),

@@ -96,28 +96,6 @@ def test_split_keys_match_reference(dtype, tol, heads, kv_heads, head_dim, max_s
     assert diff < tol, f"max abs diff {diff:.3g} (tolerance {tol}) with up to {max_splits} splits"
 
 
-@pytest.mark.parametrize("tickets", [4096, 2], ids=["merged-in-kernel", "second-kernel"])
-def test_split_merge_in_kernel_and_by_a_second_kernel(tickets):
-    """The last split program of a row tile merges the splits (a ticket per tile, reset for
-    the next launch), or, without room for the tickets, a second kernel does: both match the
-    reference, launch after launch, and the tickets are back at zero after each."""
-    from pearl_runtime.attention.gpu import TritonBackend
-    q_lens, ctx_lens = [1, 5, 1, 16], [1000, 333, 3, 70]
-    q, kc, vc, ctx = _case(q_lens, ctx_lens, 14, 2, 64, 16, torch.float32, seed=2)
-    backend = TritonBackend()
-    backend.TICKETS = tickets
-    backend._sms = {q.device.index: 10**6}
-    ref = ReferenceBackend().attend(q, kc, vc, ctx, 0.125)
-    for _ in range(3):
-        out = backend.attend(q, kc, vc, ctx, 0.125)
-        assert (out - ref).abs().max().item() < 1e-4
-    buf = backend._tickets[q.device.index]
-    assert buf.numel() == tickets and int(buf.abs().sum()) == 0
-    tiles = len(q_lens) * 2 * -(-max(q_lens) * 7 // backend.BLOCK_M)   # 2 kv heads, groups of 7
-    assert backend._merge_logged == {"the last split's program" if tiles <= tickets else
-                                     f"a second kernel ({tiles} row tiles, {tickets} tickets)"}
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(28, 4, 128), (14, 2, 64), (3, 1, 64)])
 def test_fused_rope_store_matches_separate_ops(dtype, heads, kv_heads, head_dim):
