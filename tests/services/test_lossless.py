@@ -87,3 +87,5 @@ def test_greedy_output_equals_target_only(stacks, workload, pair, mode):
         assert spec_rounds == after.rounds - before.rounds > 0 and drafted > 0
         assert after.path == mode
         assert stack.draft.alive() and stack.target.alive()
+        # between processes too, Rounds reach the draft by datagram (ahead of the stream's copy)
+        assert "copy=datagram" in stack.draft.log(), stack.draft.log_tail()
