@@ -55,8 +55,8 @@ class DeviceDrafts:
     """An sd round's draft tokens, attached while still on the device (the sequences hold
     placeholders): the verify reads them from `ids()` (every request's fed tokens, [last
     committed] + gamma drafts, in order) and the host gets them back with the logits
-    (`settle`). `tokens`: the draft's rows, in the requests' order; read them only once the
-    draft's event says they are written."""
+    (`settle`). `tokens`: the draft's buffer, its rows in `seq_ids` order (`rows` picks the
+    requests'); nothing reads it before the draft's event says it is written."""
     reqs: list[Request]
     last: list[int]        # each request's last committed token
     tokens: torch.Tensor   # [rows, gamma], the draft's buffer

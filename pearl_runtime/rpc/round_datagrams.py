@@ -6,8 +6,9 @@ Round's trip over the gRPC stream (Python on both ends) is 0.26-0.44 ms of that
 drafts the round the moment its datagram arrives and answers the stream's copy, when that
 comes, with the batch it already has. The stream stays the one source of truth: whichever
 copy of a round arrives first is the one applied, the other is ignored. A lost datagram costs
-only the head start, and a round too big for one (prompts in its adds) goes by the stream
-alone.
+only the head start, and a round too big for one (long prompts in its adds) goes by the
+stream alone. On one H100 (7B + 0.5B, sd) the Round's hop fell from 0.30-0.34 to 0.06-0.07 ms
+(BENCHMARKS.md, session 13).
 
 The draft opens one socket beside its gRPC port and gives each target stream a random key
 (HelloReply.round_port / round_key); a datagram is the key, then the serialized Round.
@@ -25,7 +26,7 @@ from pearl.v1 import draft_pb2
 log = structlog.get_logger()
 
 KEY_BYTES = 8
-MAX_DATAGRAM = 8192   # a steady sd round is ~50 bytes; one with prompts goes by the stream
+MAX_DATAGRAM = 8192   # a steady sd round is ~50 bytes; one whose adds carry long prompts goes by the stream
 
 
 class RoundSender:

@@ -5,11 +5,11 @@ target-only output on every path: the tokens fed from the buffer, read to the ho
 round that prefills a prompt), and inline (the target did not ask)."""
 import asyncio
 
-from pearl.v1 import common_pb2, draft_pb2_grpc, target_pb2
+from pearl.v1 import common_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
-from pearl_runtime.rpc.server import bind, new_server
 from target_service.server import GatewayStream, TargetService
 from tests.services.procs import reference_greedy
+from tests.target_service.drive import draft_server, linked, one_round
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [3, 4], [20, 21, 22]]
 MAX_TOKENS = [20, 14, 17, 9]
@@ -23,11 +23,7 @@ async def drive(target_cfg: EngineConfig, draft_address: str, device_tokens: boo
     service, stream)` runs before round k (stream: the requests' GatewayStream)."""
     service = TargetService(target_cfg, mode="sd", draft_address=draft_address, gamma=3, device_tokens=device_tokens,
                             **service_args)
-    keeper = asyncio.get_running_loop().create_task(service.link.maintain())
-    try:
-        async with asyncio.timeout(60):
-            while not service.link.connected:
-                await asyncio.sleep(0.01)
+    async with linked(service):
         how = service.link.tokens_in.how if service.link.tokens_in is not None else None
         stream = GatewayStream()
 
@@ -44,17 +40,9 @@ async def drive(target_cfg: EngineConfig, draft_address: str, device_tokens: boo
                     submit(len(PROMPTS) - 1)
                 if on_round is not None:
                     on_round(rounds, service, stream)
-                service._drain_inbox()
-                await service.round()
+                done += len(await one_round(service, stream, got))
                 rounds += 1
-                while not stream.out.empty():
-                    for u in stream.out.get_nowait().tokens.updates:
-                        got[u.request_id] += list(u.token_ids)
-                        done += bool(u.finish_reason)
-        return [got[str(i)] for i in range(len(PROMPTS))], service, how
-    finally:
-        keeper.cancel()
-        await service.link.mark_down()
+    return [got[str(i)] for i in range(len(PROMPTS))], service, how
 
 
 def check_paths(service, inline) -> None:
@@ -73,19 +61,10 @@ def check_paths(service, inline) -> None:
 
 
 async def _in_process(target_dir, draft_dir, device_tokens: bool, on_round=None, **service_args):
-    from draft_service.server import DraftServicer
-    draft = DraftServicer(EngineConfig(model=str(draft_dir), num_blocks=256))
-    server = new_server()
-    draft_pb2_grpc.add_DraftServicer_to_server(draft, server)
-    port = bind(server, "127.0.0.1", 0)
-    await server.start()
-    try:
-        got, service, how = await drive(EngineConfig(model=str(target_dir), num_blocks=256), f"127.0.0.1:{port}",
+    async with draft_server(draft_dir) as (draft, address):
+        got, service, how = await drive(EngineConfig(model=str(target_dir), num_blocks=256), address,
                                         device_tokens, on_round, **service_args)
         return got, service, how, draft
-    finally:
-        await server.stop(None)
-        draft.close()
 
 
 def test_sd_draft_tokens_on_the_device_are_lossless(llama_dir, draft_factory):
@@ -134,22 +113,12 @@ def test_two_targets_on_one_draft_each_get_their_own_buffer(llama_dir, draft_fac
     """Two sd targets share one draft, their rounds interleaving: each stream has its own device
     buffer, and a round left on the device for one target is settled into its mirror before the
     other target's round drafts."""
-    from draft_service.server import DraftServicer
     refs = reference_greedy(llama_dir, PROMPTS, MAX_TOKENS)
 
     async def main():
-        draft = DraftServicer(EngineConfig(model=str(draft_factory(llama_dir, "perturbed")), num_blocks=512))
-        server = new_server()
-        draft_pb2_grpc.add_DraftServicer_to_server(draft, server)
-        port = bind(server, "127.0.0.1", 0)
-        await server.start()
-        try:
+        async with draft_server(draft_factory(llama_dir, "perturbed"), num_blocks=512) as (draft, address):
             cfg = EngineConfig(model=str(llama_dir), num_blocks=256)
-            runs = await asyncio.gather(drive(cfg, f"127.0.0.1:{port}", True), drive(cfg, f"127.0.0.1:{port}", True))
-            return runs, draft
-        finally:
-            await server.stop(None)
-            draft.close()
+            return await asyncio.gather(drive(cfg, address, True), drive(cfg, address, True)), draft
 
     (a, b), draft = asyncio.run(main())
     for got, service, how in (a, b):

@@ -7,13 +7,13 @@ import asyncio
 
 import pytest
 
-from pearl.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2
+from pearl.v1 import common_pb2, draft_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import round_datagrams
 from pearl_runtime.rpc.round_datagrams import RoundInbox, RoundSender
-from pearl_runtime.rpc.server import bind, new_server
 from target_service.server import GatewayStream, TargetService
 from tests.services.procs import reference_greedy
+from tests.target_service.drive import draft_server, linked, one_round
 from tests.target_service.test_device_tokens import MAX_TOKENS, PROMPTS, _in_process
 
 
@@ -88,48 +88,28 @@ def test_a_request_cancelled_while_its_round_is_ahead(llama_dir, draft_factory):
     """Cancelled after its next Round went out: that round verifies the others without it, the
     draft forgets it at the round after, and everything else finishes with the target-only
     output."""
-    from draft_service.server import DraftServicer
     prompts, max_tokens = PROMPTS[:3], MAX_TOKENS[:3]
     refs = reference_greedy(llama_dir, prompts, max_tokens)
 
     async def main():
-        draft = DraftServicer(EngineConfig(model=str(draft_factory(llama_dir, "perturbed")), num_blocks=256))
-        server = new_server()
-        draft_pb2_grpc.add_DraftServicer_to_server(draft, server)
-        port = bind(server, "127.0.0.1", 0)
-        await server.start()
-        service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=256), mode="sd",
-                                draft_address=f"127.0.0.1:{port}", gamma=3)
-        keeper = asyncio.get_running_loop().create_task(service.link.maintain())
-        try:
-            async with asyncio.timeout(60):
-                while not service.link.connected:
-                    await asyncio.sleep(0.01)
-            stream = GatewayStream()
-            for i, (p, n) in enumerate(zip(prompts, max_tokens)):
-                service.submit(stream, target_pb2.Submission(request_id=str(i), prompt_ids=p,
-                               params=common_pb2.SamplingParams(max_tokens=n, ignore_eos=True)))
-            got, finished, rounds, cancelled_ahead = {str(i): [] for i in range(3)}, set(), 0, None
-            async with asyncio.timeout(120):
-                while finished != {"0", "2"} or service._ahead is not None:
-                    if rounds == 3:
-                        assert service._ahead is not None   # request 1's next round is out
-                        cancelled_ahead = service._ahead[1].round_id
-                        service.cancel(stream, "1")
-                    service._drain_inbox()
-                    await service.round()
-                    rounds += 1
-                    while not stream.out.empty():
-                        for u in stream.out.get_nowait().tokens.updates:
-                            got[u.request_id] += list(u.token_ids)
-                            if u.finish_reason:
-                                finished.add(u.request_id)
+        async with draft_server(draft_factory(llama_dir, "perturbed")) as (draft, address):
+            service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=256), mode="sd",
+                                    draft_address=address, gamma=3)
+            async with linked(service):
+                stream = GatewayStream()
+                for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+                    service.submit(stream, target_pb2.Submission(request_id=str(i), prompt_ids=p,
+                                   params=common_pb2.SamplingParams(max_tokens=n, ignore_eos=True)))
+                got, finished, rounds, cancelled_ahead = {str(i): [] for i in range(3)}, set(), 0, None
+                async with asyncio.timeout(120):
+                    while finished != {"0", "2"} or service._ahead is not None:
+                        if rounds == 3:
+                            assert service._ahead is not None   # request 1's next round is out
+                            cancelled_ahead = service._ahead[1].round_id
+                            service.cancel(stream, "1")
+                        finished.update(await one_round(service, stream, got))
+                        rounds += 1
             return got, service, draft, cancelled_ahead
-        finally:
-            keeper.cancel()
-            await service.link.mark_down()
-            await server.stop(None)
-            draft.close()
 
     got, service, draft, cancelled_ahead = asyncio.run(main())
     assert got["0"] == refs[0] and got["2"] == refs[2]
