@@ -8,7 +8,6 @@ padded CUDA-graph slot is skipped. At small batches a row tile's keys are split 
 programs and a second kernel merges them.
 """
 import logging
-import os
 from typing import ClassVar
 
 import torch
@@ -209,9 +208,8 @@ class TritonBackend(AttentionBackend):
         sms = self._sms.get(device.index)
         if sms is None:
             sms = self._sms[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        cap = min(self.MAX_SPLITS, int(os.environ.get("PEARL_ATTN_MAX_SPLITS", self.MAX_SPLITS)))
         splits = 1
-        while splits < cap and programs * splits < sms:
+        while splits < self.MAX_SPLITS and programs * splits < sms:
             splits *= 2
         return splits
 
