@@ -72,7 +72,8 @@ def cmd_draft(args) -> None:
     # round feeds the prompt's tail past the prefix cache's full blocks: up to a block. Out of
     # a graph that catch-up ran eagerly (host-bound: a draft round ~28 ms longer once per
     # request, 0.5B on an H200). Longer queries (an uncached prompt) stay eager.
-    cfg = dataclasses.replace(_engine_config(args, model), graph_query_lens=tuple(sorted({1, 2, args.block_size})))
+    cfg = dataclasses.replace(_engine_config(args, model), graph_query_lens=tuple(sorted({1, 2, args.block_size})),
+                              fp8_weights=args.fp8_weights)
     with keep_awake.for_service(args.keep_awake, args.device):
         run_async(_until_signal(serve(cfg, args.host, args.port)))
 
@@ -296,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("draft", help="run the draft service")
     _engine_args(d)
+    d.add_argument("--fp8-weights", default=_env("FP8_WEIGHTS", "auto"), choices=("auto", "on", "off"),
+                   help="round the draft's linears and LM head to fp8 so its decode steps read half the bytes "
+                        "(lossless: the target verifies); auto: on where the Triton skinny kernels run on a GPU "
+                        "of compute capability >= 8.9")
     d.add_argument("--port", type=int, default=int(_env("DRAFT_PORT", 50052)))
     d.set_defaults(fn=cmd_draft)
 

@@ -112,6 +112,9 @@ class EngineConfig:
     # auto: the Triton kernel on CUDA for models of hidden size <= 2048, else off | triton |
     # reference (the torch ops) | off
     skinny_linears: str = "auto"
+    # a draft's linears and LM head rounded to fp8 (layers/fp8.py): off | on | auto (on where the
+    # skinny Triton kernels run on a GPU with fp8 conversions, compute capability >= 8.9)
+    fp8_weights: str = "off"
     # query buckets (draft decode: 1; verify: up to gamma + 1, so 32 holds the default max gamma of 16:
     # a verify past the buckets runs eagerly and its first new shape waits for Triton to compile)
     graph_query_lens: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -124,6 +127,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.skinny_linears not in ("auto", "triton", "reference", "off"):
             raise ValueError(f"skinny_linears must be auto, triton, reference or off, got {self.skinny_linears!r}")
+        if self.fp8_weights not in ("auto", "on", "off"):
+            raise ValueError(f"fp8_weights must be auto, on or off, got {self.fp8_weights!r}")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if "," in self.device:   # "cuda:0,1": one GPU per rank

@@ -12,7 +12,7 @@ from pearl_runtime.config import EngineConfig, ModelConfig
 from pearl_runtime.engine.cuda_graph import GraphRunner
 from pearl_runtime.engine.gemm_check import check_gemms, needs_check
 from pearl_runtime.engine.sequence import Sequence
-from pearl_runtime.layers import skinny
+from pearl_runtime.layers import fp8, skinny
 from pearl_runtime.layers.fused import enable_compile
 from pearl_runtime.models.decoder import CausalLM
 from pearl_runtime.models.synthetic import calibrate, init_synthetic, synthetic_spec
@@ -85,6 +85,8 @@ class ModelRunner:
         self.graphs = None
         self._eager_shapes: Counter[tuple[int, int]] = Counter()   # eager steps by (batch, query) class
         self.model.model.skinny_ops = self._skinny_ops(cfg.skinny_linears)
+        if self._fp8_weights(cfg.fp8_weights):
+            fp8.apply(self.model)
         if self.synthetic and self.synthetic.get("accept") is not None:
             self.synthetic["measured_accept"] = calibrate(self, self.synthetic)
         if self.device.type == "cuda" and cfg.compile_ops:
@@ -116,6 +118,20 @@ class ModelRunner:
         log.info("linears: steps of up to %d token(s) fold norm/SiLU/residual%s into %s kernels, larger steps "
                  "cuBLAS", rows, " and rotary + K/V store" if rope else "", ops.name)
         return ops
+
+    def _fp8_weights(self, choice: str) -> bool:
+        ops = self.model.model.skinny_ops
+        if choice == "auto":
+            cc = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+            on = ops is skinny.TRITON and ops is not None and cc is not None and cc >= (8, 9) and self.cfg.tp_size == 1
+            log.info("weights: fp8_weights=auto -> %s (%s)", "on" if on else "off",
+                     f"device {self.device}, compute capability {cc}, skinny linears {ops.name if ops else 'off'}, "
+                     f"tp {self.cfg.tp_size}")
+            return on
+        if choice == "on" and ops is None:
+            log.warning("weights: fp8_weights=on without the skinny kernels: the weights are rounded to fp8 but "
+                        "every step still reads them in %s", self.cfg.dtype)
+        return choice == "on"
 
     def _block_bytes(self) -> int:
         c = self.model_cfg

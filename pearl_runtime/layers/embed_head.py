@@ -33,6 +33,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    fp8 = None   # (fp8 weight, row scales) once layers/fp8.py has rounded it
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)
         if self.tp == 1:

@@ -17,6 +17,8 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class ReplicatedLinear(nn.Module):
+    fp8 = None   # (fp8 weight, row scales) once layers/fp8.py has rounded it
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
@@ -86,5 +88,6 @@ class RowParallelLinear(ReplicatedLinear):
     def forward_add(self, ops, x, residual):
         """residual + self(x); on one rank the add rides in the linear's epilogue."""
         if self.tp == 1 and self.bias is None:
-            return ops.linear_add(x, self.weight, residual)
+            w, scale = self.fp8 or (self.weight, None)
+            return ops.linear_add(x, w, residual, scale=scale)
         return self(x) + residual

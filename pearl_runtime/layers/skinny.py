@@ -35,6 +35,7 @@ from pearl_runtime.layers.fused import rms_norm, rotate
 # catch-up step after a fully accepted round feeds two tokens (the last draft token and the
 # target's bonus token).
 MAX_ROWS = 2
+FP8 = torch.float8_e4m3fn   # weights of models loaded with fp8_weights (layers/fp8.py)
 
 try:
     import triton
@@ -44,14 +45,20 @@ except ImportError:   # CPU installs: the reference ops below are the only path
     triton = None
 
 
-def reference_norm_linear(x, norm_w, eps, w, bias=None):
+def dequantize(w, scale, dtype):
+    """An fp8 weight with its per-row power-of-two scale as `dtype` (exact: layers/fp8.py)."""
+    return w if scale is None else (w.float() * scale[:, None]).to(dtype)
+
+
+def reference_norm_linear(x, norm_w, eps, w, bias=None, scale=None):
     h = rms_norm(x, norm_w, eps) if norm_w is not None else x
-    return F.linear(h, w, bias)
+    return F.linear(h, dequantize(w, scale, x.dtype), bias)
 
 
-def reference_norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, heads, kv_heads):
+def reference_norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, heads, kv_heads,
+                            scale=None):
     head_dim = k_cache.shape[-1]
-    qkv = reference_norm_linear(x, norm_w, eps, w, bias)
+    qkv = reference_norm_linear(x, norm_w, eps, w, bias, scale)
     q, k, v = (t.view(-1, n, head_dim) for t, n in zip(
         qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1), (heads, kv_heads, kv_heads)))
     q, k = rotate(q, k, cos, sin)
@@ -60,12 +67,12 @@ def reference_norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache,
     return q
 
 
-def reference_linear_add(x, w, residual):
-    return F.linear(x, w) + residual
+def reference_linear_add(x, w, residual, scale=None):
+    return F.linear(x, dequantize(w, scale, x.dtype)) + residual
 
 
-def reference_norm_gate_up(x, norm_w, eps, w):
-    gate, up = F.linear(rms_norm(x, norm_w, eps), w).chunk(2, dim=-1)
+def reference_norm_gate_up(x, norm_w, eps, w, scale=None):
+    gate, up = F.linear(rms_norm(x, norm_w, eps), dequantize(w, scale, x.dtype)).chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
@@ -95,14 +102,15 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
-    def _skinny(X, W, B, R, G, Y, N, K, stride_w, stride_x, eps, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _skinny(X, W, B, R, G, S, Y, N, K, stride_w, stride_x, eps, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_RES: tl.constexpr, GATED: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
-                TWO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                TWO: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program n: rows [n*BLOCK_N, +BLOCK_N) of W (and the same rows + N, the up half, when
         GATED) against the input row (both rows with TWO: each weight tile loaded once, used
         twice). Each lane keeps partial sums across the K loop and they are reduced once at
         the end, so the loop is loads and FMAs only. A row is held as a [1, BLOCK_K] tile: a
-        1-D load broadcast against the weights measured slower."""
+        1-D load broadcast against the weights measured slower. HAS_SCALE: W is fp8 with a
+        power-of-two scale per row (S), applied to the sums, where it is exact."""
         if PDL:
             gdc_launch_dependents()
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,22 +174,28 @@ if triton is not None:
                     acc_up += wu.to(tl.float32) * xf
                     if TWO:
                         acc_up1 += wu.to(tl.float32) * xf1
-        _row_out(acc, acc_up, rn, n_ok, B, R, Y, HAS_BIAS, HAS_RES, GATED)
+        _row_out(acc, acc_up, rn, n_ok, B, R, Y, S, N, HAS_BIAS, HAS_RES, GATED, HAS_SCALE)
         if TWO:
-            _row_out(acc1, acc_up1, rn, n_ok, B, R + N, Y + N, HAS_BIAS, HAS_RES, GATED)
+            _row_out(acc1, acc_up1, rn, n_ok, B, R + N, Y + N, S, N, HAS_BIAS, HAS_RES, GATED, HAS_SCALE)
 
     @triton.jit
-    def _row_out(acc, acc_up, rn, n_ok, B, R, Y, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                 GATED: tl.constexpr):
-        """One output row from its partial sums: the reduction, then the bias, SiLU * up or the
-        residual add at the reference's rounding points, and the store."""
+    def _row_out(acc, acc_up, rn, n_ok, B, R, Y, S, N, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                 GATED: tl.constexpr, HAS_SCALE: tl.constexpr):
+        """One output row from its partial sums: the reduction (and the rows' scales), then the
+        bias, SiLU * up or the residual add at the reference's rounding points, and the store."""
         rm = tl.arange(0, 1)
         out_ty = Y.dtype.element_ty
-        y = tl.sum(acc, 1)[None, :].to(out_ty).to(tl.float32)
+        y = tl.sum(acc, 1)[None, :]
+        if HAS_SCALE:
+            y = y * tl.load(S + rn, mask=n_ok, other=0.0)[None, :]
+        y = y.to(out_ty).to(tl.float32)
         if HAS_BIAS:
             y = (y + tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(out_ty).to(tl.float32)
         if GATED:
-            up = tl.sum(acc_up, 1)[None, :].to(out_ty).to(tl.float32)
+            up = tl.sum(acc_up, 1)[None, :]
+            if HAS_SCALE:
+                up = up * tl.load(S + N + rn, mask=n_ok, other=0.0)[None, :]
+            up = up.to(out_ty).to(tl.float32)
             y = (y / (1.0 + tl.exp(-y))).to(out_ty).to(tl.float32) * up
         if HAS_RES:
             y = y + tl.load(R + rm[:, None] * 0 + rn[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
@@ -189,10 +203,10 @@ if triton is not None:
 
 
     @triton.jit
-    def _skinny_qkv_rope(X, W, B, G, Q_out, k_cache, v_cache, cos, sin, slots, K, stride_w, stride_slot, stride_x,
-                         stride_cs, eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr, TWO: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _skinny_qkv_rope(X, W, B, G, S, Q_out, k_cache, v_cache, cos, sin, slots, K, stride_w, stride_slot,
+                         stride_x, stride_cs, eps, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
+                         TWO: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
         """norm_linear for the fused q/k/v projection with the attention's first kernel folded
         into the epilogue: program p takes BLOCK_H dims of the first half of one head together
         with their rotary partners in the second half, rotates q and k (fp32 math, one
@@ -248,21 +262,28 @@ if triton is not None:
                     xf1 = _row_chunk(X1, G, rk, k_ok, rstd1, True)
                     acc_lo1 += w_lo.to(tl.float32) * xf1
                     acc_hi1 += w_hi.to(tl.float32) * xf1
-        _rope_out(acc_lo, acc_hi, lo, hi, j, head, B, Q_out, k_cache, v_cache, cos, sin, slots, stride_slot,
-                  HEADS, KV_HEADS, HEAD_DIM, HAS_BIAS)
+        _rope_out(acc_lo, acc_hi, lo, hi, j, head, B, S, Q_out, k_cache, v_cache, cos, sin, slots, stride_slot,
+                  HEADS, KV_HEADS, HEAD_DIM, HAS_BIAS, HAS_SCALE)
         if TWO:
-            _rope_out(acc_lo1, acc_hi1, lo, hi, j, head, B, Q_out + HEADS * HEAD_DIM, k_cache, v_cache,
-                      cos + stride_cs, sin + stride_cs, slots + 1, stride_slot, HEADS, KV_HEADS, HEAD_DIM, HAS_BIAS)
+            _rope_out(acc_lo1, acc_hi1, lo, hi, j, head, B, S, Q_out + HEADS * HEAD_DIM, k_cache, v_cache,
+                      cos + stride_cs, sin + stride_cs, slots + 1, stride_slot, HEADS, KV_HEADS, HEAD_DIM, HAS_BIAS,
+                      HAS_SCALE)
 
     @triton.jit
-    def _rope_out(acc_lo, acc_hi, lo, hi, j, head, B, Q_out, k_cache, v_cache, cos, sin, slots, stride_slot,
-                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """One token's share of _skinny_qkv_rope's output: reduce, add the bias, rotate q and k,
-        store q or the cache row."""
+    def _rope_out(acc_lo, acc_hi, lo, hi, j, head, B, S, Q_out, k_cache, v_cache, cos, sin, slots, stride_slot,
+                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_SCALE: tl.constexpr):
+        """One token's share of _skinny_qkv_rope's output: reduce (and scale), add the bias,
+        rotate q and k, store q or the cache row."""
         HALF: tl.constexpr = HEAD_DIM // 2
         out_ty = Q_out.dtype.element_ty
-        a = tl.sum(acc_lo, 1).to(out_ty).to(tl.float32)
-        b = tl.sum(acc_hi, 1).to(out_ty).to(tl.float32)
+        a = tl.sum(acc_lo, 1)
+        b = tl.sum(acc_hi, 1)
+        if HAS_SCALE:
+            a = a * tl.load(S + lo)
+            b = b * tl.load(S + hi)
+        a = a.to(out_ty).to(tl.float32)
+        b = b.to(out_ty).to(tl.float32)
         if HAS_BIAS:
             a = (a + tl.load(B + lo).to(tl.float32)).to(out_ty).to(tl.float32)
             b = (b + tl.load(B + hi).to(tl.float32)).to(out_ty).to(tl.float32)
@@ -340,33 +361,38 @@ def _rows(x, w) -> int:
     return M
 
 
-def _launch(x, w, *, out_features, bias=None, residual=None, norm_w=None, eps=0.0, gated=False, config=None):
+def _launch(x, w, *, out_features, bias=None, residual=None, norm_w=None, eps=0.0, gated=False, scale=None,
+            config=None):
     M, K = _rows(x, w), x.shape[1]
     assert residual is None or residual.is_contiguous()
+    assert (scale is None) == (w.dtype != FP8), "an fp8 weight comes with its row scales, and only it"
     y = torch.empty(M, out_features, dtype=x.dtype, device=x.device)
     c = config or (default_config if M == 1 else two_row_config)(K, gated)
     use_pdl = pdl.enabled(x.device)
     _skinny[(triton.cdiv(out_features, c["block_n"]),)](
         x, w, w if bias is None else bias, w if residual is None else residual, w if norm_w is None else norm_w,
-        y, out_features, K, w.stride(0), x.stride(0), eps, HAS_NORM=norm_w is not None, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, GATED=gated, ONE_TILE=K <= c["block_k"], PDL=use_pdl, TWO=M == 2,
-        BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=1, launch_pdl=use_pdl)
+        w if scale is None else scale, y, out_features, K, w.stride(0), x.stride(0), eps, HAS_NORM=norm_w is not None,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, GATED=gated, ONE_TILE=K <= c["block_k"], PDL=use_pdl,
+        TWO=M == 2, HAS_SCALE=scale is not None, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"],
+        num_warps=c["num_warps"], num_stages=1, launch_pdl=use_pdl)
     return y
 
 
-def norm_linear(x, norm_w, eps, w, bias=None, config=None):
-    return _launch(x, w, out_features=w.shape[0], bias=bias, norm_w=norm_w, eps=eps, config=config)
+def norm_linear(x, norm_w, eps, w, bias=None, scale=None, config=None):
+    return _launch(x, w, out_features=w.shape[0], bias=bias, norm_w=norm_w, eps=eps, scale=scale, config=config)
 
 
-def linear_add(x, w, residual, config=None):
-    return _launch(x, w, out_features=w.shape[0], residual=residual, config=config)
+def linear_add(x, w, residual, scale=None, config=None):
+    return _launch(x, w, out_features=w.shape[0], residual=residual, scale=scale, config=config)
 
 
-def norm_gate_up(x, norm_w, eps, w, config=None):
-    return _launch(x, w, out_features=w.shape[0] // 2, norm_w=norm_w, eps=eps, gated=True, config=config)
+def norm_gate_up(x, norm_w, eps, w, scale=None, config=None):
+    return _launch(x, w, out_features=w.shape[0] // 2, norm_w=norm_w, eps=eps, gated=True, scale=scale,
+                   config=config)
 
 
-def norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, heads, kv_heads, config=None):
+def norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, heads, kv_heads, scale=None,
+                  config=None):
     """q of each token (one or two), rotated, as [tokens, heads, head_dim]; token i's rotated
     k and its v go straight into the cache slot slots[i]. cos, sin: the tokens' rows of the
     rotary tables."""
@@ -378,11 +404,13 @@ def norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, he
     block_h = min(max(c["block_n"] // 2, 1), head_dim // 2)
     q = torch.empty(M, heads, head_dim, dtype=x.dtype, device=x.device)
     use_pdl = pdl.enabled(x.device)
+    assert (scale is None) == (w.dtype != FP8), "an fp8 weight comes with its row scales, and only it"
     _skinny_qkv_rope[((heads + 2 * kv_heads) * (head_dim // 2) // block_h,)](
-        x, w, w if bias is None else bias, norm_w, q, k_cache, v_cache, cos, sin, slots, K, w.stride(0),
-        k_cache.stride(1), x.stride(0), cos.stride(0), eps, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
-        HAS_BIAS=bias is not None, ONE_TILE=K <= c["block_k"], PDL=use_pdl, TWO=M == 2, BLOCK_H=block_h,
-        BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=1, launch_pdl=use_pdl)
+        x, w, w if bias is None else bias, norm_w, w if scale is None else scale, q, k_cache, v_cache, cos, sin, slots,
+        K, w.stride(0), k_cache.stride(1), x.stride(0), cos.stride(0), eps, HEADS=heads, KV_HEADS=kv_heads,
+        HEAD_DIM=head_dim, HAS_BIAS=bias is not None, ONE_TILE=K <= c["block_k"], PDL=use_pdl, TWO=M == 2,
+        HAS_SCALE=scale is not None, BLOCK_H=block_h, BLOCK_K=c["block_k"], num_warps=c["num_warps"], num_stages=1,
+        launch_pdl=use_pdl)
     return q
 
 

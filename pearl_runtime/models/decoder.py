@@ -6,6 +6,7 @@ from torch import nn
 from pearl_runtime.config import ModelConfig
 from pearl_runtime.layers.attention import Attention
 from pearl_runtime.layers import skinny
+from pearl_runtime.layers.fp8 import skinny_weight
 from pearl_runtime.layers.fused import ops
 from pearl_runtime.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from pearl_runtime.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -40,11 +41,12 @@ class SelfAttention(nn.Module):
         and where the ops have it, rotary and the K/V store into the qkv projection."""
         if ops.norm_qkv_rope is not None and skinny.fits_qkv_rope(self.head_dim, self.q_norm is not None):
             attn = self.attn
-            q = ops.norm_qkv_rope(h, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias, *rope,
-                                  attn.k_cache, attn.v_cache, get_context().slot_mapping, self.num_heads,
-                                  self.num_kv_heads)
+            w, scale = skinny_weight(self.qkv_proj)
+            q = ops.norm_qkv_rope(h, norm.weight, norm.eps, w, self.qkv_proj.bias, *rope, attn.k_cache, attn.v_cache,
+                                  get_context().slot_mapping, self.num_heads, self.num_kv_heads, scale=scale)
             return self.o_proj.forward_add(ops, attn.attend(q).flatten(1), h)
-        qkv = ops.norm_linear(h, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias)
+        w, scale = skinny_weight(self.qkv_proj)
+        qkv = ops.norm_linear(h, norm.weight, norm.eps, w, self.qkv_proj.bias, scale=scale)
         return self.o_proj.forward_add(ops, self._attend(rope, qkv), h)
 
     def _attend(self, rope, qkv: torch.Tensor) -> torch.Tensor:
@@ -70,7 +72,8 @@ class MLP(nn.Module):
 
     def forward_skinny(self, ops, h, norm: RMSNorm):
         """h + mlp(norm(h)): norm, both projections and SiLU in one kernel, the add in the next."""
-        a = ops.norm_gate_up(h, norm.weight, norm.eps, self.gate_up_proj.weight)
+        w, scale = skinny_weight(self.gate_up_proj)
+        a = ops.norm_gate_up(h, norm.weight, norm.eps, w, scale=scale)
         return self.down_proj.forward_add(ops, a, h)
 
 
@@ -137,7 +140,11 @@ class CausalLM(nn.Module):
         return self.model(ids, positions)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        ops, head = self.model.skinny_ops, self.lm_head
+        if head.fp8 is not None and ops is not None and hidden.shape[0] <= self.model.skinny_rows and head.tp == 1:
+            w8, scale = head.fp8   # half the bytes of the bf16 head
+            return ops.norm_linear(hidden.contiguous(), None, 0.0, w8, None, scale=scale)
+        return head(hidden)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

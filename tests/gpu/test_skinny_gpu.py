@@ -89,3 +89,48 @@ def test_qkv_rope_matches_separate_kernels(dtype, heads, kv_heads, head_dim, hid
     for got, want in ((caches[2], caches[0]), (caches[3], caches[1])):
         assert int(got.view(-1, kv_heads, head_dim).abs().sum((1, 2)).count_nonzero()) == rows, label
         torch.testing.assert_close(got, want, **tol, msg=label)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_on_fp8_weights_match_the_dequantized_reference(dtype, rows):
+    """A draft's fp8 weights (layers/fp8.py): the kernels read the fp8 copy and scale the row
+    sums; the reference multiplies by the dequantized weight. Power-of-two scales make the two
+    one computation, so the tolerances are the bf16/fp32 ones above."""
+    from pearl_runtime.layers.fp8 import quantize_rows
+    torch.manual_seed(0)
+    for (name, kern, ref), (N, K) in itertools.product(OPS, ((1152, 896), (896, 4864), (4608, 3584), (40, 72))):
+        args = list(_args(name, N, K, dtype, rows))
+        w_at = 3 if name != "linear_add" else 1
+        w8, scale = quantize_rows(args[w_at])
+        args[w_at] = w8
+        torch.cuda.synchronize()
+        got, want = kern(*args, scale=scale), ref(*args, scale=scale)
+        label = f"fp8 {name} {dtype} rows={rows} N={N} K={K}"
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=label)
+            continue
+        exact = ref(*[a.double() if torch.is_tensor(a) and a.dtype != torch.float8_e4m3fn else a for a in args],
+                    scale=scale.double())
+        e_kernel = (got.double() - exact).abs().max().item()
+        e_torch = (want.double() - exact).abs().max().item()
+        assert e_kernel <= 3 * e_torch + 1e-3, f"{label}: kernel error {e_kernel:.2e}, torch error {e_torch:.2e}"
+    # the qkv projection with rotary and the cache store, and the LM head's shape
+    from pearl_runtime.layers.rotary import RotaryEmbedding
+    heads, kv_heads, head_dim, hidden = 14, 2, 64, 896
+    d = dict(dtype=dtype, device="cuda")
+    x, g = torch.randn(rows, hidden, **d), torch.rand(hidden, **d) + 0.5
+    w8, scale = quantize_rows(torch.randn((heads + 2 * kv_heads) * head_dim, hidden, **d) / hidden**0.5)
+    b = torch.randn(w8.shape[0], **d)
+    cos, sin = RotaryEmbedding(head_dim, 4096, 1e6, None).to("cuda").cos_sin(torch.arange(rows, device="cuda"), dtype)
+    slot = torch.tensor([5, 6][:rows], device="cuda")
+    caches = [torch.zeros(8, 16, kv_heads, head_dim, **d) for _ in range(4)]
+    got_q = S.norm_qkv_rope(x, g, 1e-6, w8, b, cos, sin, caches[0], caches[1], slot, heads, kv_heads, scale=scale)
+    want_q = S.reference_norm_qkv_rope(x, g, 1e-6, w8, b, cos, sin, caches[2], caches[3], slot, heads, kv_heads,
+                                       scale=scale)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(got_q, want_q, **tol)
+    torch.testing.assert_close(caches[0], caches[2], **tol)
+    head8, head_scale = quantize_rows(torch.randn(151936, hidden, **d) / hidden**0.5)
+    torch.testing.assert_close(S.norm_linear(x, None, 0.0, head8, None, scale=head_scale),
+                               S.reference_norm_linear(x, None, 0.0, head8, None, scale=head_scale), **tol)

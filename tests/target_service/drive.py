@@ -10,10 +10,11 @@ from target_service.server import GatewayStream
 
 
 @asynccontextmanager
-async def draft_server(draft_dir, num_blocks: int = 256):
-    """A draft service on a loopback port of this process: yields (its servicer, its address)."""
+async def draft_server(draft_dir, num_blocks: int = 256, **engine):
+    """A draft service on a loopback port of this process: yields (its servicer, its address).
+    `engine`: more EngineConfig fields (fp8_weights="on", ...)."""
     from draft_service.server import DraftServicer
-    draft = DraftServicer(EngineConfig(model=str(draft_dir), num_blocks=num_blocks))
+    draft = DraftServicer(EngineConfig(model=str(draft_dir), num_blocks=num_blocks, **engine))
     server = new_server()
     draft_pb2_grpc.add_DraftServicer_to_server(draft, server)
     port = bind(server, "127.0.0.1", 0)
