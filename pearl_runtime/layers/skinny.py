@@ -354,6 +354,13 @@ def two_row_config(K: int, gated: bool = False) -> dict:
     return c
 
 
+def _fp8_config(w, c: dict) -> dict:
+    """An fp8 weight row is half the bytes: twice the rows a program (experiment knob)."""
+    if w.dtype == FP8 and os.environ.get("PEARL_FP8_WIDE", "1") == "1":
+        return dict(c, block_n=c["block_n"] * 2)
+    return c
+
+
 def _rows(x, w) -> int:
     M = x.shape[0]
     assert 1 <= M <= MAX_ROWS and x.is_contiguous() and w.is_contiguous(), \
@@ -367,7 +374,7 @@ def _launch(x, w, *, out_features, bias=None, residual=None, norm_w=None, eps=0.
     assert residual is None or residual.is_contiguous()
     assert (scale is None) == (w.dtype != FP8), "an fp8 weight comes with its row scales, and only it"
     y = torch.empty(M, out_features, dtype=x.dtype, device=x.device)
-    c = config or (default_config if M == 1 else two_row_config)(K, gated)
+    c = config or _fp8_config(w, (default_config if M == 1 else two_row_config)(K, gated))
     use_pdl = pdl.enabled(x.device)
     _skinny[(triton.cdiv(out_features, c["block_n"]),)](
         x, w, w if bias is None else bias, w if residual is None else residual, w if norm_w is None else norm_w,
@@ -400,7 +407,7 @@ def norm_qkv_rope(x, norm_w, eps, w, bias, cos, sin, k_cache, v_cache, slots, he
     M, K = _rows(x, w), x.shape[1]
     assert w.shape[0] == (heads + 2 * kv_heads) * head_dim and k_cache.stride(2) == head_dim
     assert cos.stride() == sin.stride() and cos.stride(-1) == 1
-    c = config or (default_config(K) if M == 1 else two_row_config(K))
+    c = config or _fp8_config(w, default_config(K) if M == 1 else two_row_config(K))
     block_h = min(max(c["block_n"] // 2, 1), head_dim // 2)
     q = torch.empty(M, heads, head_dim, dtype=x.dtype, device=x.device)
     use_pdl = pdl.enabled(x.device)
