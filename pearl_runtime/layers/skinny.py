@@ -355,9 +355,9 @@ def two_row_config(K: int, gated: bool = False) -> dict:
 
 
 def _fp8_config(w, c: dict) -> dict:
-    """An fp8 weight row is half the bytes: twice the rows a program (experiment knob)."""
-    if w.dtype == FP8 and os.environ.get("PEARL_FP8_WIDE", "1") == "1":
-        return dict(c, block_n=c["block_n"] * 2)
+    """An fp8 weight row is half the bytes: more rows a program (PEARL_FP8_WIDE, experiment knob)."""
+    if w.dtype == FP8:
+        return dict(c, block_n=c["block_n"] * int(os.environ.get("PEARL_FP8_WIDE", "2")))
     return c
 
 
