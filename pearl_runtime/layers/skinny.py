@@ -355,10 +355,10 @@ def two_row_config(K: int, gated: bool = False) -> dict:
 
 
 def _fp8_config(w, c: dict) -> dict:
-    """An fp8 weight row is half the bytes: more rows a program (PEARL_FP8_WIDE, experiment knob)."""
-    if w.dtype == FP8:
-        return dict(c, block_n=c["block_n"] * int(os.environ.get("PEARL_FP8_WIDE", "2")))
-    return c
+    """An fp8 weight row is half the bytes, so a program takes twice the rows: the 0.5B draft's
+    graph step ran 0.577 ms with the bf16 configs, 0.536-0.542 with twice the rows and 0.573
+    with four times (H100, BENCHMARKS.md session 14; bf16 weights: 0.608)."""
+    return dict(c, block_n=c["block_n"] * 2) if w.dtype == FP8 else c
 
 
 def _rows(x, w) -> int:
