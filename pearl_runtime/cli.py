@@ -9,7 +9,6 @@ import sys
 import time
 
 from pearl_runtime import keep_awake
-from pearl_runtime.bench.mps import LOW_CHOICES as MPS_LOW_CHOICES
 
 
 def _env(name: str, default=None):
@@ -246,8 +245,8 @@ def cmd_up(args) -> None:
     with ExitStack() as scope:
         env = None
         if args.mps:
-            from pearl_runtime.bench.mps import mps_daemon, parse_low, parse_shares
-            env = scope.enter_context(mps_daemon(parse_shares(args.mps_shares), parse_low(args.mps_low)))
+            from pearl_runtime.bench.mps import mps_daemon, parse_shares
+            env = scope.enter_context(mps_daemon(parse_shares(args.mps_shares)))
         _run_up(args, Stack(args, env))
 
 
@@ -354,8 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--mps", action="store_true", help="one GPU: run draft and target under CUDA MPS")
     u.add_argument("--mps-shares", default="100,50",
                    help="SM percentages target,draft under --mps (some shares break cuBLAS on H100: engine/gemm_check.py)")
-    u.add_argument("--mps-low", default="none", choices=MPS_LOW_CHOICES,
-                   help="under --mps, the service whose kernels wait while the other's run (MPS client priority)")
     u.add_argument("--base-port", type=int, default=50050 + 10)
     u.add_argument("--log-level", default="warning")
     u.add_argument("--prompt", help="run one streamed generation, print stats, then stop")

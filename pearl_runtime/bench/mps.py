@@ -28,16 +28,6 @@ def parse_shares(text: str) -> tuple[int, int]:
     return target, draft
 
 
-LOW_CHOICES = ("none", "target", "draft")
-
-
-def parse_low(text: str) -> str | None:
-    """--mps-low: which service's kernels the MPS server schedules after the other's."""
-    if text not in LOW_CHOICES:
-        raise ValueError(f"--mps-low wants one of {', '.join(LOW_CHOICES)}, got {text!r}")
-    return None if text == "none" else text
-
-
 def same_gpu(target_device: str, draft_device: str) -> bool:
     """Whether two --device values name the same GPU ("cuda" is cuda:0)."""
     norm = lambda d: "cuda:0" if d == "cuda" else d   # noqa: E731
@@ -54,14 +44,11 @@ def sharing_warning(modes, target_device: str, draft_device: str, mps: bool) -> 
 
 
 @contextmanager
-def mps_daemon(shares: tuple[int, int], low: str | None = None) -> Iterator[dict[str, dict[str, str]]]:
+def mps_daemon(shares: tuple[int, int]) -> Iterator[dict[str, dict[str, str]]]:
     """Run a CUDA MPS control daemon for the duration; yields the extra environment of each
     service ({"target": ..., "draft": ..., "gateway": ...}; a None value unsets a variable).
     Its pipe and log directories are private temp dirs, so it neither joins nor disturbs a
-    system-wide daemon. `low` ("target" or "draft") runs that service at the MPS client
-    priority "below normal" (CUDA_MPS_CLIENT_PRIORITY=1): where both have work, the server
-    schedules the other's first. On an H100 a draft step beside a looping verify took 0.83 ms
-    with the target low against 1.35 ms at equal priority (scripts/mps_contention.py)."""
+    system-wide daemon."""
     if shutil.which(CONTROL) is None:
         raise SystemExit(f"--mps: {CONTROL} is not on PATH (it ships with the NVIDIA driver)")
     pipe, logs = tempfile.mkdtemp(prefix="pearl-mps-pipe-"), tempfile.mkdtemp(prefix="pearl-mps-log-")
@@ -71,8 +58,7 @@ def mps_daemon(shares: tuple[int, int], low: str | None = None) -> Iterator[dict
     if done.returncode != 0:
         raise SystemExit(f"--mps: `{CONTROL} -d` failed (rc {done.returncode}): {done.stderr.strip()}")
     target, draft = shares
-    log.warning("CUDA MPS is ON: daemon pipe %s, SM shares target %d%% / draft %d%%, %s", pipe, target, draft,
-                f"{low} at low priority" if low else "equal priority")
+    log.warning("CUDA MPS is ON: daemon pipe %s, SM shares target %d%% / draft %d%%", pipe, target, draft)
     client = dict(base)
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
         # the MPS server renumbers the GPUs its daemon sees (3 -> 0): a client that kept
@@ -82,12 +68,9 @@ def mps_daemon(shares: tuple[int, int], low: str | None = None) -> Iterator[dict
         log.warning("MPS renumbers the GPUs CUDA_VISIBLE_DEVICES=%s selects from 0; --target-device and "
                     "--draft-device index those", os.environ["CUDA_VISIBLE_DEVICES"])
     try:
-        envs = {"target": {**client, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(target)},
-                "draft": {**client, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(draft)},
-                "gateway": dict(client)}
-        if low is not None:
-            envs[low]["CUDA_MPS_CLIENT_PRIORITY"] = "1"
-        yield envs
+        yield {"target": {**client, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(target)},
+               "draft": {**client, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(draft)},
+               "gateway": dict(client)}
     finally:
         try:
             subprocess.run([CONTROL], input="quit\n", env=env, capture_output=True, text=True, timeout=30)

@@ -91,8 +91,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--mps", action="store_true", help="one GPU: run draft and target under CUDA MPS")
     r.add_argument("--mps-shares", default="100,50",
                    help="SM percentages target,draft under --mps (some shares break cuBLAS on H100: engine/gemm_check.py)")
-    r.add_argument("--mps-low", default="none", choices=mps.LOW_CHOICES,
-                   help="under --mps, the service whose kernels wait while the other's run (MPS client priority)")
     r.add_argument("--hf-baseline", action="store_true", help="also time HF transformers generate at bs=1")
     r.add_argument("--kv-cache-gb", type=float, default=None, help="per service (default: sized for the run)")
     r.add_argument("--target-args", default="", help="extra `pearl target` flags, e.g. '--attention triton'")
@@ -348,9 +346,9 @@ def main(args) -> None:
     with ExitStack() as scope:
         env = None
         if args.mps:
-            shares, low = mps.parse_shares(args.mps_shares), mps.parse_low(args.mps_low)
-            env = scope.enter_context(mps.mps_daemon(shares, low))
-            mps_info = {"on": True, "shares": {"target": shares[0], "draft": shares[1]}, "low_priority": low,
+            shares = mps.parse_shares(args.mps_shares)
+            env = scope.enter_context(mps.mps_daemon(shares))
+            mps_info = {"on": True, "shares": {"target": shares[0], "draft": shares[1]},
                         "pipe": env["target"]["CUDA_MPS_PIPE_DIRECTORY"]}
         for mode in modes:
             ns = stack_args(args, mode, target_dir, draft_dir, device, dtype, kv, max(batch_sizes))
@@ -363,7 +361,7 @@ def main(args) -> None:
     note = (f"synthetic pair {synthetic['target']} -> {synthetic['draft']} (random weights, acceptance calibrated "
             f"to {synthetic['accept']})" if synthetic else f"{target_dir} -> {draft_dir}")
     print(f"\npearl bench: {note}; {probe['machine'].get('gpu') or device}, {dtype}, max_tokens {args.max_tokens}"
-          f", gamma {args.gamma} (pearl {args.pearl_gamma or args.gamma}), MPS {_mps_text(args)}"
+          f", gamma {args.gamma} (pearl {args.pearl_gamma or args.gamma}), MPS {'on ' + args.mps_shares if args.mps else 'off'}"
           f"{', one GPU shared' if one_gpu else ''}, keep-awake target {'on' if awake['target'] else 'off'} "
           f"/ draft {'on' if awake['draft'] else 'off'}")
     print(report.table(rows))
@@ -375,12 +373,6 @@ def main(args) -> None:
         print()
         print(report.projection_text(result["projection"]))
     print(f"\nwrote {out}")
-
-
-def _mps_text(args) -> str:
-    if not args.mps:
-        return "off"
-    return f"on {args.mps_shares}" + (f", {args.mps_low} low priority" if args.mps_low != "none" else "")
 
 
 def _git_commit() -> str | None:

@@ -350,12 +350,11 @@ exit 0
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
     r = _bench(tmp_path, llama_dir, llama_dir, "--modes", "ar", "--batch-sizes", "1", "--mps",
-               "--mps-shares", "70,30", "--mps-low", "target")
+               "--mps-shares", "70,30")
     lines = calls.read_text().splitlines()
     assert lines[0].startswith("start ") and lines[1:] == ["get_server_list", "quit"]
     m = r["config"]["mps"]
     assert m["on"] and m["shares"] == {"target": 70, "draft": 30} and m["servers"] == {"ar": ["4242"]}
-    assert m["low_priority"] == "target"
     assert lines[0].split()[1] == m["pipe"]
 
 
@@ -376,23 +375,6 @@ def test_mps_clients_drop_cuda_visible_devices(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     with mps.mps_daemon((100, 50)) as env:
         assert "CUDA_VISIBLE_DEVICES" not in env["target"]
-        assert "CUDA_MPS_CLIENT_PRIORITY" not in env["target"] and "CUDA_MPS_CLIENT_PRIORITY" not in env["draft"]
-
-
-def test_mps_low_priority_goes_to_the_named_service_only(tmp_path, monkeypatch):
-    fake = tmp_path / "bin" / mps.CONTROL
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nexit 0\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
-    assert mps.parse_low("none") is None and mps.parse_low("draft") == "draft"
-    with pytest.raises(ValueError, match="--mps-low"):
-        mps.parse_low("gateway")
-    with mps.mps_daemon((100, 100), low="target") as env:
-        assert env["target"]["CUDA_MPS_CLIENT_PRIORITY"] == "1"
-        assert "CUDA_MPS_CLIENT_PRIORITY" not in env["draft"] and "CUDA_MPS_CLIENT_PRIORITY" not in env["gateway"]
-        child = Stack(SimpleNamespace(), env=env).child_env("target")
-        assert child["CUDA_MPS_CLIENT_PRIORITY"] == "1"
 
 
 def test_full_batch_rate_counts_only_while_every_request_decodes():
