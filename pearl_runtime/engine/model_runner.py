@@ -123,7 +123,7 @@ class ModelRunner:
         ops = self.model.model.skinny_ops
         if choice == "auto":
             cc = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
-            on = ops is skinny.TRITON and ops is not None and cc is not None and cc >= (8, 9) and self.cfg.tp_size == 1
+            on = ops is not None and ops is skinny.TRITON and cc is not None and cc >= (8, 9) and self.cfg.tp_size == 1
             log.info("weights: fp8_weights=auto -> %s (%s)", "on" if on else "off",
                      f"device {self.device}, compute capability {cc}, skinny linears {ops.name if ops else 'off'}, "
                      f"tp {self.cfg.tp_size}")

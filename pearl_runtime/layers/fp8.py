@@ -1,7 +1,7 @@
 """fp8 weights for a draft: its one- and two-token steps read half the bytes.
 
-A 0.5B draft's decode step reads ~1 GB of bf16 weights and is a sixth of an sd round per
-token, so its weight bytes are round time. Each linear of the skinny path (q/k/v, o,
+A 0.5B draft's decode step reads ~1 GB of bf16 weights, and at gamma 6 its steps are a third
+of an sd round, so its weight bytes are round time. Each linear of the skinny path (q/k/v, o,
 gate/up, down) and the LM head is rounded to float8 e4m3 with one power-of-two scale per
 output row. The scale being a power of two makes the fp8 value times its scale exact in
 bf16 (and fp32), so the module's own weight is overwritten with that product: the cuBLAS

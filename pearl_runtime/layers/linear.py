@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pearl_runtime.layers.fp8 import skinny_weight
 from pearl_runtime.layers.partition import Shard, split_evenly
 from pearl_runtime.utils.dist import all_reduce, tp_rank, tp_size
 
@@ -88,6 +89,6 @@ class RowParallelLinear(ReplicatedLinear):
     def forward_add(self, ops, x, residual):
         """residual + self(x); on one rank the add rides in the linear's epilogue."""
         if self.tp == 1 and self.bias is None:
-            w, scale = self.fp8 or (self.weight, None)
+            w, scale = skinny_weight(self)
             return ops.linear_add(x, w, residual, scale=scale)
         return self(x) + residual
