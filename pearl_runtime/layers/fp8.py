@@ -8,6 +8,8 @@ bf16 (and fp32), so the module's own weight is overwritten with that product: th
 path (prefill, batched steps), the reference ops and the Triton kernels (which read the fp8
 copy and scale the row sums) all compute one model, the fp8-rounded draft. Only a draft
 may do this: its tokens are proposals, and the target's verify keeps every mode lossless.
+Under TP each rank rounds its own shard: a row-parallel shard's rows are slices of the full
+rows, so their scales (and the rounded draft) may differ from TP=1's.
 """
 import logging
 
