@@ -11,7 +11,6 @@ together as GB/s (weights per step x steps per second; KV and activations left o
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -61,18 +60,15 @@ def worker(role: str, sync: Path, seconds: float) -> None:
 
 def run_setup(name: str, seconds: float) -> dict:
     from contextlib import nullcontext
+    from types import SimpleNamespace
     from pearl_runtime.bench.mps import mps_daemon
+    from pearl_runtime.cli import Stack
     shares = (100, 100) if name.startswith("mps") else None
     sync = Path(tempfile.mkdtemp(prefix="contention-"))
     with (mps_daemon(shares) if shares else nullcontext(None)) as envs:
         procs = {}
         for role in ("target", "draft"):
-            env = dict(os.environ)
-            for k, v in ((envs or {}).get(role) or {}).items():
-                if v is None:
-                    env.pop(k, None)
-                else:
-                    env[k] = v
+            env = Stack(SimpleNamespace(), env=envs).child_env(role)   # the services' own environment rule
             if (name == "mps-tlow" and role == "target") or (name == "mps-dlow" and role == "draft"):
                 env["CUDA_MPS_CLIENT_PRIORITY"] = "1"
             procs[role] = subprocess.Popen([sys.executable, __file__, "--role", role, "--sync", str(sync),
