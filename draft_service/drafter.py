@@ -1,6 +1,5 @@
 """Drafting over mirrors of the target's sequences. A mirror's state is a pure function of
 what its target said (adds, removes, verdicts), so a restarted draft is rebuilt by replay."""
-import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -12,8 +11,9 @@ from pearl_runtime.engine.block_manager import BlockManager
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.engine.tp_group import make_runner
 from pearl_runtime.sampling import SamplingParams, probabilities, sample_from
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

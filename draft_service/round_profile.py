@@ -6,15 +6,16 @@ torch.profiler and the kernel table goes to the log with the rounds' wall time a
 kernel time. A draft round through the services costs more than the same round in-process
 (scripts/gpu_draft_profile.py), and this shows where, in the run that pays it.
 """
-import logging
 import os
 import time
 
 from torch.profiler import ProfilerActivity, profile
 
+from pearl_runtime import envs
 from pearl_runtime import gc_pauses
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class RoundProfiler:
@@ -30,7 +31,7 @@ class RoundProfiler:
 
     @classmethod
     def from_env(cls, cuda: bool) -> "RoundProfiler | None":
-        rounds = int(os.environ.get("PEARL_PROFILE_ROUNDS", "0") or 0)
+        rounds = envs.get("PEARL_PROFILE_ROUNDS")
         if rounds <= 0:
             return None
         log.info("draft round profile on: %d rounds after %d warm-up rounds", rounds, cls.WARMUP)
@@ -88,7 +89,7 @@ class RoundClock:
 
     @classmethod
     def from_env(cls) -> "RoundClock | None":
-        every = int(os.environ.get("PEARL_ROUND_TIMES", "0") or 0)
+        every = envs.get("PEARL_ROUND_TIMES")
         return cls(every) if every > 0 else None
 
     def add(self, received: float, start: float, applied: float, drafted: float, encoded: float) -> None:

@@ -7,10 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import grpc
-import structlog
 import torch
 
-from pearl.v1 import draft_pb2, draft_pb2_grpc
+from pearl_runtime.pb import draft_pb2, draft_pb2_grpc
 from pearl_runtime import gc_pauses
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.llm_engine import load_tokenizer
@@ -23,8 +22,9 @@ from pearl_runtime.rpc.round_datagrams import RoundInbox
 from pearl_runtime.rpc.server import bind, new_server
 from draft_service.drafter import Drafter, Mirror
 from draft_service.round_profile import RoundClock, RoundProfiler
+from pearl_runtime.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 MAX_DEVICE_GAMMA = 64   # columns of a stream's device token buffer: longer rounds go inline
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pearl.v1 import gateway_pb2, gateway_pb2_grpc
+from pearl_runtime.pb import gateway_pb2, gateway_pb2_grpc
 from pearl_runtime.rpc.security import channel as secure_or_plain
 from pearl_runtime.rpc.security import token_metadata
 

@@ -7,19 +7,19 @@ import time
 from typing import TYPE_CHECKING
 
 import grpc
-import structlog
 
-from pearl.v1 import target_pb2, target_pb2_grpc
+from pearl_runtime.pb import target_pb2, target_pb2_grpc
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 
 from gateway import wire
 from gateway.flight import Flight
 from gateway.job import TargetInfo
+from pearl_runtime.log import get_logger
 
 if TYPE_CHECKING:
     from gateway.targets import TargetRouter
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 STARTUP_GRACE_S = 30.0   # a target never seen up is "being waited for" (info) this long, then "unreachable"
 
 

@@ -6,14 +6,14 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import structlog
 
-from pearl.v1 import gateway_pb2, gateway_pb2_grpc
+from pearl_runtime.pb import gateway_pb2, gateway_pb2_grpc
 from pearl_runtime import gc_pauses
 from pearl_runtime.errors import PearlError
 from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.security import authorize, server_credentials
-from pearl_runtime.rpc.server import bind, new_server, run_async, setup_logging
+from pearl_runtime.log import setup as setup_logging
+from pearl_runtime.rpc.server import bind, new_server, run_async
 from pearl_runtime.rpc.status import abort
 
 from gateway import wire
@@ -21,8 +21,9 @@ from gateway.detokenizer import Detokenizer
 from gateway.job import STOP_STRING, Stats
 from gateway.targets import TargetRouter
 from gateway.validation import validate
+from pearl_runtime.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):

@@ -8,7 +8,6 @@ budget, so the client sees neither a duplicate nor a gap.
 import asyncio
 import contextlib
 
-import structlog
 
 from pearl_runtime.errors import InvalidRequest
 from pearl_runtime.rpc.status import Overloaded, Unavailable
@@ -16,8 +15,9 @@ from pearl_runtime.rpc.status import Overloaded, Unavailable
 from gateway.connection import Incompatible, TargetConnection
 from gateway.flight import Flight
 from gateway.job import LENGTH, STOP, Job, TargetInfo
+from pearl_runtime.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class TargetRouter:

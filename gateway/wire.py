@@ -2,7 +2,7 @@
 import dataclasses
 from dataclasses import dataclass
 
-from pearl.v1 import common_pb2, gateway_pb2, target_pb2
+from pearl_runtime.pb import common_pb2, gateway_pb2, target_pb2
 from pearl_runtime.rpc import params as wire_params
 from pearl_runtime.rpc.status import Relayed, code_from_int
 

@@ -8,11 +8,7 @@ import subprocess
 import sys
 import time
 
-from pearl_runtime import keep_awake
-
-
-def _env(name: str, default=None):
-    return os.environ.get(f"PEARL_{name}", default)
+from pearl_runtime import envs, keep_awake
 
 
 def default_model() -> str:
@@ -29,28 +25,28 @@ def default_draft(target: str) -> str:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=_env("MODEL"), help="HF model directory (default: the embedded SmolLM2)")
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    p.add_argument("--device", default=_env("DEVICE", "cpu"),
+    p.add_argument("--model", default=envs.default("PEARL_MODEL"), help="HF model directory (default: the embedded SmolLM2)")
+    p.add_argument("--host", default=envs.default("PEARL_HOST"))
+    p.add_argument("--device", default=envs.default("PEARL_DEVICE"),
                    help="cpu, cuda, cuda:N, or cuda:0,1,... (one GPU per tensor-parallel rank)")
-    p.add_argument("--tp", type=int, default=int(_env("TP", 1)),
+    p.add_argument("--tp", type=int, default=envs.default("PEARL_TP"),
                    help="tensor-parallel ranks (processes); on GPU they take consecutive GPUs from --device")
-    p.add_argument("--dtype", default=_env("DTYPE"), help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--dtype", default=envs.default("PEARL_DTYPE"), help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", 1.0)))
+    p.add_argument("--kv-cache-gb", type=float, default=envs.default("PEARL_KV_CACHE_GB"))
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=0)
     p.add_argument("--attention", default="auto", help="auto | reference | triton | flash-attn")
-    p.add_argument("--skinny-linears", default=_env("SKINNY_LINEARS", "auto"),
+    p.add_argument("--skinny-linears", default=envs.default("PEARL_SKINNY_LINEARS"),
                    help="steps of <= 16 tokens with norm/SiLU/residual folded into the linears: "
                         "auto (Triton on GPU for hidden size <= 2048) | triton | reference | off")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="recompute every prompt (default: reuse cached KV blocks of shared prefixes)")
-    p.add_argument("--threads", type=int, default=int(_env("THREADS", 1)), help="CPU threads for torch")
-    p.add_argument("--keep-awake", default=_env("KEEP_AWAKE", "auto"),
+    p.add_argument("--threads", type=int, default=envs.default("PEARL_THREADS"), help="CPU threads for torch")
+    p.add_argument("--keep-awake", default=envs.default("PEARL_KEEP_AWAKE"),
                    help="auto | on | off: a lowest-priority busy loop on each core, so a woken thread never "
                         "waits for a halted core (~0.2 ms a gRPC hop on virtual machines); auto: on with a GPU")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    p.add_argument("--log-level", default=envs.default("PEARL_LOG_LEVEL"))
 
 
 def _engine_config(args, model: str):
@@ -64,7 +60,8 @@ def _engine_config(args, model: str):
 
 def cmd_draft(args) -> None:
     from draft_service.server import serve
-    from pearl_runtime.rpc.server import run_async, setup_logging
+    from pearl_runtime.log import setup as setup_logging
+    from pearl_runtime.rpc.server import run_async
     setup_logging("draft", args.log_level)
     model = args.model or default_draft(default_model())
     # the draft's steps feed one token, two after a bonus token, and a new request's first
@@ -96,7 +93,8 @@ def _quorum(text: str) -> float:
 
 
 def cmd_target(args) -> None:
-    from pearl_runtime.rpc.server import run_async, setup_logging
+    from pearl_runtime.log import setup as setup_logging
+    from pearl_runtime.rpc.server import run_async
     from target_service.server import serve
     setup_logging("target", args.log_level)
     model = args.model or default_model()
@@ -296,54 +294,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("draft", help="run the draft service")
     _engine_args(d)
-    d.add_argument("--fp8-weights", default=_env("FP8_WEIGHTS", "auto"), choices=("auto", "on", "off"),
+    d.add_argument("--fp8-weights", default=envs.default("PEARL_FP8_WEIGHTS"), choices=("auto", "on", "off"),
                    help="round the draft's linears and LM head to fp8 so its decode steps read half the bytes "
                         "(lossless: the target verifies); auto: on where the Triton skinny kernels run on a GPU "
                         "of compute capability >= 8.9")
-    d.add_argument("--port", type=int, default=int(_env("DRAFT_PORT", 50052)))
+    d.add_argument("--port", type=int, default=envs.default("PEARL_DRAFT_PORT"))
     d.set_defaults(fn=cmd_draft)
 
     t = sub.add_parser("target", help="run the target service")
     _engine_args(t)
-    t.add_argument("--port", type=int, default=int(_env("TARGET_PORT", 50051)))
-    t.add_argument("--mode", choices=("pearl", "sd", "ar"), default=_env("MODE", "pearl"))
-    t.add_argument("--draft", default=_env("DRAFT_ADDRESS", "127.0.0.1:50052"), help="draft service address")
-    t.add_argument("--gamma", default=_env("GAMMA", "auto"),
+    t.add_argument("--port", type=int, default=envs.default("PEARL_TARGET_PORT"))
+    t.add_argument("--mode", choices=("pearl", "sd", "ar"), default=envs.default("PEARL_MODE"))
+    t.add_argument("--draft", default=envs.default("PEARL_DRAFT_ADDRESS"), help="draft service address")
+    t.add_argument("--gamma", default=envs.default("PEARL_GAMMA"),
                    help="draft tokens per round, or 'auto': balance measured draft and verify step times (GPU)")
-    t.add_argument("--head-start", default=_env("HEAD_START", "auto"),
+    t.add_argument("--head-start", default=envs.default("PEARL_HEAD_START"),
                    help="pearl: draft tokens to wait for when most sequences are in pre-verify, verified "
                         "with the first fresh one ('auto': gamma // 2; 0: plain PEARL, one token)")
-    t.add_argument("--head-start-quorum", default=_env("HEAD_START_QUORUM", "0.75"),
+    t.add_argument("--head-start-quorum", default=envs.default("PEARL_HEAD_START_QUORUM"),
                    help="pearl: the share of a batch in pre-verify that earns a head start (the whole "
                         "batch waits for it)")
-    t.add_argument("--max-gamma", type=int, default=int(_env("MAX_GAMMA", 16)),
+    t.add_argument("--max-gamma", type=int, default=envs.default("PEARL_MAX_GAMMA"),
                    help="ceiling of auto gamma (verifies longer than the largest graph bucket run eagerly)")
-    t.add_argument("--ar-steps", type=int, default=int(_env("AR_STEPS", 4)),
+    t.add_argument("--ar-steps", type=int, default=envs.default("PEARL_AR_STEPS"),
                    help="ar mode: greedy decode steps chained on the device per round (1: one step, one sync)")
-    t.add_argument("--device-tokens", choices=("on", "off"), default=_env("DEVICE_TOKENS", "on"),
+    t.add_argument("--device-tokens", choices=("on", "off"), default=envs.default("PEARL_DEVICE_TOKENS"),
                    help="sd mode: take greedy draft tokens through a device buffer the draft shares (CUDA IPC), "
                         "not through the host; falls back to inline by itself where it cannot (logged)")
-    t.add_argument("--round-datagrams", choices=("on", "off"), default=_env("ROUND_DATAGRAMS", "on"),
+    t.add_argument("--round-datagrams", choices=("on", "off"), default=envs.default("PEARL_ROUND_DATAGRAMS"),
                    help="also send each small Round to the draft as a UDP datagram, ahead of the gRPC stream's "
                         "copy (the draft drafts whichever arrives first); off: the stream alone")
     t.set_defaults(fn=cmd_target)
 
     g = sub.add_parser("gateway", help="run the gateway")
-    g.add_argument("--model", default=_env("MODEL"), help="model directory for the tokenizer")
-    g.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    g.add_argument("--port", type=int, default=int(_env("GATEWAY_PORT", 50050)))
-    g.add_argument("--targets", default=_env("TARGETS", "127.0.0.1:50051"), help="comma-separated addresses")
+    g.add_argument("--model", default=envs.default("PEARL_MODEL"), help="model directory for the tokenizer")
+    g.add_argument("--host", default=envs.default("PEARL_HOST"))
+    g.add_argument("--port", type=int, default=envs.default("PEARL_GATEWAY_PORT"))
+    g.add_argument("--targets", default=envs.default("PEARL_TARGETS"), help="comma-separated addresses")
     g.add_argument("--coalesce-ms", type=float, default=2.0)
-    g.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate: serve over TLS")
-    g.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert")
-    g.add_argument("--auth-token", default=_env("AUTH_TOKEN"),
+    g.add_argument("--tls-cert", default=envs.default("PEARL_TLS_CERT"), help="PEM certificate: serve over TLS")
+    g.add_argument("--tls-key", default=envs.default("PEARL_TLS_KEY"), help="PEM private key of --tls-cert")
+    g.add_argument("--auth-token", default=envs.default("PEARL_AUTH_TOKEN"),
                    help="require 'authorization: Bearer <token>' on every call")
-    g.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    g.add_argument("--log-level", default=envs.default("PEARL_LOG_LEVEL"))
     g.set_defaults(fn=cmd_gateway)
 
     u = sub.add_parser("up", help="start draft, target and gateway locally")
-    u.add_argument("--model", default=_env("MODEL"))
-    u.add_argument("--draft-model", default=_env("DRAFT_MODEL"))
+    u.add_argument("--model", default=envs.default("PEARL_MODEL"))
+    u.add_argument("--draft-model", default=envs.default("PEARL_DRAFT_MODEL"))
     u.add_argument("--mode", choices=("pearl", "sd", "ar"), default="pearl")
     u.add_argument("--gamma", type=int, default=4)
     u.add_argument("--device", default="cpu")
@@ -367,12 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream a completion from a gateway")
     gen.add_argument("prompt")
-    gen.add_argument("--address", default=_env("GATEWAY", "127.0.0.1:50050"))
+    gen.add_argument("--address", default=envs.default("PEARL_GATEWAY"))
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
-    gen.add_argument("--auth-token", default=_env("AUTH_TOKEN"), help="bearer token the gateway expects")
-    gen.add_argument("--tls-ca", default=_env("TLS_CA"), help="PEM certificate to trust: connect over TLS")
-    gen.add_argument("--tls-server-name", default=_env("TLS_SERVER_NAME"),
+    gen.add_argument("--auth-token", default=envs.default("PEARL_AUTH_TOKEN"), help="bearer token the gateway expects")
+    gen.add_argument("--tls-ca", default=envs.default("PEARL_TLS_CA"), help="PEM certificate to trust: connect over TLS")
+    gen.add_argument("--tls-server-name", default=envs.default("PEARL_TLS_SERVER_NAME"),
                      help="name the certificate is issued for, when the address differs")
     gen.set_defaults(fn=cmd_generate)
 

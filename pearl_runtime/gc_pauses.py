@@ -12,11 +12,12 @@ collector as Python sets it (to measure the difference).
 that is the collector's can be told from one that is not.
 """
 import gc
-import logging
 import os
 import time
+from pearl_runtime import envs
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SLOW_MS = 5.0   # a collection at least this long is logged
 
@@ -24,7 +25,7 @@ SLOW_MS = 5.0   # a collection at least this long is logged
 def freeze() -> int:
     """Collect once, then freeze what is left (the caller has finished starting up). Returns
     the number of objects frozen, 0 when PEARL_GC_FREEZE=0."""
-    if os.environ.get("PEARL_GC_FREEZE", "1") == "0":
+    if not envs.get("PEARL_GC_FREEZE"):
         log.info("gc: start-up objects not frozen (PEARL_GC_FREEZE=0)")
         return 0
     gc.collect()

@@ -21,9 +21,9 @@ import signal
 import subprocess
 import sys
 
-import structlog
+from pearl_runtime.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 CHOICES = ("auto", "on", "off")
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 import uvloop  # noqa: E402
 
-from pearl.v1 import draft_pb2, draft_pb2_grpc  # noqa: E402
+from pearl_runtime.pb import draft_pb2, draft_pb2_grpc  # noqa: E402
 from pearl_runtime.rpc.server import GRPC_OPTIONS  # noqa: E402
 
 

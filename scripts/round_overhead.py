@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
-from pearl.v1 import common_pb2, target_pb2, target_pb2_grpc  # noqa: E402
+from pearl_runtime.pb import common_pb2, target_pb2, target_pb2_grpc  # noqa: E402
 from pearl_runtime.rpc.server import GRPC_OPTIONS  # noqa: E402
 from tests.services.procs import Service  # noqa: E402
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from pearl.v1 import common_pb2, draft_pb2
+from pearl_runtime.pb import common_pb2, draft_pb2
 from pearl_runtime.config import ModelConfig
 from pearl_runtime.engine.llm_engine import load_tokenizer
 from pearl_runtime.rpc import tensors

@@ -3,7 +3,6 @@
 A request's sequence holds its committed tokens C; all of C but the last token are in the
 KV cache between rounds. `pending` holds draft tokens awaiting verification (post-verify).
 """
-import logging
 from itertools import accumulate
 from dataclasses import dataclass, field
 
@@ -17,8 +16,9 @@ from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.engine.stopping import commit
 from pearl_runtime.engine.tp_group import make_runner
 from target_service.speculation import judge
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(eq=False)

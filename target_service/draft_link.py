@@ -9,15 +9,15 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import structlog
 import torch
 
-from pearl.v1 import draft_pb2, draft_pb2_grpc
+from pearl_runtime.pb import draft_pb2, draft_pb2_grpc
 from pearl_runtime.rpc.ipc import IpcUnavailable, TokenImport
 from pearl_runtime.rpc.round_datagrams import RoundSender
 from pearl_runtime.rpc.server import GRPC_OPTIONS, host_id
+from pearl_runtime.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 
 class DraftRefused(Exception):

@@ -11,15 +11,15 @@ the start-time table of verify times by query length (step_timer.VerifyCost).
 sd with a measured start step also averages the round's fixed part (its wall time less the verify
 and gamma start steps) and prices a round as fixed + gamma x step + verify.
 """
-import logging
 from dataclasses import dataclass
 
 from pearl_runtime.bench.projection import fit_alpha
 from pearl_runtime.bench.projection import head_start_for
 from pearl_runtime.engine.step_timer import (SD_PRIOR_ALPHA, VerifyCost, pearl_gamma, pearl_tokens_per_ms,
                                              sd_gamma, sd_tokens_per_ms)
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

@@ -6,10 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
-import structlog
 import torch
 
-from pearl.v1 import common_pb2, draft_pb2, target_pb2, target_pb2_grpc
+from pearl_runtime.pb import common_pb2, draft_pb2, target_pb2, target_pb2_grpc
 from pearl_runtime import gc_pauses
 from pearl_runtime.bench.projection import HEAD_START_QUORUM
 from pearl_runtime.config import EngineConfig
@@ -25,8 +24,9 @@ from target_service.core import DraftTokens, Request, TargetCore
 from target_service.draft_link import DraftLink
 from pearl_runtime.engine.step_timer import VerifyCost, measure_verify_cost
 from target_service.gamma_tuner import GammaTuner
+from pearl_runtime.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 MODES = ("pearl", "sd", "ar")
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}

@@ -1,12 +1,12 @@
 """The attention interface: store the new K/V in the paged cache, attend over the context."""
-import logging
 
 import torch
 
 from pearl_runtime.layers.fused import ops
 from pearl_runtime.utils.context import AttnContext
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class AttentionBackend:

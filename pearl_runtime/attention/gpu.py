@@ -7,7 +7,6 @@ to it. Queries are read from `cu_seqlens_q[i]` with `q_lens[i]` real tokens; the
 padded CUDA-graph slot is skipped. At small batches a row tile's keys are split across
 programs and a second kernel merges them.
 """
-import logging
 from typing import ClassVar
 
 import torch
@@ -18,8 +17,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from pearl_runtime.attention.base import AttentionBackend
 from pearl_runtime.attention.flash_layout import padded_query_index
 from pearl_runtime.layers import pdl
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 # The arguments that change with an eager step's shape (rows, block-table width, splits) are

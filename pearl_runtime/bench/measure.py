@@ -54,7 +54,7 @@ import time
 
 import grpc
 
-from pearl.v1 import target_pb2, target_pb2_grpc
+from pearl_runtime.pb import target_pb2, target_pb2_grpc
 from pearl_runtime.bench.projection import acceptance_by_position
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 

@@ -4,15 +4,15 @@ service its SM share, stop the daemon afterwards (`pearl bench --mps`, `pearl up
 Without MPS two processes on one GPU time-slice: the draft's steps and the target's forward
 cannot overlap, so PEARL cannot beat sd by overlapping them (see DESIGN.md, "One GPU").
 """
-import logging
 import os
 import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from collections.abc import Iterator
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger("pearl.bench")
+log = get_logger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
 

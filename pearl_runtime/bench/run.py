@@ -21,11 +21,13 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+from pearl_runtime import envs
 from pearl_runtime import keep_awake
 from pearl_runtime.bench import mps, projection, prompts as bench_prompts, report, roofline
 from pearl_runtime.bench.measure import BenchError, measure, read_metrics, submit_batch
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger("pearl.bench")
+log = get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 MODES = ("ar", "sd", "pearl")
 
@@ -57,7 +59,7 @@ def _quorum_setting(target_args: str) -> float:
 def _keep_awake_setting(args, tdev: str, ddev: str) -> dict:
     """Whether each service ran its keep-awake spinners (pearl_runtime/keep_awake.py): its
     --keep-awake from --target-args / --draft-args, else the environment's, else auto."""
-    default = os.environ.get("PEARL_KEEP_AWAKE", "auto")
+    default = envs.get("PEARL_KEEP_AWAKE")
     return {who: keep_awake.wanted(_service_flag(extra, "--keep-awake") or default, dev)
             for who, extra, dev in (("target", args.target_args, tdev), ("draft", args.draft_args, ddev))}
 
@@ -377,8 +379,8 @@ def main(args) -> None:
 
 def _git_commit() -> str | None:
     # A device copy of the tree may carry a stale .git; its runner names the commit instead.
-    if os.environ.get("PEARL_GIT_COMMIT"):
-        return os.environ["PEARL_GIT_COMMIT"]
+    if envs.get("PEARL_GIT_COMMIT"):
+        return envs.get("PEARL_GIT_COMMIT")
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or None

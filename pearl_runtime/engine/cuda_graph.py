@@ -9,15 +9,15 @@ sequences past its batch (no queries), are padding; their K/V go to a scratch bl
 block manager never hands out. Only the decoder body is captured; picking logit rows and
 the LM head run eagerly (their size varies).
 """
-import logging
 import time
 
 import numpy as np
 import torch
 
 from pearl_runtime.utils.context import AttnContext, set_context
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 

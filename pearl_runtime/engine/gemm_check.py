@@ -4,12 +4,12 @@ Seen on an H100 (torch 2.11, CUDA 13): under CUDA MPS with some SM shares (60%, 
 132 SMs) cuBLAS bf16 GEMMs of decoder shapes return NaN or garbage, while 50%, 90% and 100%
 are right. A service started there would stream wrong tokens without a single error, so it
 refuses to start instead (`scripts/gpu_mps_check.py` maps the shares of a machine)."""
-import logging
 import os
 
 import torch
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ROWS = (1, 16, 1024)   # decode, verify and prefill sized inputs
 

@@ -1,6 +1,5 @@
 """In-process autoregressive generation with continuous batching (the `ar` baseline and
 the runtime both services build on)."""
-import logging
 from dataclasses import dataclass
 
 from transformers import AutoTokenizer
@@ -14,8 +13,9 @@ from pearl_runtime.engine.stopping import commit
 from pearl_runtime.engine.tp_group import make_runner
 from pearl_runtime.errors import ModelLoadError
 from pearl_runtime.sampling import SamplingParams, sample_batch
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def load_tokenizer(model_dir: str):

@@ -3,7 +3,6 @@ import dataclasses
 import gc
 from collections import Counter
 from dataclasses import dataclass
-import logging
 
 import torch
 
@@ -19,8 +18,9 @@ from pearl_runtime.models.synthetic import calibrate, init_synthetic, synthetic_
 from pearl_runtime.utils.context import AttnContext, set_context
 from pearl_runtime.utils.dist import min_over_ranks
 from pearl_runtime.utils.loader import load_weights
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

@@ -6,7 +6,6 @@ LM head all-gathers the vocab shards, so rank 0 returns full logits like a plain
 """
 import atexit
 import dataclasses
-import logging
 import os
 import pickle
 import signal
@@ -22,8 +21,10 @@ import torch.multiprocessing as mp
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.model_runner import ModelRunner, StepInput
 from pearl_runtime.utils.dist import set_tp, tp_scope
+from pearl_runtime import envs
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 
@@ -48,7 +49,7 @@ def _join_group(cfg: EngineConfig, rank: int, store: dist.Store) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # PEARL_TP_TIMEOUT_S: how long a collective may wait (torch's default: NCCL 10 min, gloo 30)
-    timeout = os.environ.get("PEARL_TP_TIMEOUT_S")
+    timeout = envs.get("PEARL_TP_TIMEOUT_S")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                             world_size=cfg.tp_size, timeout=timedelta(seconds=float(timeout)) if timeout else None)
 

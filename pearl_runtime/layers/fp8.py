@@ -11,13 +11,13 @@ may do this: its tokens are proposals, and the target's verify keeps every mode 
 Under TP each rank rounds its own shard: a row-parallel shard's rows are slices of the full
 rows, so their scales (and the rounded draft) may differ from TP=1's.
 """
-import logging
 
 import torch
 
 from pearl_runtime.layers.skinny import FP8
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 FP8_MAX = 448.0   # largest finite e4m3 value
 

@@ -4,12 +4,12 @@ At batch 1 a 7B decode step is ~1000 tiny kernels if these run eagerly, and thei
 gaps cost as much as reading the weights. `enable_compile()` (called by the model runner on
 CUDA) swaps in torch.compile'd versions; CPU keeps the eager ones, which are the reference.
 """
-import logging
 
 import torch
 import torch.nn.functional as F
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

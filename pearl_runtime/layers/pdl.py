@@ -7,12 +7,13 @@ calling gdc_launch_dependents once all its own programs are resident. A one-toke
 0.5B draft takes 2-8 us, so the launch gap and the weight latency hidden this way are a large
 part of it. PEARL_PDL=0 turns it off (the kernels then run one after another, as before).
 """
-import logging
 import os
 
 import torch
+from pearl_runtime import envs
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 _logged: set[tuple[int, bool]] = set()
 _hopper: dict[int, bool] = {}   # device index -> compute capability >= 9.0 (asked once: eager launches ask each time)
 
@@ -25,7 +26,7 @@ def enabled(device: torch.device) -> bool:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _hopper:
         _hopper[index] = torch.cuda.get_device_capability(index) >= (9, 0)
-    on = os.environ.get("PEARL_PDL", "1") != "0" and _hopper[index]
+    on = envs.get("PEARL_PDL") and _hopper[index]
     if (index, on) not in _logged:
         _logged.add((index, on))
         log.info("programmatic dependent launch for one-token kernels on cuda:%d: %s", index,

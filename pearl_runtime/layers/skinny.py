@@ -24,6 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from pearl_runtime import envs
 from pearl_runtime.layers import pdl
 from pearl_runtime.layers.fused import rms_norm, rotate
 
@@ -320,11 +321,11 @@ TWO_ROWS_MAX_HIDDEN = 1024
 
 def rows_for(hidden: int) -> int:
     """How many rows a step may have and still take the skinny kernels."""
-    forced = os.environ.get("PEARL_SKINNY_ROWS")
+    forced = envs.get("PEARL_SKINNY_ROWS")
     if forced is not None:
-        if forced not in ("1", "2"):
+        if forced not in (1, 2):
             raise ValueError(f"PEARL_SKINNY_ROWS must be 1 or 2, got {forced!r}")
-        return int(forced)
+        return forced
     return 2 if hidden <= TWO_ROWS_MAX_HIDDEN else 1
 
 

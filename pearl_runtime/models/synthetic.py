@@ -13,12 +13,12 @@ A directory holds config.json, a byte-level tokenizer (shared by construction) a
 synthetic.json; there are no weights on disk.
 """
 import json
-import logging
 from pathlib import Path
 
 import torch
+from pearl_runtime.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # name -> (architecture, hidden, layers, heads, kv_heads, intermediate, vocab, extra config)
 SHAPES = {

@@ -21,7 +21,7 @@ import uuid
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
-from pearl.v1 import common_pb2
+from pearl_runtime.pb import common_pb2
 
 PROCESS = uuid.uuid4().hex   # who owns a buffer: pids repeat across containers (each may be pid 1)
 _generations = itertools.count(1)

@@ -1,5 +1,5 @@
 """SamplingParams <-> protobuf."""
-from pearl.v1 import common_pb2
+from pearl_runtime.pb import common_pb2
 from pearl_runtime.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 128

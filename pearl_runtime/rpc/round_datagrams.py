@@ -19,11 +19,11 @@ import socket
 import time
 from collections.abc import Callable
 
-import structlog
 
-from pearl.v1 import draft_pb2
+from pearl_runtime.pb import draft_pb2
+from pearl_runtime.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger(__name__)
 
 KEY_BYTES = 8
 MAX_DATAGRAM = 8192   # a steady sd round is ~50 bytes; one whose adds carry long prompts goes by the stream

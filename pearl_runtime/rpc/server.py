@@ -1,24 +1,10 @@
 """Process plumbing shared by the services: logging, the event loop, a grpc.aio server."""
 import asyncio
-import logging
-import os
 import socket
 
 import grpc
-import structlog
-
-
-def setup_logging(service: str, level: str | None = None) -> None:
-    level = (level or os.environ.get("PEARL_LOG_LEVEL", "info")).upper()
-    logging.basicConfig(level=level, format="%(message)s")
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-                    structlog.dev.ConsoleRenderer(colors=False)],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.stdlib.LoggerFactory(),
-    )
-    structlog.contextvars.bind_contextvars(service=service)
+from pearl_runtime.log import get_logger
+from pearl_runtime.log import get_logger
 
 
 def run_async(main) -> None:
@@ -27,7 +13,7 @@ def run_async(main) -> None:
         import uvloop
         uvloop.run(main)
     except ImportError:
-        structlog.get_logger().warning("uvloop not installed; using the default asyncio loop")
+        get_logger(__name__).warning("uvloop not installed; using the default asyncio loop")
         asyncio.run(main)
 
 

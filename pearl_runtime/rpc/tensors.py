@@ -3,7 +3,7 @@ fast path; that path is not built, so every tensor travels inline.)"""
 import numpy as np
 import torch
 
-from pearl.v1 import common_pb2
+from pearl_runtime.pb import common_pb2
 
 _NP = {"int32": np.int32, "int64": np.int64, "float32": np.float32}
 

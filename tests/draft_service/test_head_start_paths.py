@@ -9,7 +9,7 @@ import threading
 import grpc
 import pytest
 
-from pearl.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from pearl_runtime.pb import common_pb2, draft_pb2, draft_pb2_grpc
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import tensors
 

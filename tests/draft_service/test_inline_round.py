@@ -1,6 +1,6 @@
 """The draft runs a plain round on its event loop only while nothing else holds the drafter
 (the forward thread may be drafting an early-part round or releasing a mirror)."""
-from pearl.v1 import common_pb2, draft_pb2
+from pearl_runtime.pb import common_pb2, draft_pb2
 from pearl_runtime.config import EngineConfig
 
 

@@ -1,6 +1,6 @@
 """PEARL_PROFILE_ROUNDS: the draft service profiles that many rounds after a warm-up and logs
 one report; without the variable nothing is profiled."""
-from pearl.v1 import common_pb2, draft_pb2
+from pearl_runtime.pb import common_pb2, draft_pb2
 from pearl_runtime.config import EngineConfig
 
 

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from pearl.v1 import draft_pb2
+from pearl_runtime.pb import draft_pb2
 from pearl_runtime.config import EngineConfig
 
 

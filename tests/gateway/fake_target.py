@@ -7,7 +7,7 @@ import asyncio
 
 import grpc
 
-from pearl.v1 import common_pb2, target_pb2, target_pb2_grpc
+from pearl_runtime.pb import common_pb2, target_pb2, target_pb2_grpc
 
 CYCLE = 90
 POISON = 7          # a prompt starting with this id is refused with RESOURCE_EXHAUSTED

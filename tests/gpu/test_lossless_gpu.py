@@ -91,7 +91,7 @@ async def _wait_port(ports, name, tasks):
 
 async def _run_services(target_dir, draft_dir, mode, prompts, max_tokens, dtype, target_device="cuda",
                         draft_device="cuda"):
-    from pearl.v1 import common_pb2, target_pb2, target_pb2_grpc
+    from pearl_runtime.pb import common_pb2, target_pb2, target_pb2_grpc
     import grpc
     import draft_service.server as ds
     import target_service.server as ts

@@ -280,7 +280,7 @@ def reference_greedy(model_dir, prompts, max_tokens) -> list[list[int]]:
 
 def target_metrics(service: Service):
     """The target's cumulative round counters (Target.Metrics)."""
-    from pearl.v1 import target_pb2, target_pb2_grpc
+    from pearl_runtime.pb import target_pb2, target_pb2_grpc
     from pearl_runtime.rpc.server import GRPC_OPTIONS
     with grpc.insecure_channel(service.address, options=GRPC_OPTIONS) as ch:
         return target_pb2_grpc.TargetStub(ch).Metrics(target_pb2.MetricsRequest(), timeout=10)

@@ -16,7 +16,7 @@ def test_the_drafts_graphs_reach_a_block(monkeypatch):
     eagerly before, ~28 ms a request), besides 1 (decode) and 2 (the catch-up after a fully
     accepted round)."""
     import draft_service.server
-    import pearl_runtime.rpc.server
+    import pearl_runtime.log
     from pearl_runtime import cli
     seen = []
 
@@ -24,7 +24,7 @@ def test_the_drafts_graphs_reach_a_block(monkeypatch):
         seen.append(cfg)
     monkeypatch.setattr(draft_service.server, "serve", fake_serve)
     monkeypatch.setattr(cli, "_until_signal", lambda coro: coro)
-    monkeypatch.setattr(pearl_runtime.rpc.server, "setup_logging", lambda *a: None)   # the test's logging stays
+    monkeypatch.setattr(pearl_runtime.log, "setup", lambda *a, **k: None)   # the test's logging stays
     for block in (16, 32):
         cli.cmd_draft(build_parser().parse_args(["draft", "--model", "m", "--block-size", str(block)]))
     assert [c.graph_query_lens for c in seen] == [(1, 2, 16), (1, 2, 32)]

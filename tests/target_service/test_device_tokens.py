@@ -5,7 +5,7 @@ target-only output on every path: the tokens fed from the buffer, read to the ho
 round that prefills a prompt), and inline (the target did not ask)."""
 import asyncio
 
-from pearl.v1 import common_pb2, target_pb2
+from pearl_runtime.pb import common_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
 from target_service.server import GatewayStream, TargetService
 from tests.services.procs import reference_greedy
@@ -87,7 +87,7 @@ def test_device_tokens_of_a_draft_that_went_away_are_given_up():
     down and the round goes on without drafts."""
     from types import SimpleNamespace
 
-    from pearl.v1 import common_pb2, draft_pb2
+    from pearl_runtime.pb import common_pb2, draft_pb2
     from target_service.draft_link import DraftLink
 
     class NeverWritten:

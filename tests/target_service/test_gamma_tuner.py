@@ -71,14 +71,14 @@ class SlowDraftLink:
     connected, generation = True, 1
 
     def __init__(self):
-        from pearl.v1 import draft_pb2
+        from pearl_runtime.pb import draft_pb2
         self.info = draft_pb2.HelloReply(accepted=True)   # no step times: CPU-like start
         self.gammas = []
 
     async def exchange(self, rnd):
         import torch
 
-        from pearl.v1 import draft_pb2
+        from pearl_runtime.pb import draft_pb2
         from pearl_runtime.rpc import tensors
         self.gammas.append(rnd.gamma)
         ids = [a.seq_id for a in rnd.adds] or self.ids

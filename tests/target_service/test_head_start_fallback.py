@@ -4,7 +4,7 @@ import asyncio
 
 import torch
 
-from pearl.v1 import draft_pb2
+from pearl_runtime.pb import draft_pb2
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import tensors
 from target_service.server import TargetService

@@ -8,7 +8,7 @@ import asyncio
 
 import torch
 
-from pearl.v1 import common_pb2, draft_pb2, target_pb2
+from pearl_runtime.pb import common_pb2, draft_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import tensors
 from target_service.server import GatewayStream, TargetService

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from pearl.v1 import common_pb2, draft_pb2, target_pb2
+from pearl_runtime.pb import common_pb2, draft_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import round_datagrams
 from pearl_runtime.rpc.round_datagrams import RoundInbox, RoundSender

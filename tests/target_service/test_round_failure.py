@@ -4,7 +4,7 @@ import asyncio
 import grpc
 import pytest
 
-from pearl.v1 import common_pb2, target_pb2
+from pearl_runtime.pb import common_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
 from target_service.server import GatewayStream, TargetService
 

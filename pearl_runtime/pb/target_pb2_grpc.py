@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from pearl.v1 import target_pb2 as pearl_dot_v1_dot_target__pb2
+from pearl_runtime.pb import target_pb2 as pearl_dot_v1_dot_target__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from pearl.v1 import draft_pb2 as pearl_dot_v1_dot_draft__pb2
+from pearl_runtime.pb import draft_pb2 as pearl_dot_v1_dot_draft__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__

@@ -1,0 +1,111 @@
+"""One logging set-up for every process: structlog over stdlib, JSON or console lines.
+
+Every module logs through `get_logger(__name__)`; loggers of libraries (grpc, asyncio, torch,
+transformers) go through the same formatter, so no line escapes the format. A request's id
+(and W3C traceparent) is bound with `bind_request`, and every line logged while it is bound
+carries it.
+"""
+import logging
+import os
+import sys
+from contextlib import contextmanager
+
+import structlog
+
+from pearl_runtime import envs
+
+FORMATS = ("json", "console", "auto")
+_configured: dict = {}
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)
+
+
+def _shared_processors() -> list:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.PositionalArgumentsFormatter(),
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+
+
+def resolve_format(fmt: str | None) -> str:
+    fmt = (fmt or envs.get("PEARL_LOG_FORMAT") or "auto").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "auto":
+        return "console" if sys.stderr.isatty() else "json"
+    return fmt
+
+
+def setup(service: str, level: str | None = None, fmt: str | None = None) -> None:
+    """Configure structlog and the stdlib root logger for this process (idempotent per args).
+    Lines go to stderr, one event each."""
+    level = (level or envs.get("PEARL_LOG_LEVEL") or "info").upper()
+    fmt = resolve_format(fmt)
+    renderer = (structlog.processors.JSONRenderer() if fmt == "json"
+                else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=_shared_processors() + [structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info if fmt == "json" else _keep, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # chatty libraries stay at warning unless we are debugging
+    for name in ("asyncio", "grpc", "urllib3", "filelock", "torch", "transformers", "httpx", "aiohttp.access"):
+        logging.getLogger(name).setLevel(min(logging.WARNING, logging.getLevelName(level))
+                                         if level == "DEBUG" else logging.WARNING)
+    logging.captureWarnings(True)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(service=service)
+    _configured.update(service=service, level=level, fmt=fmt)
+    # gRPC core writes to stderr by itself; keep it at errors so its lines stay rare
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def _keep(logger, name, event_dict):
+    return event_dict
+
+
+def child_env() -> dict[str, str]:
+    """What a process we start (a TP worker) needs to log the same way."""
+    out = {}
+    if _configured:
+        out["PEARL_LOG_FORMAT"] = _configured["fmt"]
+        out["PEARL_LOG_LEVEL"] = _configured["level"].lower()
+    return out
+
+
+def configured() -> dict:
+    return dict(_configured)
+
+
+def bind_request(request_id: str | None = None, traceparent: str | None = None) -> None:
+    """Bind the request's ids to the current context (an asyncio task copies its context)."""
+    values = {k: v for k, v in (("request_id", request_id), ("traceparent", traceparent)) if v}
+    if values:
+        structlog.contextvars.bind_contextvars(**values)
+
+
+@contextmanager
+def request_context(request_id: str | None = None, traceparent: str | None = None):
+    tokens = structlog.contextvars.bind_contextvars(
+        **{k: v for k, v in (("request_id", request_id), ("traceparent", traceparent)) if v})
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
