@@ -1,9 +1,9 @@
 """What a gRPC round trip costs without our services: an echo server for Draft.Speculate in a
 child process answers each Round with an empty DraftBatch, over the same channel options and
-on uvloop, as the services run. The floor under `xfer` (scripts/transport_bench.py,
+on uvloop, as the services run. The floor under `xfer` (benchmarks/probes/transport_bench.py,
 `pearl bench`): what is above it is ours.
 
-    python scripts/grpc_echo_bench.py [ROUNDS] [GAP_MS]
+    python benchmarks/probes/grpc_echo_bench.py [ROUNDS] [GAP_MS]
 
 GAP_MS idles the client between rounds, as a target does while it verifies: on a virtual
 machine whose idle cores halt, each hop then pays their wake-up (pearl_runtime/keep_awake.py).
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import grpc  # noqa: E402
 import uvloop  # noqa: E402

@@ -2,7 +2,7 @@
 the target's greedy path, with the draft's weights as stored and rounded to fp8 (layers/fp8.py).
 CPU, fp32; the embedded SmolLM2 pair (`pearl models prepare` first).
 
-    python3 scripts/fp8_agreement.py [--prompts humaneval.jsonl] [--n 12] [--tokens 64]
+    python3 benchmarks/probes/fp8_agreement.py [--prompts humaneval.jsonl] [--n 12] [--tokens 64]
 """
 import argparse
 import json
@@ -14,7 +14,7 @@ from pearl_runtime.engine.llm_engine import LLMEngine
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.sampling import SamplingParams
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def main():

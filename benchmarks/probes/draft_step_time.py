@@ -2,7 +2,7 @@
 draft times itself at start; best of 3 x 200) and a whole engine ar step (host work and a
 sync a step included), with its weights in bf16 and in fp8 (layers/fp8.py).
 
-    python3 scripts/draft_step_time.py [--fp8-weights off,on]
+    python3 benchmarks/probes/draft_step_time.py [--fp8-weights off,on]
 """
 import argparse
 import gc

@@ -1,7 +1,7 @@
 """A 7B engine's verify step at bs 1 (graph replay + one LM-head row, as auto gamma times it)
 for q tokens, with the engine built under each of torch's BLAS back ends.
 
-    python3 scripts/verify_blas.py
+    python3 benchmarks/probes/verify_blas.py
 """
 import gc
 

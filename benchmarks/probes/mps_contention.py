@@ -4,7 +4,7 @@ then while the other loops, per sharing setup: no MPS, MPS at given SM shares, a
 one client at a lower priority (`CUDA_MPS_CLIENT_PRIORITY=1`, "below normal", where the
 driver has it).
 
-    python3 scripts/mps_contention.py [--setups none,mps,mps-tlow,mps-dlow] [--seconds 4]
+    python3 benchmarks/probes/mps_contention.py [--setups none,mps,mps-tlow,mps-dlow] [--seconds 4]
 
 Prints one table row per setup: ms a step alone and together, and the bytes both moved
 together as GB/s (weights per step x steps per second; KV and activations left out).

@@ -3,8 +3,8 @@ weights per layer so nothing sits in L2) timed in a CUDA graph for the torch pat
 Triton kernel with a few configs, then ar decode of whole engines with the skinny path off
 and on. Correctness against the torch ops is tests/gpu/test_skinny_gpu.py.
 
-    python3 scripts/gpu_skinny_bench.py [--sweep] [--engines qwen2.5-7b,qwen2.5-0.5b]
-    python3 scripts/gpu_skinny_bench.py --ops qwen2.5-0.5b --chains "" --engines ""   # per-op config sweep
+    python3 benchmarks/probes/gpu_skinny_bench.py [--sweep] [--engines qwen2.5-7b,qwen2.5-0.5b]
+    python3 benchmarks/probes/gpu_skinny_bench.py --ops qwen2.5-0.5b --chains "" --engines ""   # per-op config sweep
 """
 import argparse
 import gc

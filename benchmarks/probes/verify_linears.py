@@ -2,7 +2,7 @@
 same product, each timed as a CUDA graph of 28 distinct weights (the layers' count, so L2
 holds none of them), in us a linear and % of the copy bandwidth measured here.
 
-    python3 scripts/verify_linears.py [--rows 1,5,7,8] [--splits 2,4,8]
+    python3 benchmarks/probes/verify_linears.py [--rows 1,5,7,8] [--splits 2,4,8]
 
 Split-K: W [N, K] viewed as S slices [S, N, K/S] (no copy: batch stride K/S, row stride K),
 one strided-batched GEMM x_s @ W_s.T -> [S, M, N], then the sum over S. cuBLAS gives a

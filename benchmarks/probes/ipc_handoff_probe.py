@@ -8,7 +8,7 @@ runs `--b-ms`, and so on. Two hand-offs are timed:
          that event before its work, so the GPU passes from A to B without a host in between
 
 The idle time per hand-off is (wall per round - a_ms - b_ms) / 2 (B -> A goes over the host
-in both). python3 scripts/ipc_handoff_probe.py [--rounds 200] [--a-ms 3] [--b-ms 4.5]
+in both). python3 benchmarks/probes/ipc_handoff_probe.py [--rounds 200] [--a-ms 3] [--b-ms 4.5]
 """
 import argparse
 import time

@@ -1,7 +1,7 @@
 """Where a draft round's time goes between its graph steps: the device's timeline of one
 `Drafter.draft` round (CUDA events around every step) against the host's.
 
-    python3 scripts/draft_round_timeline.py [gamma] [rounds]
+    python3 benchmarks/probes/draft_round_timeline.py [gamma] [rounds]
 
 Per round: host prep (round start -> the first step's event), each step on the device (event to
 event: its graph, LM head, argmax and input copies; the last interval runs on to an event the host

@@ -2,7 +2,7 @@
 on loopback, a DraftLink in this process, one sequence, gamma 1. Per round: the target's wait
 minus the draft's own reported time (`draft_ms`), the same "xfer" `pearl bench` reports.
 
-    python scripts/transport_bench.py MODEL_DIR [ROUNDS]
+    python benchmarks/probes/transport_bench.py MODEL_DIR [ROUNDS]
 
 CPU-only and synthetic: the model is only there to start the service; the number is the
 gRPC + protobuf + event-loop + thread-handoff cost a round pays on top of drafting.

@@ -1,7 +1,7 @@
 """Where the 7B verify step's time goes against a one-token step: each step's CUDA graph (plus
 its LM-head rows) replayed under the torch profiler, kernels grouped by name, us a step.
 
-    python3 scripts/verify_profile.py [--queries 1,7]
+    python3 benchmarks/probes/verify_profile.py [--queries 1,7]
 
 The last row of each table is the gap: wall time a step minus the kernels' sum (launch
 latency between the graph's kernels and the host's replay call).
