@@ -1,34 +1,9 @@
 """The gateway's domain objects: what a client asked for, what was validated, what a target said."""
 from dataclasses import dataclass, field
 
+from pearl_runtime.client import (CANCELLED, LENGTH, STOP, STOP_STRING,  # noqa: F401  (re-exported)
+                                   ChatMessage, Request, Stats)
 from pearl_runtime.sampling import SamplingParams
-
-# finish reasons as the runtime spells them, plus the gateway's own
-STOP, LENGTH, STOP_STRING, CANCELLED = "stop", "length", "stop_string", "cancelled"
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class Request:
-    """A Generate call before validation; sampling fields are None when the client left them unset."""
-    request_id: str = ""
-    model: str = ""
-    text: str | None = None
-    chat: tuple[ChatMessage, ...] | None = None
-    token_ids: tuple[int, ...] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,22 +32,3 @@ class Progress:
     finish_reason: str | None = None
     target_forwards: int = 0        # over all targets that served the request
     mode: str = ""
-
-
-@dataclass(frozen=True)
-class Stats:
-    prompt_tokens: int
-    new_tokens: int
-    target_forwards: int
-    mean_accepted_tokens: float
-    time_to_first_token_ms: float
-    total_ms: float
-    tokens_per_s: float     # new tokens over the request's whole wall time (prefill included)
-    mode: str
-
-    @classmethod
-    def measure(cls, prompt_tokens: int, new_tokens: int, target_forwards: int, ttft_ms: float,
-                total_ms: float, mode: str) -> "Stats":
-        return cls(prompt_tokens, new_tokens, target_forwards,
-                   new_tokens / target_forwards if target_forwards else 0.0, ttft_ms, total_ms,
-                   new_tokens / (total_ms / 1e3) if total_ms > 0 else 0.0, mode)

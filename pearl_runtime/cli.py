@@ -183,7 +183,7 @@ class Stack:
             out.close()
 
     def _wait_ready(self, address: str, draft_port: int | None, timeout_s: float = 300) -> None:
-        from gateway.client import list_models
+        from pearl_runtime.client import list_models
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             self._check_alive()
@@ -263,7 +263,7 @@ def _run_up(args, stack: Stack) -> None:
 
 
 def _print_generation(address: str, prompt: str, max_tokens: int, raw: bool = False, **security) -> None:
-    from gateway.client import generate
+    from pearl_runtime.client import generate
 
     def on_delta(text, _ids):
         print(text, end="", flush=True)

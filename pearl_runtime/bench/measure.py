@@ -86,7 +86,7 @@ async def submit_batch(address: str, prompts: list[list[int]], max_tokens: int, 
                        temperature: float = 0.0) -> tuple[list, float, list]:
     """All prompts at once over one channel; returns (completions, wall seconds, arrivals):
     arrivals[i] lists (seconds since the submit, tokens) of each delta request i received."""
-    from gateway.client import generate
+    from pearl_runtime.client import generate
     arrivals: list[list[tuple[float, int]]] = [[] for _ in prompts]
     async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as ch:
         await asyncio.wait_for(ch.channel_ready(), timeout_s)

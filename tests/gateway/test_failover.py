@@ -4,7 +4,7 @@ import asyncio
 import grpc
 import pytest
 
-from gateway.client import generate
+from pearl_runtime.client import generate
 from gateway.server import serve_gateway
 from tests.gateway.fake_target import FakeTarget, expected_tokens, start_target
 from tests.gateway.harness import gateway_over, run

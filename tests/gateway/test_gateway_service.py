@@ -5,7 +5,7 @@ import time
 import grpc
 import pytest
 
-from gateway.client import generate, list_models
+from pearl_runtime.client import generate, list_models
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 from tests.gateway.fake_target import POISON, FakeTarget, expected_tokens
 from tests.gateway.harness import eventually, gateway_over, run

@@ -5,7 +5,7 @@ import subprocess
 import grpc
 import pytest
 
-from gateway.client import generate, list_models
+from pearl_runtime.client import generate, list_models
 from tests.gateway.fake_target import FakeTarget
 from tests.gateway.harness import gateway_over, run
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import structlog
 
-from gateway import connection
-from gateway.connection import TargetConnection
+from gateway import targets as connection
+from gateway.targets import TargetConnection
 
 
 def _closed_port() -> int:

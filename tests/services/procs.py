@@ -130,7 +130,7 @@ def wait_handshakes(draft: Service, n: int, deadline: float) -> None:
 
 
 def wait_gateway(gateway: Service, deadline: float) -> None:
-    from gateway.client import list_models
+    from pearl_runtime.client import list_models
     while True:
         gateway.check_alive()
         try:

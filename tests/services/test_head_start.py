@@ -4,7 +4,7 @@ one. Greedy output stays equal to target-only output, the rounds happen (counted
 target), and a sequence alone commits more tokens per target forward than plain PEARL."""
 import random
 
-from gateway.client import generate
+from pearl_runtime.client import generate
 from tests.services.procs import reference_greedy, run, target_metrics
 from tests.tiny_models import assert_same_tokens
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from gateway.client import generate
+from pearl_runtime.client import generate
 from tests.services.procs import GAMMA, reference_greedy, run, target_metrics
 from tests.tiny_models import assert_same_tokens
 

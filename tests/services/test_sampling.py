@@ -4,7 +4,7 @@ tests/target_service/test_speculation.py). Here: the path works across processes
 request is reproducible, and speculation still accepts tokens."""
 import pytest
 
-from gateway.client import generate
+from pearl_runtime.client import generate
 from tests.services.procs import run
 
 PROMPTS = [[5, 17, 33, 101, 7], [250, 3], [9] * 40]

@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from gateway.client import generate
+from pearl_runtime.client import generate
 from pearl_runtime.pb import common_pb2, target_pb2, target_pb2_grpc
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 from tests.services.procs import (START_TIMEOUT_S, reference_greedy, run, stop_all, target_metrics,

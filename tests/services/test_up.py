@@ -3,7 +3,7 @@ request already speculates (a fixed pause lost that race on a cold machine)."""
 import asyncio
 from argparse import Namespace
 
-from gateway.client import generate
+from pearl_runtime.client import generate
 from pearl_runtime.bench.measure import read_metrics
 from pearl_runtime.bench.run import free_base_port
 from pearl_runtime.cli import Stack
