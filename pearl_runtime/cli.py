@@ -75,21 +75,19 @@ def cmd_draft(args) -> None:
 
 
 def _head_start(text: str) -> int:
-    if text == "auto":
-        return -1
-    if not text.isdigit():
-        raise SystemExit(f"--head-start wants 'auto' or a number of tokens >= 0, got {text!r}")
-    return int(text)
+    from pearl_runtime.spec.policy import parse_head_start
+    try:
+        return parse_head_start(text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _quorum(text: str) -> float:
+    from pearl_runtime.spec.policy import parse_quorum
     try:
-        q = float(text)
-    except ValueError:
-        q = -1.0
-    if not 0 < q <= 1:
-        raise SystemExit(f"--head-start-quorum wants a share of the batch in (0, 1], got {text!r}")
-    return q
+        return parse_quorum(text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def cmd_target(args) -> None:

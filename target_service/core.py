@@ -15,7 +15,7 @@ from pearl_runtime.engine.scheduler import Scheduler
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.engine.stopping import commit
 from pearl_runtime.engine.tp_group import make_runner
-from target_service.speculation import judge
+from pearl_runtime.spec.verdict import judge
 from pearl_runtime.log import get_logger
 
 log = get_logger(__name__)

@@ -10,7 +10,6 @@ import torch
 
 from pearl_runtime.pb import common_pb2, draft_pb2, target_pb2, target_pb2_grpc
 from pearl_runtime import gc_pauses
-from pearl_runtime.bench.projection import HEAD_START_QUORUM
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.admission import check_prompt
 from pearl_runtime.engine.llm_engine import load_tokenizer
@@ -23,7 +22,8 @@ from pearl_runtime.rpc.server import bind, new_server
 from target_service.core import DraftTokens, Request, TargetCore
 from target_service.draft_link import DraftLink
 from pearl_runtime.engine.step_timer import VerifyCost, measure_verify_cost
-from target_service.gamma_tuner import GammaTuner
+from pearl_runtime.spec.policy import GammaTuner
+from pearl_runtime.spec.round_model import HEAD_START_QUORUM
 from pearl_runtime.log import get_logger
 
 log = get_logger(__name__)

@@ -1,22 +1,21 @@
 """Auto gamma, retuned from the rounds themselves.
 
-The start-time picks (step_timer.py) come from graph replays of each model alone. In service
-the draft may share its GPU with the verify (MPS: a draft step beside a 7B verify took 2.6 ms
-against 1.6 ms alone), every round pays host and transport costs, and the acceptance is not
+The start-time picks (round_model.py, priced with step_timer.py's measures) come from graph replays of each model alone. In service
+the draft may share its GPU with the verify (under MPS a draft step beside a verify runs
+markedly slower than alone), every round pays host and transport costs, and the acceptance is not
 the prior. So each speculative round reports its own draft time per token, verify time and
 acceptance, and gamma per batch bucket follows their moving averages with the same rules.
 The verify is observed at the current gamma only; other gammas are priced by scaling it with
-the start-time table of verify times by query length (step_timer.VerifyCost).
+the start-time table of verify times by query length (spec/verify_cost.py, measured by engine/step_timer.py).
 
 sd with a measured start step also averages the round's fixed part (its wall time less the verify
 and gamma start steps) and prices a round as fixed + gamma x step + verify.
 """
 from dataclasses import dataclass
 
-from pearl_runtime.bench.projection import fit_alpha
-from pearl_runtime.bench.projection import head_start_for
-from pearl_runtime.engine.step_timer import (SD_PRIOR_ALPHA, VerifyCost, pearl_gamma, pearl_tokens_per_ms,
-                                             sd_gamma, sd_tokens_per_ms)
+from pearl_runtime.spec.verify_cost import VerifyCost
+from pearl_runtime.spec.round_model import (SD_PRIOR_ALPHA, fit_alpha, head_start_for, pearl_gamma,
+                                            pearl_tokens_per_ms, sd_gamma, sd_tokens_per_ms)
 from pearl_runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -79,8 +78,8 @@ class GammaTuner:
         """Buckets that no rounds steer yet (a batch size not run so far, or still in its
         warm-up rounds) take their start picks again at the acceptance the other buckets
         measured: a 128-token request at batch 8 runs ~17 rounds, too few to spend 8 of them
-        on a pick priced at the prior (72B, H200: a bench's warm-up ran 3 rounds at batch 8,
-        which then measured 24 rounds from gamma 9 where 13 was due, 3.07x over ar)."""
+        on a pick priced at the prior (a bench's short warm-up would otherwise leave a batch
+        size measured from a gamma well short of the one due)."""
         fresh = [b for b in self.start_draft_ms
                  if b not in self.observed or self.observed[b].rounds < self.WARMUP]
         moved = {}
@@ -133,11 +132,10 @@ class GammaTuner:
         per_token = draft_ms / (draft_steps or gamma)
         # comparable across rounds of different lengths
         ratio = verify_ms / self._verify(b, 1.0)((query_len or gamma + 1) - 1)
-        # sd's round has a fixed part: 7B + 0.5B at bs 1, gamma 3 ran 7.8 ms = verify 4.8 +
-        # draft 2.6 (0.57 ms a step at start, so ~0.9 ms a round of its own) + transport and
-        # host 0.5. Priced as draft_ms / gamma (fixed part spread over the tokens, transport and
-        # host left out), auto settled at 3 where 4 ran ~3% faster; with it, auto runs at 5
-        # (H200, session 11: gammas 4-6 within 3% of each other)
+        # sd's round has a fixed part: besides the verify and gamma draft steps, the draft's
+        # own per-round overhead, transport and host work. Priced as draft_ms / gamma (the
+        # fixed part spread over the tokens, transport and host left out), auto settles on too
+        # short a gamma; priced as fixed + gamma x step + verify, it finds the longer one
         step = self.start_draft_ms.get(b) if self.mode == "sd" and round_ms else None
         fixed = None if step is None else max(0.0, round_ms - verify_ms - (draft_steps or gamma) * step)
         obs = self.observed.get(b)
@@ -184,10 +182,9 @@ class GammaTuner:
                 self.MIN_GAIN * self._rate(b, current, t_d, obs.verify_ratio, alpha, t_f):
             self.proposed.pop(b, None)
             return None
-        # a pick seen at one decision only is often the averages' noise: a 72B verify at batch
-        # 8 moved 14 -> 12 -> 11 -> 10 -> 13 within 24 rounds as the draft's time per token
-        # wandered between 1.8 and 2.4 ms (H200, session 7), and its MAT fell short of the
-        # round model's
+        # a pick seen at one decision only is often the averages' noise: as the draft's time
+        # per token wanders, an unconfirmed pick swings gamma back and forth within a few
+        # dozen rounds, and its MAT falls short of the round model's
         seen = self.proposed.get(b, (new, 0))
         seen = (new, seen[1] + 1 if seen[0] == new else 1)
         if seen[1] < self.CONFIRM:
@@ -215,3 +212,28 @@ class GammaTuner:
         if self.mode == "pearl":
             return pearl_gamma(t_v, t_d, self.max_gamma, alpha, self.head_start)
         return sd_gamma(t_v, t_d, self.max_gamma, alpha, fixed)
+
+
+def parse_gamma(text) -> int | None:
+    """--gamma: 'auto' (None: the start-time picks and the tuner) or a fixed number of draft tokens."""
+    return None if str(text) == "auto" else int(text)
+
+
+def parse_head_start(text: str) -> int:
+    """--head-start: 'auto' (-1: gamma // 2) or a number of tokens >= 0 (0: plain PEARL)."""
+    if text == "auto":
+        return -1
+    if not text.isdigit():
+        raise ValueError(f"--head-start wants 'auto' or a number of tokens >= 0, got {text!r}")
+    return int(text)
+
+
+def parse_quorum(text: str) -> float:
+    """--head-start-quorum: the share of a batch in pre-verify that earns a head start, in (0, 1]."""
+    try:
+        q = float(text)
+    except ValueError:
+        q = -1.0
+    if not 0 < q <= 1:
+        raise ValueError(f"--head-start-quorum wants a share of the batch in (0, 1], got {text!r}")
+    return q

@@ -2,9 +2,9 @@
 acceptance move each batch bucket's gamma by the same rules as the start-time pick."""
 import pytest
 
-from pearl_runtime.bench.projection import head_start_for, pearl_mean_query
-from pearl_runtime.engine.step_timer import VerifyCost, sd_gamma, sd_tokens_per_ms
-from target_service.gamma_tuner import GammaTuner
+from pearl_runtime.engine.step_timer import VerifyCost
+from pearl_runtime.spec.policy import GammaTuner
+from pearl_runtime.spec.round_model import head_start_for, pearl_mean_query, sd_gamma, sd_tokens_per_ms
 
 
 def _rounds(tuner, n, batch=1, gamma=None, draft_ms_per_token=1.0, verify_ms=8.0, drafted=4, accepted=3):
@@ -118,7 +118,7 @@ def test_service_retunes_pearl_gamma_from_its_rounds_and_stays_lossless(llama_di
 
 
 def test_a_prefill_round_does_not_swing_gamma():
-    """A bucket's first round carries the prompts' prefill (72B target, 2x H200: 361 ms and
+    """A bucket's first round carries the prompts' prefill (a large target on two GPUs: 361 ms and
     16.6 ms a draft token against a 23 ms verify and 1.7 ms steps); it moved gamma 13 -> 16
     before this rule. Later a joining request's prefill or a stall must not either."""
     tuner = GammaTuner("pearl", max_gamma=16, default=4)
@@ -141,7 +141,7 @@ def test_a_lasting_slowdown_is_followed():
 
 @pytest.mark.parametrize("mode", ["sd", "pearl"])
 def test_a_compute_bound_verify_keeps_gamma_short(mode):
-    """72B TP=2 at batch 32 (session 5): with the verify priced flat, sd at acceptance 0.92 went
+    """A large TP=2 target at batch 32: with the verify priced flat, sd at acceptance 0.92 went
     from gamma 7 to 16, and its 17-token verify ran in the 32-token bucket at 81 ms against
     46 ms. Priced by query length, sd's gamma + 1 stays inside the 16-token bucket; PEARL,
     priced at its batch's mean query (pre-verify sequences feed fewer tokens), short of where
@@ -187,8 +187,8 @@ def test_buckets_not_yet_run_are_repriced_at_the_measured_acceptance():
 
 def test_a_verify_is_priced_at_the_query_it_ran():
     """A PEARL round judges the last round's drafts, so its verify length is not gamma + 1: at
-    72B batch 8, short pre-verify rounds (24 ms at 8 tokens) read as a cheap 16-token verify
-    took gamma 15 -> 7 (session 5). Each round is compared with the table at its own length."""
+    batch 8, short pre-verify rounds (24 ms at 8 tokens) read as a cheap 16-token verify
+    took gamma 15 -> 7. Each round is compared with the table at its own length."""
     cost = VerifyCost({q: {8: t} for q, t in ((2, 21.7), (4, 22.8), (8, 24.3), (16, 29.3), (32, 41.9))})
     tuner = GammaTuner("pearl", max_gamma=31, default=15, verify_cost=cost)
     tuner.seed({8: 15})
@@ -307,3 +307,15 @@ def test_sd_tokens_per_ms_without_a_fixed_part_is_the_old_formula():
     assert sd_gamma(6.9, 1.0, 16) == sd_gamma(6.9, 1.0, 16, fixed_ms=0.0) == 5
     # a fixed cost per round prices like a dearer flat verify: it favours longer rounds
     assert sd_gamma(6.9, 1.0, 16, fixed_ms=18.1) == sd_gamma(25.0, 1.0, 16) == 9
+
+
+def test_flag_parsers_read_the_flag_texts():
+    from pearl_runtime.spec.policy import parse_gamma, parse_head_start, parse_quorum
+    assert parse_gamma("auto") is None and parse_gamma("6") == 6
+    assert parse_head_start("auto") == -1 and parse_head_start("0") == 0 and parse_head_start("3") == 3
+    assert parse_quorum("0.75") == 0.75 and parse_quorum("1") == 1.0
+    with pytest.raises(ValueError, match="--head-start wants 'auto' or a number of tokens >= 0, got '-1'"):
+        parse_head_start("-1")
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(ValueError, match=r"--head-start-quorum wants a share of the batch in \(0, 1\]"):
+            parse_quorum(bad)

@@ -15,7 +15,7 @@ from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.engine.stopping import commit
 from pearl_runtime.sampling import SamplingParams, probabilities
 from target_service.core import DraftTokens, Request, TargetCore
-from target_service.speculation import judge
+from pearl_runtime.spec.verdict import judge
 
 V = 16
 GREEDY = SamplingParams()

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from pearl_runtime.config import EngineConfig
-from pearl_runtime.bench.projection import head_start_for, pearl_mean_query, project
-from pearl_runtime.engine.step_timer import VerifyCost, pearl_gamma, sd_gamma
+from pearl_runtime.engine.step_timer import VerifyCost
+from pearl_runtime.spec.round_model import head_start_for, pearl_gamma, pearl_mean_query, project, sd_gamma
 from target_service.draft_link import TransportSplit
 from target_service.server import TargetService, TargetServicer
 
