@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/pearl models prepare
-	$(VENV)/bin/pearl up --prompt "Write a Python function that returns the n-th Fibonacci number." --max-tokens 96
+	$(VENV)/bin/pearl up --mode pearl --prompt "Write a Python function that returns the n-th Fibonacci number." --max-tokens 96
 
 test: install
 	PYTHON=$(PY) scripts/gen_proto.sh --check

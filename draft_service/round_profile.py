@@ -6,7 +6,6 @@ torch.profiler and the kernel table goes to the log with the rounds' wall time a
 kernel time. A draft round through the services costs more than the same round in-process
 (scripts/gpu_draft_profile.py), and this shows where, in the run that pays it.
 """
-import os
 import time
 
 from torch.profiler import ProfilerActivity, profile

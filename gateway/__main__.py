@@ -1,3 +1,33 @@
+"""`python -m gateway` (what `pearl gateway` runs): the gateway's flags and process."""
+import argparse
 import sys
-from pearl_runtime.cli import main
-main(["gateway", *sys.argv[1:]])
+
+from pearl_runtime import envs
+from pearl_runtime.models.default_model import default_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    g = argparse.ArgumentParser(prog="pearl gateway", description="run the gateway")
+    g.add_argument("--model", default=envs.default("PEARL_MODEL"), help="model directory for the tokenizer")
+    g.add_argument("--host", default=envs.default("PEARL_HOST"))
+    g.add_argument("--port", type=int, default=envs.default("PEARL_GATEWAY_PORT"))
+    g.add_argument("--targets", default=envs.default("PEARL_TARGETS"), help="comma-separated addresses")
+    g.add_argument("--coalesce-ms", type=float, default=envs.default("PEARL_COALESCE_MS"))
+    g.add_argument("--tls-cert", default=envs.default("PEARL_TLS_CERT"), help="PEM certificate: serve over TLS")
+    g.add_argument("--tls-key", default=envs.default("PEARL_TLS_KEY"), help="PEM private key of --tls-cert")
+    g.add_argument("--auth-token", default=envs.default("PEARL_AUTH_TOKEN"),
+                   help="require 'authorization: Bearer <token>' on every call")
+    g.add_argument("--log-level", default=envs.default("PEARL_LOG_LEVEL"))
+    return g
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from gateway.server import run
+    run(host=args.host, port=args.port, targets=args.targets.split(","), model_dir=args.model or default_model(),
+        coalesce_ms=args.coalesce_ms, log_level=args.log_level, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        auth_token=args.auth_token)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,12 @@
 """Model configuration read from a Hugging Face `config.json`, validated once."""
 import json
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from pearl_runtime import envs
 from pearl_runtime.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -154,3 +156,38 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine flags both services take (each has its PEARL_* variable, envs.py)."""
+    p.add_argument("--model", default=envs.default("PEARL_MODEL"), help="HF model directory (default: the embedded SmolLM2)")
+    p.add_argument("--host", default=envs.default("PEARL_HOST"))
+    p.add_argument("--device", default=envs.default("PEARL_DEVICE"),
+                   help="cpu, cuda, cuda:N, or cuda:0,1,... (one GPU per tensor-parallel rank)")
+    p.add_argument("--tp", type=int, default=envs.default("PEARL_TP"),
+                   help="tensor-parallel ranks (processes); on GPU they take consecutive GPUs from --device")
+    p.add_argument("--dtype", default=envs.default("PEARL_DTYPE"), help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-gb", type=float, default=envs.default("PEARL_KV_CACHE_GB"))
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=0)
+    p.add_argument("--attention", default="auto", help="auto | reference | triton | flash-attn")
+    p.add_argument("--skinny-linears", default=envs.default("PEARL_SKINNY_LINEARS"),
+                   help="steps of <= 16 tokens with norm/SiLU/residual folded into the linears: "
+                        "auto (Triton on GPU for hidden size <= 2048) | triton | reference | off")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="recompute every prompt (default: reuse cached KV blocks of shared prefixes)")
+    p.add_argument("--threads", type=int, default=envs.default("PEARL_THREADS"), help="CPU threads for torch")
+    p.add_argument("--keep-awake", default=envs.default("PEARL_KEEP_AWAKE"),
+                   help="auto | on | off: a lowest-priority busy loop on each core, so a woken thread never "
+                        "waits for a halted core (~0.2 ms a gRPC hop on virtual machines); auto: on with a GPU")
+    p.add_argument("--log-level", default=envs.default("PEARL_LOG_LEVEL"))
+
+
+def engine_config_from_args(args, model: str) -> "EngineConfig":
+    """The EngineConfig of a service's parsed engine flags."""
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    return EngineConfig(model=model, dtype=dtype, device=args.device, block_size=args.block_size,
+                        kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+                        max_model_len=args.max_model_len, attention_backend=args.attention,
+                        skinny_linears=args.skinny_linears, tp_size=args.tp, enable_prefix_cache=args.prefix_cache, extra={"threads": args.threads})

@@ -12,7 +12,6 @@ collector as Python sets it (to measure the difference).
 that is the collector's can be told from one that is not.
 """
 import gc
-import os
 import time
 from pearl_runtime import envs
 from pearl_runtime.log import get_logger

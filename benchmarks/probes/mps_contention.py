@@ -62,7 +62,7 @@ def run_setup(name: str, seconds: float) -> dict:
     from contextlib import nullcontext
     from types import SimpleNamespace
     from pearl_runtime.bench.mps import mps_daemon
-    from pearl_runtime.cli import Stack
+    from pearl_runtime.launch import Stack
     shares = (100, 100) if name.startswith("mps") else None
     sync = Path(tempfile.mkdtemp(prefix="contention-"))
     with (mps_daemon(shares) if shares else nullcontext(None)) as envs:

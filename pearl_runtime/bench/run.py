@@ -10,7 +10,6 @@ import asyncio
 import datetime
 import json
 import logging
-import os
 import random
 import re
 import shlex
@@ -255,7 +254,7 @@ async def run_session(stack, gateway: str, mode: str, prompts: list[list[int]], 
 
 def run_mode(args, mode: str, ns: argparse.Namespace, env: dict | None, log_dir: Path, prompts, batch_sizes,
              mps_info: dict | None) -> list[dict]:
-    from pearl_runtime.cli import Stack
+    from pearl_runtime.launch import Stack
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(ns, env=env, log_dir=str(log_dir))
     log.info("%s: starting services (logs in %s)", mode, log_dir)

@@ -11,6 +11,7 @@ from pearl_runtime.config import EngineConfig, ModelConfig
 from pearl_runtime.engine.cuda_graph import GraphRunner
 from pearl_runtime.engine.gemm_check import check_gemms, needs_check
 from pearl_runtime.engine.sequence import Sequence
+from pearl_runtime.engine.step import StepInput
 from pearl_runtime.layers import fp8, skinny
 from pearl_runtime.layers.fused import enable_compile
 from pearl_runtime.models.decoder import CausalLM
@@ -21,20 +22,6 @@ from pearl_runtime.utils.loader import load_weights
 from pearl_runtime.log import get_logger
 
 log = get_logger(__name__)
-
-
-@dataclass
-class StepInput:
-    """One forward's inputs as plain lists: cheap to build, to broadcast to TP ranks, and to
-    copy into CUDA-graph buffers."""
-    ids: list[int]
-    positions: list[int]
-    slots: list[int]              # cache slot of every fed token
-    q_lens: list[int]
-    ctx_lens: list[int]
-    cu_seqlens_q: list[int]
-    block_tables: list[list[int]]
-    logit_rows: list[int]         # which fed positions need logits
 
 
 @dataclass

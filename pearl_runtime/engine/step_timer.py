@@ -43,7 +43,7 @@ def measure_step_ms(runner, query_len: int, context_len: int = 256, repeats: int
 def _measure_group(runner, graphs, query_len: int, context_len: int, repeats: int) -> dict[int, float]:
     """Whole steps through runner.execute (which hands each rank the same StepInput), on
     dummy sequences whose tokens all write to the scratch slot; includes the step's host work."""
-    from pearl_runtime.engine.model_runner import StepInput
+    from pearl_runtime.engine.step import StepInput
     blocks = -(-context_len // runner.block_size)
     out = {}
     for b in graphs.batch_buckets:

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pearl_runtime.config import EngineConfig
-from pearl_runtime.engine.model_runner import ModelRunner, StepInput
+from pearl_runtime.engine.model_runner import ModelRunner
+from pearl_runtime.engine.step import StepInput
 from pearl_runtime.utils.dist import set_tp, tp_scope
 from pearl_runtime import envs
 from pearl_runtime.log import get_logger

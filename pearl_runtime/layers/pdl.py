@@ -7,7 +7,6 @@ calling gdc_launch_dependents once all its own programs are resident. A one-toke
 0.5B draft takes 2-8 us, so the launch gap and the weight latency hidden this way are a large
 part of it. PEARL_PDL=0 turns it off (the kernels then run one after another, as before).
 """
-import os
 
 import torch
 from pearl_runtime import envs

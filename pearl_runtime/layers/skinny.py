@@ -19,7 +19,6 @@ dot product's fp32 sums (norm_qkv_rope rotates in fp32 and rounds once, as atten
 rotary kernel does). `reference_*` are the torch definitions: CPU runs them, GPU tests
 check the kernel against them.
 """
-import os
 
 import torch
 import torch.nn.functional as F

@@ -177,3 +177,16 @@ def prepare_default_model(force: bool = False, progress: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def default_model() -> str:
+    """The embedded default model's directory, prepared on first use."""
+    return str(prepare_default_model(progress=True))
+
+
+def default_draft(target: str) -> str:
+    """The demo's draft, derived from the target's files (see pearl_runtime/models/derive.py)."""
+    from pathlib import Path
+
+    from pearl_runtime.models.derive import derive_quantized_draft
+    return str(derive_quantized_draft(target, Path(target).with_name(Path(target).name + "-draft-int4")))

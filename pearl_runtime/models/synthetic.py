@@ -140,7 +140,7 @@ def init_synthetic(model, spec: dict) -> None:
 def calibrate(runner, spec: dict, seqs: int = 8, length: int = 128) -> float:
     """Bisect the scale of the target's output projections until its agreement with pi
     on pi-chain contexts matches spec['accept']. Returns the measured agreement."""
-    from pearl_runtime.engine.model_runner import StepInput
+    from pearl_runtime.engine.step import StepInput
     model, dev = runner.model, runner.device
     perm = model.synthetic_perm
     gen = torch.Generator(device=dev).manual_seed(spec["seed"] + 7)

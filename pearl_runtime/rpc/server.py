@@ -1,9 +1,10 @@
-"""Process plumbing shared by the services: logging, the event loop, a grpc.aio server."""
+"""Process plumbing shared by the services: the event loop, a grpc.aio server, serving until a signal."""
 import asyncio
+import signal
 import socket
 
 import grpc
-from pearl_runtime.log import get_logger
+
 from pearl_runtime.log import get_logger
 
 
@@ -42,3 +43,18 @@ def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.Server
 
 def host_id() -> str:
     return socket.gethostname()
+
+
+async def serve_until_signal(coro) -> None:
+    """Run a service coroutine until it ends or SIGINT/SIGTERM arrives, then cancel it."""
+    task = asyncio.ensure_future(coro)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await asyncio.wait([task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from pearl_runtime.bench import mps, projection, report, roofline
-from pearl_runtime.cli import Stack
+from pearl_runtime.launch import Stack
 from pearl_runtime.bench.measure import BenchError
 
 GAMMA = 4

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from pearl_runtime.engine.cuda_graph import GraphRunner, pack_inputs
-from pearl_runtime.engine.model_runner import StepInput
+from pearl_runtime.engine.step import StepInput
 
 SCRATCH, MAX_BLOCKS = 999, 6
 

@@ -6,7 +6,7 @@ from argparse import Namespace
 from pearl_runtime.client import generate
 from pearl_runtime.bench.measure import read_metrics
 from pearl_runtime.bench.run import free_base_port
-from pearl_runtime.cli import Stack
+from pearl_runtime.launch import Stack
 
 
 def test_up_waits_for_the_draft_and_the_first_request_speculates(llama_dir, draft_factory, tmp_path):

@@ -1,0 +1,43 @@
+"""`python -m draft_service` (what `pearl draft` runs): the draft service's flags and process."""
+import argparse
+import dataclasses
+import sys
+
+from pearl_runtime import envs, keep_awake
+from pearl_runtime.config import add_engine_args, engine_config_from_args
+from pearl_runtime.log import setup as setup_logging
+from pearl_runtime.models.default_model import default_draft, default_model
+from pearl_runtime.rpc.server import run_async, serve_until_signal
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = argparse.ArgumentParser(prog="pearl draft", description="run the draft service")
+    add_engine_args(d)
+    d.add_argument("--fp8-weights", default=envs.default("PEARL_FP8_WEIGHTS"), choices=("auto", "on", "off"),
+                   help="round the draft's linears and LM head to fp8 so its decode steps read half the bytes "
+                        "(lossless: the target verifies); auto: on where the Triton skinny kernels run on a GPU "
+                        "of compute capability >= 8.9")
+    d.add_argument("--port", type=int, default=envs.default("PEARL_DRAFT_PORT"))
+    return d
+
+
+def run(args) -> None:
+    from draft_service.server import serve
+    setup_logging("draft", args.log_level)
+    model = args.model or default_draft(default_model())
+    # the draft's steps feed one token, two after a bonus token, and a new request's first
+    # round feeds the prompt's tail past the prefix cache's full blocks: up to a block. Out of
+    # a graph that catch-up ran eagerly (host-bound: a draft round ~28 ms longer once per
+    # request, 0.5B on an H200). Longer queries (an uncached prompt) stay eager.
+    cfg = dataclasses.replace(engine_config_from_args(args, model), graph_query_lens=tuple(sorted({1, 2, args.block_size})),
+                              fp8_weights=args.fp8_weights)
+    with keep_awake.for_service(args.keep_awake, args.device):
+        run_async(serve_until_signal(serve(cfg, args.host, args.port)))
+
+
+def main(argv=None) -> None:
+    run(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

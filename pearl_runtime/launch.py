@@ -1,0 +1,123 @@
+"""Start draft, target and gateway as processes, wait until they serve, stop them together.
+
+The one launcher: `pearl up`, `pearl bench`, the tests and the probes use it. A service is a
+process (`python -m target_service ...`), as in compose: the runtime never imports a service.
+"""
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+
+from pearl_runtime.log import get_logger
+
+log = get_logger(__name__)
+
+DRAFT_WAIT_S = 60.0   # how long start() waits for the target's draft link
+MODULES = {"draft": "draft_service", "target": "target_service", "gateway": "gateway"}
+
+
+def service_argv(what: str, argv: list[str]) -> list[str]:
+    """The command line that runs one service."""
+    return [sys.executable, "-m", MODULES[what], *argv]
+
+
+class Stack:
+    """draft + target + gateway as child processes; stopped together. `env`: extra environment
+    per service ("draft", "target", "gateway"), e.g. CUDA MPS settings; `log_dir`: each
+    service's output goes to <log_dir>/<service>.log instead of this terminal. Optional
+    attributes of `args`: dtype, target_device, draft_device, target_argv, draft_argv
+    (extra engine flags), start_timeout_s, draft_wait_s (0: do not wait for the draft link)."""
+
+    def __init__(self, args, env: dict | None = None, log_dir=None):
+        self.args, self.procs, self.env, self.log_dir = args, [], env or {}, log_dir
+        self.target_address = self.draft_address = None
+
+    def start(self) -> str:
+        """Start the services (the embedded default model where args name none); the gateway's address."""
+        from pearl_runtime.models.default_model import default_draft, default_model
+        a = self.args
+        model = a.model or default_model()
+        draft_model = None if a.mode == "ar" else (getattr(a, "draft_model", None) or default_draft(model))
+        common = ["--log-level", a.log_level] + (["--dtype", a.dtype] if getattr(a, "dtype", None) else [])
+        devices = {w: getattr(a, f"{w}_device", None) or a.device for w in ("target", "draft")}
+        d, t, g = a.base_port, a.base_port + 1, a.base_port + 2
+        self.target_address, self.draft_address = f"127.0.0.1:{t}", f"127.0.0.1:{d}"
+        if a.mode != "ar":
+            self._spawn("draft", ["--model", draft_model, "--port", str(d), "--device", devices["draft"]] + common
+                        + list(getattr(a, "draft_argv", [])))
+        self._spawn("target", ["--model", model, "--port", str(t), "--mode", a.mode, "--gamma", str(a.gamma),
+                               "--draft", f"127.0.0.1:{d}", "--device", devices["target"]] + common
+                    + list(getattr(a, "target_argv", [])))
+        self._spawn("gateway", ["--model", model, "--port", str(g), "--targets", f"127.0.0.1:{t}",
+                                "--log-level", a.log_level])
+        address = f"127.0.0.1:{g}"
+        self._wait_ready(address, draft_port=d if a.mode != "ar" else None,
+                         timeout_s=getattr(a, "start_timeout_s", 300))
+        return address
+
+    def child_env(self, what: str) -> dict[str, str]:
+        """The service's environment: ours plus its extra; an extra None unsets a variable."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env.get(what, {})}
+        return {k: v for k, v in env.items() if v is not None}
+
+    def _spawn(self, what: str, argv: list[str]) -> None:
+        out = None
+        if self.log_dir is not None:
+            out = open(os.path.join(self.log_dir, f"{what}.log"), "a")
+        self.procs.append(subprocess.Popen(service_argv(what, argv), env=self.child_env(what),
+                                           stdout=out, stderr=subprocess.STDOUT if out else None,
+                                           stdin=subprocess.DEVNULL, start_new_session=True))
+        if out is not None:
+            out.close()
+
+    def _wait_ready(self, address: str, draft_port: int | None, timeout_s: float = 300) -> None:
+        from pearl_runtime.client import list_models
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            self._check_alive()
+            try:
+                asyncio.run(list_models(address, timeout_s=2))
+                break
+            except Exception:   # not answering yet: ask again
+                time.sleep(0.5)
+        else:
+            self.stop()
+            raise SystemExit(f"services not ready after {timeout_s}s")
+        wait_s = getattr(self.args, "draft_wait_s", DRAFT_WAIT_S)
+        if draft_port and wait_s > 0:
+            self._wait_draft(wait_s)
+
+    def _check_alive(self) -> None:
+        if any(p.poll() is not None for p in self.procs):
+            self.stop()
+            raise SystemExit("a service exited during start-up (see its log above)")
+
+    def _wait_draft(self, timeout_s: float) -> None:
+        """Until the target reports a live draft stream, so the first request already speculates
+        (a fixed pause can lose that race on a cold machine)."""
+        from pearl_runtime.bench.measure import read_metrics
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            self._check_alive()
+            try:
+                if asyncio.run(read_metrics(self.target_address, timeout_s=2)).draft_connected:
+                    return
+            except (grpc.RpcError, TimeoutError):   # not answering yet: ask again
+                pass
+            time.sleep(0.2)
+        print(f"warning: the target has no draft after {timeout_s:.0f}s; it serves ar until the draft "
+              "connects (see the draft's and the target's logs)", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)

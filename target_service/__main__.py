@@ -1,0 +1,75 @@
+"""`python -m target_service` (what `pearl target` runs): the target service's flags and process."""
+import argparse
+import sys
+
+from pearl_runtime import envs, keep_awake
+from pearl_runtime.config import add_engine_args, engine_config_from_args
+from pearl_runtime.log import setup as setup_logging
+from pearl_runtime.models.default_model import default_model
+from pearl_runtime.rpc.server import run_async, serve_until_signal
+
+
+def _head_start(text: str) -> int:
+    from pearl_runtime.spec.policy import parse_head_start
+    try:
+        return parse_head_start(text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def _quorum(text: str) -> float:
+    from pearl_runtime.spec.policy import parse_quorum
+    try:
+        return parse_quorum(text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    t = argparse.ArgumentParser(prog="pearl target", description="run the target service")
+    add_engine_args(t)
+    t.add_argument("--port", type=int, default=envs.default("PEARL_TARGET_PORT"))
+    t.add_argument("--mode", choices=("pearl", "sd", "ar"), default=envs.default("PEARL_MODE"))
+    t.add_argument("--draft", default=envs.default("PEARL_DRAFT_ADDRESS"), help="draft service address")
+    t.add_argument("--gamma", default=envs.default("PEARL_GAMMA"),
+                   help="draft tokens per round, or 'auto': balance measured draft and verify step times (GPU)")
+    t.add_argument("--head-start", default=envs.default("PEARL_HEAD_START"),
+                   help="pearl: draft tokens to wait for when most sequences are in pre-verify, verified "
+                        "with the first fresh one ('auto': gamma // 2; 0: plain PEARL, one token)")
+    t.add_argument("--head-start-quorum", default=envs.default("PEARL_HEAD_START_QUORUM"),
+                   help="pearl: the share of a batch in pre-verify that earns a head start (the whole "
+                        "batch waits for it)")
+    t.add_argument("--max-gamma", type=int, default=envs.default("PEARL_MAX_GAMMA"),
+                   help="ceiling of auto gamma (verifies longer than the largest graph bucket run eagerly)")
+    t.add_argument("--ar-steps", type=int, default=envs.default("PEARL_AR_STEPS"),
+                   help="ar mode: greedy decode steps chained on the device per round (1: one step, one sync)")
+    t.add_argument("--device-tokens", choices=("on", "off"), default=envs.default("PEARL_DEVICE_TOKENS"),
+                   help="sd mode: take greedy draft tokens through a device buffer the draft shares (CUDA IPC), "
+                        "not through the host; falls back to inline by itself where it cannot (logged)")
+    t.add_argument("--round-datagrams", choices=("on", "off"), default=envs.default("PEARL_ROUND_DATAGRAMS"),
+                   help="also send each small Round to the draft as a UDP datagram, ahead of the gRPC stream's "
+                        "copy (the draft drafts whichever arrives first); off: the stream alone")
+    return t
+
+
+def run(args) -> None:
+    from target_service.server import serve
+    setup_logging("target", args.log_level)
+    model = args.model or default_model()
+    draft = None if args.mode == "ar" else args.draft
+    gamma = None if str(args.gamma) == "auto" else int(args.gamma)
+    with keep_awake.for_service(args.keep_awake, args.device):
+        run_async(serve_until_signal(serve(engine_config_from_args(args, model), args.host, args.port, args.mode, draft, gamma,
+                                      ar_steps=args.ar_steps, max_gamma=args.max_gamma,
+                                      head_start=_head_start(args.head_start),
+                                      head_start_quorum=_quorum(args.head_start_quorum),
+                                      device_tokens=args.device_tokens == "on",
+                                      round_datagrams=args.round_datagrams == "on")))
+
+
+def main(argv=None) -> None:
+    run(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
