@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pearl_runtime.cli import default_draft, default_model
+from pearl_runtime.models.default_model import default_draft, default_model
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.llm_engine import LLMEngine
 from pearl_runtime.engine.sequence import Sequence

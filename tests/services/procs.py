@@ -1,4 +1,4 @@
-"""Real multi-process service stacks on loopback: `python -m pearl_runtime.cli draft|target|gateway`
+"""Real multi-process service stacks on loopback: `python -m draft_service|target_service|gateway`
 as child processes (each its own process group, killed as a group on teardown).
 
     cluster.stacks(("copy", "pearl"), ("copy", "sd"), (None, "ar"))   # started in parallel
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import grpc
 
+from pearl_runtime import launch
+
 ROOT = Path(__file__).resolve().parents[2]      # the repository: services run from here
 
 GAMMA = 4
@@ -44,7 +46,7 @@ class Service:
                  port: int | None = None):
         self.kind, self.name = kind, name
         self.port = port or free_port()
-        self.argv = [sys.executable, "-m", "pearl_runtime.cli", kind, *args, "--port", str(self.port),
+        self.argv = [*launch.service_argv(kind, list(args)), "--port", str(self.port),
                      "--log-level", log_level]
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None

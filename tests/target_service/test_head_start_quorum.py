@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pearl_runtime.cli import _quorum
+from target_service.__main__ import _quorum
 from pearl_runtime.config import EngineConfig
 from target_service.server import HEAD_START_QUORUM, TargetService
 
