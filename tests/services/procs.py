@@ -59,6 +59,7 @@ class Service:
     def start(self) -> "Service":
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         env = {k: v for k, v in env.items() if not k.startswith("PEARL_")}
+        env["PEARL_LOG_FORMAT"] = "console"   # the tests read key=value lines
         self.starts += 1
         log = open(self.log_path, "a")
         log.write(f"--- start {self.starts}: {' '.join(self.argv)}\n")
