@@ -28,7 +28,7 @@ def run(args) -> None:
     # the draft's steps feed one token, two after a bonus token, and a new request's first
     # round feeds the prompt's tail past the prefix cache's full blocks: up to a block. Out of
     # a graph that catch-up ran eagerly (host-bound: a draft round ~28 ms longer once per
-    # request, 0.5B on an H200). Longer queries (an uncached prompt) stay eager.
+    # request). Longer queries (an uncached prompt) stay eager.
     cfg = dataclasses.replace(engine_config_from_args(args, model), graph_query_lens=tuple(sorted({1, 2, args.block_size})),
                               fp8_weights=args.fp8_weights)
     with keep_awake.for_service(args.keep_awake, args.device):

@@ -72,8 +72,8 @@ class RoundClock:
     the verdicts; draft: the draft steps, their device sync included; encode: the DraftBatch.
     Timestamps only, so it costs next to nothing, unlike the profiler. The draft's reported
     draft_ms is apply + draft + encode; queue is the draft's share of what the target counts
-    as transport (a draft round ran ~1.1 ms longer in the service than in-process on an
-    H200, session 8, and this is where to look). gc: the garbage collector's ms a round over
+    as transport (a draft round ran ~1.1 ms longer in the service than in-process,
+    and this is where to look). gc: the garbage collector's ms a round over
     the same rounds, wherever it struck (a round-long stall every few dozen rounds reads as
     a steady per-round cost in the means)."""
     PHASES = ("queue", "apply", "draft", "encode")

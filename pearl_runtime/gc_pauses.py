@@ -2,8 +2,7 @@
 
 A full (generation 2) collection walks every live object. Once torch, transformers and grpc
 are loaded that is ~220k objects and ~100 ms on one slow core (2-core CI machine); a started
-GPU service holds ~0.5M, and its full collections took 277-330 ms during warm-up (H200 host,
-BENCHMARKS.md session 9). One can land inside a round. `freeze()` moves everything alive after
+GPU service holds more, and its full collections take hundreds of ms during warm-up. One can land inside a round. `freeze()` moves everything alive after
 start-up (modules, the model's Python objects, CUDA graphs) out of the collector's reach, so a
 later collection walks only what serving allocated since. `PEARL_GC_FREEZE=0` leaves the
 collector as Python sets it (to measure the difference).

@@ -2,14 +2,14 @@
 
 An sd round crosses the draft link twice, and each crossing wakes threads that were asleep:
 gRPC's poller, then the event loop. On the lent GPU machines (virtual machines) a core with
-nothing to run halts, and waking a halted core took ~0.2 ms. A bare gRPC echo that idled 3 ms
-between pings took 0.77 ms a round trip against 0.16 ms back to back, and the link's two hops
-took 0.9 ms of an 8.6 ms sd round (7B + 0.5B on one H200, BENCHMARKS.md, session 10).
+nothing to run halts, and waking a halted core costs a fraction of a millisecond. A gRPC echo
+that idles between pings takes several times longer a round trip than one sent back to back,
+and the link's two hops become a noticeable share of an sd round.
 
 With a busy loop at SCHED_IDLE priority on every core the service may use, no core halts,
-and a real thread that wakes takes the core from the loop at once. The same echo then read
-0.15-0.24 ms; at a fixed gamma an sd round's hops fell from 0.74 to 0.42 ms and sd ran 6.3%
-faster.
+and a real thread that wakes takes the core from the loop at once: the idle echo then runs
+about as fast as the back-to-back one, and sd's hops shrink with it (measured:
+benchmarks/journal/BENCHMARKS.md).
 
 The price: those cores read 100% busy. The loops run at the lowest priority and give way to
 any work, but they spend power. `--keep-awake auto` turns them on for a service on a GPU and
@@ -32,8 +32,7 @@ CHOICES = ("auto", "on", "off")
 # kernel groups tasks by session (autogroup, on in the lent VMs), a woken service thread
 # preempts an idle-policy task of its own group at once, but a task of another group only when
 # the scheduler's pick favours its group: spinners inside the draft's and the target's own
-# groups left wake-ups waiting (hops 0.26-0.33 ms against 0.15-0.17 with the spinners
-# outside, session 10). Nice 19 for that group, so its pick loses to any service's.
+# groups left wake-ups waiting (slower hops than with the spinners outside). Nice 19 for that group, so its pick loses to any service's.
 _SPIN = """
 import ctypes, os, signal, sys
 ctypes.CDLL(None).prctl(1, signal.SIGKILL)

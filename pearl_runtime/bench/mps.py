@@ -39,7 +39,7 @@ def sharing_warning(modes, target_device: str, draft_device: str, mps: bool) -> 
     if mps or not same_gpu(target_device, draft_device) or all(m == "ar" for m in modes):
         return None
     return (f"draft and target share {target_device} WITHOUT MPS: they time-slice the GPU, so PEARL cannot "
-            f"overlap drafting with verifying (on one GPU sd was faster in our runs, BENCHMARKS.md); "
+            f"overlap drafting with verifying (on one GPU sd was faster in our runs, benchmarks/journal/BENCHMARKS.md); "
             f"use --mps, or put the draft on another GPU (--draft-device cuda:1)")
 
 

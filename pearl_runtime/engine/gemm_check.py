@@ -1,9 +1,9 @@
 """A start-up check that the GEMMs this model runs give right answers on this device.
 
-Seen on an H100 (torch 2.11, CUDA 13): under CUDA MPS with some SM shares (60%, 75%, 80% of
+Seen on one GPU model (torch 2.11, CUDA 13): under CUDA MPS with some SM shares (60%, 75%, 80% of
 132 SMs) cuBLAS bf16 GEMMs of decoder shapes return NaN or garbage, while 50%, 90% and 100%
 are right. A service started there would stream wrong tokens without a single error, so it
-refuses to start instead (`scripts/gpu_mps_check.py` maps the shares of a machine)."""
+refuses to start instead (`benchmarks/probes/gpu_mps_check.py` maps the shares of a machine)."""
 import os
 
 import torch
@@ -35,7 +35,7 @@ def check_gemms(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int
                 raise GemmCheckError(
                     f"{dtype} GEMM [{m}x{k}] @ [{k}x{n}] on {device}{where} is wrong (relative error {err:.3g}); "
                     f"this device gives wrong results for this model's matrix shapes"
-                    + ("; pick another MPS share (see scripts/gpu_mps_check.py)" if share else ""))
+                    + ("; pick another MPS share (see benchmarks/probes/gpu_mps_check.py)" if share else ""))
     log.info("GEMM check passed on %s (%s, %d shapes x %d row counts)", device, dtype, len(shapes), len(ROWS))
 
 

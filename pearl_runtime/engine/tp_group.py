@@ -91,7 +91,7 @@ def _worker(cfg: EngineConfig, rank: int, port: int, conn, steps, parent: int) -
 def _leave_group() -> None:
     """Leave the group once every rank has stopped stepping. NCCL: abort the communicators,
     because destroying them waits on state that captured CUDA graphs keep alive and was seen
-    hanging on 2 H200s even after the graphs were dropped (pytorch#115388); gloo: destroy."""
+    hanging on two GPUs even after the graphs were dropped (pytorch#115388); gloo: destroy."""
     if dist.get_backend() == "nccl":
         _abort_group()
         log.info("left the NCCL group (communicators aborted)")
@@ -224,7 +224,7 @@ class TPModelRunner(ModelRunner):
         if dist.is_initialized():
             if stopped or dist.get_backend() != "nccl":
                 # leave together with the workers, which leave as soon as they see the None
-                # step (rank 0 waiting for them to exit first was seen hanging on 2 H100s)
+                # step (rank 0 waiting for them to exit first was seen hanging)
                 self.release_graphs()
                 _leave_group()
             else:

@@ -2,8 +2,8 @@
 
 Such a step is a chain of matrix-vector products, each short enough that the kernels
 around it (RMSNorm, SiLU, the residual add) and their launch gaps cost as much as the
-product itself: a 0.5B draft layer reads ~29 MB of weights (~7 us at H200 bandwidth) but
-ran 10 kernels. The Triton kernels here fold those pieces into the product (5 kernels a
+product itself: a 0.5B draft layer reads ~29 MB of weights (microseconds at HBM bandwidth)
+but ran 10 kernels. The Triton kernels here fold those pieces into the product (5 kernels a
 layer, attention's included):
 
   norm_linear      y = norm(x) @ W.T (+ bias)            RMSNorm in the prologue
@@ -28,12 +28,11 @@ from pearl_runtime.layers import pdl
 from pearl_runtime.layers.fused import rms_norm, rotate
 
 # Steps of more rows (a batch, a verify) stay on cuBLAS: tensor-core variants of this kernel
-# for 2-16 rows lost to it on an H200 (BENCHMARKS.md, sessions 6 and 8), and so did one that
-# keeps the weight tile in registers across the rows (compute-bound from 4 rows, but ahead of
-# cuBLAS at 2: 1.28 against 1.45 ms for the 1.5B layer chain), while the one-row kernel beats
-# it by 17% (7B engine step) to 37% (0.5B). The kernels take up to two rows: a draft's
-# catch-up step after a fully accepted round feeds two tokens (the last draft token and the
-# target's bonus token).
+# for 2-16 rows lost to it, and so did one that keeps the weight tile in registers across the
+# rows (compute-bound from 4 rows, though ahead of cuBLAS at 2), while the one-row kernel beats
+# it clearly, the more so the smaller the model (measured: benchmarks/journal/BENCHMARKS.md).
+# The kernels take up to two rows: a draft's catch-up step after a fully accepted round feeds
+# two tokens (the last draft token and the target's bonus token).
 MAX_ROWS = 2
 FP8 = torch.float8_e4m3fn   # weights of models loaded with fp8_weights (layers/fp8.py)
 
@@ -304,16 +303,14 @@ if triton is not None:
             tl.store(row + j + HALF, b.to(out_ty))
 
 
-# "auto" takes the kernel for models up to this hidden size: on an H200 (session 8, per-shape
-# configs and dependent launches) an engine ar step ran 1.14 -> 0.72 ms at 0.5B and 4.77 ->
-# 3.98 ms at 7B, but 17.45 -> 18.07 ms at 32B. A TP=2 rank's share of the 72B layers ran 12%
-# faster than cuBLAS (3.77 -> 3.32 ms for 16 layers, no all-reduce); no TP engine was measured,
-# so the 72B keeps cuBLAS unless --skinny-linears triton asks.
+# "auto" takes the kernel for models up to this hidden size: with per-shape configs and
+# dependent launches an engine ar step runs faster than on cuBLAS at 0.5B and 7B, but slower at
+# 32B. A TP=2 rank's share of the 72B layers ran faster than cuBLAS (no all-reduce counted);
+# no TP engine was measured, so the 72B keeps cuBLAS unless --skinny-linears triton asks.
 AUTO_MAX_HIDDEN = 4096
 
-# Two-row steps take the kernel where it beat cuBLAS at two rows on an H200 (session 10): the
-# 0.5B layer chain ran 0.746 -> 0.541 ms and a 0.5B engine step at bs 2 1.187 -> 0.935 ms,
-# but the 1.5B chain ran 1.441 -> 1.817 ms (its long rows need looped tiles for two rows'
+# Two-row steps take the kernel where it beat cuBLAS at two rows: the 0.5B layer chain and
+# engine step ran faster, but the 1.5B chain slower (its long rows need looped tiles for two rows'
 # partial sums). Larger models keep cuBLAS for two rows. PEARL_SKINNY_ROWS=1|2 overrides.
 TWO_ROWS_MAX_HIDDEN = 1024
 
@@ -331,11 +328,10 @@ def rows_for(hidden: int) -> int:
 def default_config(K: int, gated: bool = False) -> dict:
     """Two weight rows a program and the whole row in one tile where it fits (a loop over
     tiles waits out the memory latency once per tile), 4 warps for short rows and the gated
-    pair, 8 for long rows. Picked per linear by a sweep on an H200 (BENCHMARKS.md, session
-    8): at 0.5B the down projection ran 8.3 -> 4.8 us, at 1.5B gate_up 25 -> 17 us, at 7B
-    gate_up 79 -> 64 us, against session 6's configs."""
+    pair, 8 for long rows. Picked per linear by a sweep of block shapes; each beat a single
+    fixed config at 0.5B, 1.5B and 7B."""
     tile = triton.next_power_of_2(K)
-    if gated and tile > 4096:   # the 32B / 72B gate_up (session 8, call 3: 109 -> 83 us, 156 -> 107 us)
+    if gated and tile > 4096:   # the 32B / 72B gate_up: tiles past 4096 swept on their own
         if 4 * K >= 3 * tile:   # a row that fills its tile: one row a program, one tile
             return dict(block_n=1, block_k=tile, num_warps=4)
         return dict(block_n=4, block_k=1024, num_warps=4)
@@ -356,8 +352,7 @@ def two_row_config(K: int, gated: bool = False) -> dict:
 
 def _fp8_config(w, c: dict) -> dict:
     """An fp8 weight row is half the bytes, so a program takes twice the rows: the 0.5B draft's
-    graph step ran 0.577 ms with the bf16 configs, 0.536-0.542 with twice the rows and 0.573
-    with four times (H100, BENCHMARKS.md session 14; bf16 weights: 0.608)."""
+    graph step ran fastest with twice the bf16 configs' rows; four times gave the gain back."""
     return dict(c, block_n=c["block_n"] * 2) if w.dtype == FP8 else c
 
 

@@ -122,7 +122,7 @@ def init_synthetic(model, spec: dict) -> None:
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(vocab, device=dev)
     # in the weights' dtype, and the head gathered in chunks: beside a 72B rank's 73 GB of
-    # weights an fp32 copy of the full embedding (5 GB) and its gather did not fit an H100
+    # weights an fp32 copy of the full embedding (5 GB) and its gather did not fit an 80 GB GPU
     full = torch.randn(vocab, hidden, generator=gen, device=dev, dtype=emb.weight.dtype)
     start, n = emb.start, max(0, min(emb.rows, vocab - emb.start))
     emb.weight[:n].copy_(full[start:start + n])

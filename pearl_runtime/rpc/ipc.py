@@ -8,8 +8,8 @@ place of the bytes); the target polls the event and launches its verify the mome
 completes, and reads the tokens back after the verify, with its logits. The draft's sync and
 the batch's hop back then happen while the draft's steps still run. (Not a stream wait on
 the event: see `written`.)
-On one H200 (scripts/ipc_handoff_probe.py, BENCHMARKS.md session 12) a hand-off over the host
-left the GPU idle 0.16 ms longer than one over an event, without counting gRPC.
+A hand-off over the host leaves the GPU idle longer than one over an event, even before
+gRPC is counted (benchmarks/probes/ipc_handoff_probe.py; measured: benchmarks/journal/BENCHMARKS.md).
 
 A reader in the owner's own process (tests run both services in one) takes the buffer object
 itself and opens nothing; that also works on CPU.
@@ -110,7 +110,7 @@ class TokenImport:
         """Whether the draft's last write has landed (its event has completed). Polled from
         the host, never waited on by a stream: a stream waiting on the event of a process that
         died before its record ran waits forever, and with it this process's GPU work
-        (scripts/ipc_event_death_probe.py, one H100)."""
+        (scripts/ipc_event_death_probe.py)."""
         return self.event is None or self.event.query()
 
     def view(self, msg: common_pb2.Tensor) -> torch.Tensor:

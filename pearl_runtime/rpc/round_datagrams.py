@@ -1,14 +1,13 @@
 """Rounds ahead of the stream: a target also sends each small Round as one UDP datagram.
 
 On a shared GPU the GPU idles from the end of the verify to the draft's first step, and the
-Round's trip over the gRPC stream (Python on both ends) is 0.26-0.44 ms of that
-(BENCHMARKS.md, session 12). A datagram to the draft's host gets there sooner. The draft
+Round's trip over the gRPC stream (Python on both ends) is a sizeable share of that. A datagram to the draft's host gets there sooner. The draft
 drafts the round the moment its datagram arrives and answers the stream's copy, when that
 comes, with the batch it already has. The stream stays the one source of truth: whichever
 copy of a round arrives first is the one applied, the other is ignored. A lost datagram costs
 only the head start, and a round too big for one (long prompts in its adds) goes by the
-stream alone. On one H100 (7B + 0.5B, sd) the Round's hop fell from 0.30-0.34 to 0.06-0.07 ms
-(BENCHMARKS.md, session 13).
+stream alone. The datagram cuts the Round's hop to a fraction of the stream's (measured:
+benchmarks/journal/BENCHMARKS.md).
 
 The draft opens one socket beside its gRPC port and gives each target stream a random key
 (HelloReply.round_port / round_key); a datagram is the key, then the serialized Round.
