@@ -127,10 +127,6 @@ def var(name: str) -> Var:
         raise KeyError(f"{name} is not declared in pearl_runtime/envs.py") from None
 
 
-def is_set(name: str) -> bool:
-    var(name)
-    return name in os.environ
-
 
 def get(name: str) -> Any:
     """The variable's value, parsed, or its default when unset."""
@@ -147,9 +143,3 @@ def default(name: str) -> Any:
         import sys
         print(f"pearl: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def for_child(name: str, value: Any) -> tuple[str, str]:
-    """(name, text) to put in a child's environment (launchers), checked against the registry."""
-    var(name)
-    return name, str(int(value) if isinstance(value, bool) else value)

@@ -1,21 +1,18 @@
 """One logging set-up for every process: structlog over stdlib, JSON or console lines.
 
 Every module logs through `get_logger(__name__)`; loggers of libraries (grpc, asyncio, torch,
-transformers) go through the same formatter, so no line escapes the format. A request's id
-(and W3C traceparent) is bound with `bind_request`, and every line logged while it is bound
-carries it.
+transformers) go through the same formatter, so no line escapes the format. Fields bound
+with structlog's contextvars (the service name, set here) appear on every line.
 """
 import logging
 import os
 import sys
-from contextlib import contextmanager
 
 import structlog
 
 from pearl_runtime import envs
 
 FORMATS = ("json", "console", "auto")
-_configured: dict = {}
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
@@ -81,40 +78,9 @@ def setup(service: str, level: str | None = None, fmt: str | None = None) -> Non
     logging.captureWarnings(True)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service)
-    _configured.update(service=service, level=level, fmt=fmt)
     # gRPC core writes to stderr by itself; keep it at errors so its lines stay rare
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def _keep(logger, name, event_dict):
     return event_dict
-
-
-def child_env() -> dict[str, str]:
-    """What a process we start (a TP worker) needs to log the same way."""
-    out = {}
-    if _configured:
-        out["PEARL_LOG_FORMAT"] = _configured["fmt"]
-        out["PEARL_LOG_LEVEL"] = _configured["level"].lower()
-    return out
-
-
-def configured() -> dict:
-    return dict(_configured)
-
-
-def bind_request(request_id: str | None = None, traceparent: str | None = None) -> None:
-    """Bind the request's ids to the current context (an asyncio task copies its context)."""
-    values = {k: v for k, v in (("request_id", request_id), ("traceparent", traceparent)) if v}
-    if values:
-        structlog.contextvars.bind_contextvars(**values)
-
-
-@contextmanager
-def request_context(request_id: str | None = None, traceparent: str | None = None):
-    tokens = structlog.contextvars.bind_contextvars(
-        **{k: v for k, v in (("request_id", request_id), ("traceparent", traceparent)) if v})
-    try:
-        yield
-    finally:
-        structlog.contextvars.reset_contextvars(**tokens)
