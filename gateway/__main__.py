@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tls-key", default=envs.default("PEARL_TLS_KEY"), help="PEM private key of --tls-cert")
     g.add_argument("--auth-token", default=envs.default("PEARL_AUTH_TOKEN"),
                    help="require 'authorization: Bearer <token>' on every call")
+    g.add_argument("--metrics-port", type=int, default=envs.default("PEARL_METRICS_PORT"),
+                   help="serve Prometheus /metrics on --host at this port (0: off)")
     g.add_argument("--log-level", default=envs.default("PEARL_LOG_LEVEL"))
     return g
 
@@ -26,7 +28,7 @@ def main(argv=None) -> None:
     from gateway.server import run
     run(host=args.host, port=args.port, targets=args.targets.split(","), model_dir=args.model or default_model(),
         coalesce_ms=args.coalesce_ms, log_level=args.log_level, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        auth_token=args.auth_token)
+        auth_token=args.auth_token, metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

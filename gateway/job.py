@@ -13,6 +13,7 @@ class Job:
     prompt_ids: tuple[int, ...]
     params: SamplingParams          # carries stop_token_ids; max_tokens counts from the prompt's end
     stop: tuple[str, ...] = ()
+    traceparent: str = ""           # W3C trace context from the client, passed on to the target
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
 """The Gateway gRPC service: validate, route to a target, stream text deltas, then final stats."""
 import asyncio
+import dataclasses
 import inspect
 import signal
 import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
+import structlog
+from prometheus_client import CollectorRegistry
 
 from pearl_runtime.pb import gateway_pb2, gateway_pb2_grpc
 from pearl_runtime import gc_pauses
@@ -14,11 +18,15 @@ from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.security import authorize, server_credentials
 from pearl_runtime.log import setup as setup_logging
 from pearl_runtime.rpc.server import bind, new_server, run_async
-from pearl_runtime.rpc.status import abort
+from pearl_runtime.metrics_http import serve_metrics
+from pearl_runtime.rpc.health import Health
+from pearl_runtime.rpc.status import abort, status_of
 
 from gateway import wire
 from gateway.detokenizer import Detokenizer
 from gateway.job import STOP_STRING, Stats
+from gateway.metrics import GatewayMetrics
+from gateway.readiness import GATEWAY_SERVICE, Readiness
 from gateway.targets import TargetRouter
 from gateway.validation import validate
 from pearl_runtime.log import get_logger
@@ -27,58 +35,82 @@ log = get_logger(__name__)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, router: TargetRouter, tokenizer, auth_token: str | None = None):
+    def __init__(self, router: TargetRouter, tokenizer, metrics: GatewayMetrics, auth_token: str | None = None):
         self._router = router
         self._tokenizer = tokenizer
+        self._metrics = metrics
         self._token = auth_token
 
     async def Generate(self, request, context):
-        t0 = time.perf_counter()
         await authorize(context, self._token)
+        meta = dict(context.invocation_metadata() or ())
+        request_id = meta.get("x-request-id") or request.request_id or uuid.uuid4().hex
+        # each RPC runs in its own task, so the binding lives exactly as long as this call
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        await context.send_initial_metadata((("x-request-id", request_id),))
+        measured = self._metrics.request(self._router.model)
         try:
-            info = await self._router.info()
-            # tokenization runs on the loop: a fast tokenizer shared across threads can fail
-            # with "Already borrowed", and prompts tokenize in well under a millisecond per KB
-            job = validate(wire.request_from_proto(request), self._tokenizer, info)
+            async for reply in self._generate(request, request_id, meta.get("traceparent", ""), measured):
+                yield reply
         except PearlError as e:
-            log.info("request rejected", request_id=request.request_id, reason=str(e))
+            code = status_of(e)[0]
+            measured.failed(code.name)
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                log.info("request rejected", reason=str(e))
+            else:
+                log.warning("request failed", code=code.name, reason=str(e))
             await abort(context, e)
+        except Exception:
+            measured.failed(grpc.StatusCode.INTERNAL.name)
+            raise
+        finally:    # a client that went away (cancel, deadline) ends the call here; else a no-op
+            left = context.time_remaining()
+            measured.failed("DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED")
+
+    async def _generate(self, request, request_id: str, traceparent: str, measured):
+        t0 = time.perf_counter()
+        info = await self._router.info()
+        # tokenization runs on the loop: a fast tokenizer shared across threads can fail
+        # with "Already borrowed", and prompts tokenize in well under a millisecond per KB
+        req = dataclasses.replace(wire.request_from_proto(request), request_id=request_id)
+        job = dataclasses.replace(validate(req, self._tokenizer, info), traceparent=traceparent)
+        measured.accepted(len(job.prompt_ids))
 
         detok = Detokenizer(self._tokenizer, job.stop)
         ttft_ms, new_tokens, forwards, paths, reason = 0.0, 0, 0, [], None
-        try:
-            async with self._router.open(job) as flight:
-                async for p in flight:
-                    if not new_tokens and p.token_ids:
-                        ttft_ms = (time.perf_counter() - t0) * 1e3
-                    new_tokens += len(p.token_ids)
-                    forwards = p.target_forwards
-                    if p.mode and p.mode not in paths:
-                        paths.append(p.mode)    # e.g. pearl, then ar while the draft was down
-                    text = detok.push(p.token_ids)
-                    if p.finish_reason is not None:
-                        text += detok.finish()
-                    if text or p.token_ids:
-                        yield wire.delta(job.request_id, text, p.token_ids)
-                    if detok.stopped:
-                        reason = STOP_STRING
-                        break           # leaving `open` cancels the request on its target
-                    reason = p.finish_reason
-        except PearlError as e:
-            log.warning("request failed", request_id=job.request_id, reason=str(e))
-            await abort(context, e)
+        async with self._router.open(job) as flight:
+            log.info("request accepted", prompt_tokens=len(job.prompt_ids),
+                     target=flight.target.address if flight.target else "parked: no ready target")
+            async for p in flight:
+                if not new_tokens and p.token_ids:
+                    ttft_ms = (time.perf_counter() - t0) * 1e3
+                new_tokens += len(p.token_ids)
+                forwards = p.target_forwards
+                if p.mode and p.mode not in paths:
+                    paths.append(p.mode)    # e.g. pearl, then ar while the draft was down
+                text = detok.push(p.token_ids)
+                if p.finish_reason is not None:
+                    text += detok.finish()
+                if text or p.token_ids:
+                    yield wire.delta(request_id, text, p.token_ids)
+                    measured.streamed(len(p.token_ids))
+                if detok.stopped:
+                    reason = STOP_STRING
+                    break           # leaving `open` cancels the request on its target
+                reason = p.finish_reason
 
         total_ms = (time.perf_counter() - t0) * 1e3
         stats = Stats.measure(len(job.prompt_ids), new_tokens, forwards, ttft_ms, total_ms,
                               "+".join(paths) or info.mode)
-        log.debug("request done", request_id=job.request_id, finish=reason, new_tokens=new_tokens,
-                  target_forwards=forwards, total_ms=round(total_ms, 1))
-        yield wire.final(job.request_id, detok.text, reason, stats)
+        log.info("request finished", finish=reason, new_tokens=new_tokens, target_forwards=forwards,
+                 ms=round(total_ms, 1))
+        measured.finished(reason)
+        yield wire.final(request_id, detok.text, reason, stats)
 
     async def ListModels(self, request, context):
         await authorize(context, self._token)
         try:
-            info = await self._router.info()
+            info = self._router.ready_info()
         except PearlError as e:
             await abort(context, e)
         return gateway_pb2.ListModelsResponse(models=[info.model])
@@ -90,12 +122,17 @@ class RunningGateway:
     router: TargetRouter
     host: str
     port: int
+    readiness: Readiness
+    metrics: GatewayMetrics
+    metrics_port: int | None = None     # the bound /metrics port; None: off
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     async def stop(self, grace_s: float | None = 1.0) -> None:
+        """Readiness NOT_SERVING first (probes and balancers stop sending), then stop serving."""
+        await self.readiness.stopping()
         await self.server.stop(grace_s)
         await self.router.close()
 
@@ -104,10 +141,10 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
                         model_dir: str | None = None, *, tokenizer=None, coalesce_ms: float = 2.0,
                         max_in_flight: int = 1024, park_timeout_s: float = 30.0,
                         max_resubmits: int = 5, tls_cert: str | None = None, tls_key: str | None = None,
-                        auth_token: str | None = None) -> RunningGateway:
+                        auth_token: str | None = None, metrics_port: int = 0) -> RunningGateway:
     """Start a gateway over `targets` (host:port each, or one comma-separated string); port 0
-    picks a free one. The tokenizer
-    comes from `model_dir` (the target's model directory) unless given."""
+    picks a free one. The tokenizer comes from `model_dir` (the target's model directory) unless
+    given. `metrics_port`: serve /metrics on `host` there (0: off)."""
     if isinstance(targets, str):
         targets = [t for t in targets.split(",") if t]
     if tokenizer is None:
@@ -115,22 +152,29 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
             raise ValueError("model_dir (or tokenizer) is required for tokenization")
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    router = TargetRouter(list(targets), coalesce_s=coalesce_ms / 1e3, max_in_flight=max_in_flight,
-                          park_timeout_s=park_timeout_s, max_resubmits=max_resubmits,
-                          tokenizer_hash=tokenizer_hash(tokenizer))
-    await router.start()
-    server = new_server()
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(router, tokenizer, auth_token), server)
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("TLS needs both tls_cert and tls_key")
+    metrics = GatewayMetrics(CollectorRegistry())
+    health = Health(GATEWAY_SERVICE)
+    readiness = Readiness(health, metrics)
+    router = TargetRouter(list(targets), coalesce_s=coalesce_ms / 1e3, max_in_flight=max_in_flight,
+                          park_timeout_s=park_timeout_s, max_resubmits=max_resubmits,
+                          tokenizer_hash=tokenizer_hash(tokenizer),
+                          on_readiness=readiness.changed, on_resubmit=metrics.resubmitted)
+    server = new_server()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(router, tokenizer, metrics, auth_token), server)
+    health.add_to(server)
     port = bind(server, host, port, server_credentials(tls_cert, tls_key) if tls_cert else None)
-    gc_pauses.settle()   # the start-up heap out of the collector's walks
+    bound_metrics = serve_metrics(metrics.registry, host, metrics_port)
+    await router.start()
+    readiness.watch(router.targets)
+    gc_pauses.freeze_and_watch()   # the start-up heap out of the collector's walks
     await server.start()
     log.info("gateway listening", address=f"{host}:{port}", targets=list(targets), tls=bool(tls_cert),
              auth=bool(auth_token))
     if host not in ("127.0.0.1", "localhost", "::1") and not (tls_cert and auth_token):
         log.warning("gateway reachable beyond loopback without TLS and a bearer token", host=host)
-    return RunningGateway(server, router, host, port)
+    return RunningGateway(server, router, host, port, readiness, metrics, bound_metrics)
 
 
 _SERVE_ARGS = set(inspect.signature(serve_gateway).parameters) - {"tokenizer"}
@@ -141,7 +185,7 @@ def run(args=None, /, **kwargs) -> None:
 
     Takes an argparse Namespace and/or keyword arguments named like serve_gateway's
     (host, port, targets, model_dir, coalesce_ms, max_in_flight, park_timeout_s,
-    max_resubmits) plus log_level; other Namespace attributes are ignored."""
+    max_resubmits, tls_cert, tls_key, auth_token, metrics_port) plus log_level; other Namespace attributes are ignored."""
     opts = {**(vars(args) if args is not None else {}), **kwargs}
     setup_logging("gateway", opts.get("log_level"))
     run_async(_serve_until_signal({k: v for k, v in opts.items() if k in _SERVE_ARGS and v is not None}))

@@ -1,6 +1,6 @@
 """The gateway's targets: routing to replicas, one connection per replica, one flight per request.
 
-TargetRouter admits requests, places each on the live target with the fewest requests, and
+TargetRouter admits requests, places each on the ready target with the fewest requests, and
 resubmits every in-flight request when a target's stream breaks. The gateway keeps each
 request's prompt and every token a target committed for it; when a stream breaks, the request
 continues elsewhere as prompt + those tokens with the remaining budget, so the client sees
@@ -8,24 +8,29 @@ neither a duplicate nor a gap.
 
 TargetConnection is one target replica: Info at connect, then one long-lived Serve stream that
 carries coalesced submissions and cancels one way and committed tokens the other; re-dialed
-with backoff.
+with backoff. A target is ready while its stream is live and its grpc health says SERVING
+(gateway/target_health.py); new requests go only to ready targets, requests already on a target
+that turns NOT_SERVING (draining) finish there.
 
 Flight is one request in flight: its job, every token a target committed for it, its update queue.
 """
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
+import uuid
+from collections.abc import Callable
 
 import grpc
 
-from pearl_runtime.errors import InvalidRequest
 from pearl_runtime.log import get_logger
 from pearl_runtime.pb import target_pb2, target_pb2_grpc
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 from pearl_runtime.rpc.status import Overloaded, Unavailable
 
 from gateway import wire
+from gateway.target_health import TargetHealth
 from gateway.job import LENGTH, STOP, Job, Progress, TargetInfo
 
 log = get_logger(__name__)
@@ -114,12 +119,20 @@ class TargetConnection:
         self._ever_up = False
         self._waiting_logged = False
         self._started_at = 0.0
+        self.health = TargetHealth(address, lambda: router.readiness_changed(self), redial_s)
+
+    @property
+    def ready(self) -> bool:
+        """New requests may be placed here."""
+        return self.live and self.health.admits
 
     def start(self) -> None:
         self._started_at = time.monotonic()
         self._task = asyncio.create_task(self._run(), name=f"target {self.address}")
+        self.health.start()
 
     async def close(self) -> None:
+        await self.health.close()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -185,13 +198,15 @@ class TargetConnection:
              target=self.address, code=e.code().name, details=e.details())
 
     def _drop_all(self) -> None:
-        self.live = False
+        was_live, self.live = self.live, False
         orphans = list(self.flights.values())
         self.flights.clear()
         self._submits.clear()
         self._cancels.clear()
         if orphans:
             self._router.target_down(self, orphans)
+        if was_live:
+            self._router.readiness_changed(self)
 
     async def _pump(self, call) -> None:
         reader = asyncio.create_task(self._read(call))
@@ -239,11 +254,15 @@ class TargetConnection:
 
 
 class TargetRouter:
-    """Admission, placement on the live target with the fewest requests, and failover."""
+    """Admission, placement on the ready target with the fewest requests, and failover.
+
+    `on_readiness` is called whenever a target's readiness may have changed, `on_resubmit`
+    once per request moved off a target that died."""
 
     def __init__(self, addresses: list[str], *, coalesce_s: float = 0.002, max_in_flight: int = 1024,
                  park_timeout_s: float = 30.0, max_resubmits: int = 5, tokenizer_hash: str = "",
-                 redial_s: tuple[float, float] = (0.05, 5.0)):
+                 redial_s: tuple[float, float] = (0.05, 5.0),
+                 on_readiness: Callable[[], None] = lambda: None, on_resubmit: Callable[[], None] = lambda: None):
         if not addresses:
             raise ValueError("at least one target address is required")
         self.targets = [TargetConnection(a, self, coalesce_s, redial_s) for a in addresses]
@@ -256,6 +275,8 @@ class TargetRouter:
         self._info: TargetInfo | None = None
         self._ready = asyncio.Event()
         self._closing = False
+        self._on_readiness = on_readiness
+        self._on_resubmit = on_resubmit
 
     @property
     def in_flight(self) -> int:
@@ -279,6 +300,17 @@ class TargetRouter:
             raise Unavailable(f"no target reachable at {', '.join(t.address for t in self.targets)}") from None
         return self._info
 
+    def ready_info(self) -> TargetInfo:
+        """The served model while at least one target is ready; Unavailable otherwise, at once."""
+        if self._info is None or not any(t.ready for t in self.targets):
+            raise Unavailable(f"no target is ready (of {', '.join(t.address for t in self.targets)})")
+        return self._info
+
+    @property
+    def model(self) -> str:
+        """The served model's name once a target told it, else ''."""
+        return self._info.model if self._info else ""
+
     @contextlib.asynccontextmanager
     async def open(self, job: Job):
         """Admit `job` and yield its Flight; leaving early cancels it on its target."""
@@ -289,10 +321,13 @@ class TargetRouter:
             self.release(flight)
 
     def admit(self, job: Job) -> Flight:
-        if job.request_id in self._flights:
-            raise InvalidRequest("request_id", f"{job.request_id!r} is already in flight")
         if len(self._flights) >= self._max_in_flight:
             raise Overloaded(f"{len(self._flights)} requests in flight, the gateway's limit; retry later")
+        if job.request_id in self._flights:
+            # ids key the flights on a target's stream, so a client's reused id gets a suffix there
+            unique = f"{job.request_id}.{uuid.uuid4().hex[:8]}"
+            log.info("request id already in flight; submitting under a unique id", submitted_as=unique)
+            job = dataclasses.replace(job, request_id=unique)
         flight = Flight(job)
         self._flights[job.request_id] = flight
         self._place(flight)
@@ -315,9 +350,14 @@ class TargetRouter:
         if self._info is None:
             self._info = conn.info
             self._ready.set()
-        for flight in list(self._parked.values()):
-            self._unpark(flight)
-            self._place(flight)
+        self.readiness_changed(conn)
+
+    def readiness_changed(self, conn: TargetConnection) -> None:
+        if conn.ready:
+            for flight in list(self._parked.values()):
+                self._unpark(flight)
+                self._place(flight)
+        self._on_readiness()
 
     def target_down(self, conn: TargetConnection, orphans: list[Flight]) -> None:
         for flight in orphans:
@@ -336,6 +376,7 @@ class TargetRouter:
             else:
                 log.info("resubmitting", request_id=flight.request_id, lost=conn.address,
                          tokens_streamed=len(flight.received))
+                self._on_resubmit()
                 self._place(flight)
 
     def _already_finished(self, flight: Flight, info: TargetInfo) -> str | None:
@@ -350,13 +391,13 @@ class TargetRouter:
         return None
 
     def _place(self, flight: Flight) -> None:
-        live = [t for t in self.targets if t.live]
-        if not live:
+        ready = [t for t in self.targets if t.ready]
+        if not ready:
             self._parked[flight.request_id] = flight
             flight.park_timer = asyncio.get_running_loop().call_later(
                 self._park_timeout_s, self._expire, flight)
             return
-        min(live, key=lambda t: len(t.flights)).submit(flight)
+        min(ready, key=lambda t: len(t.flights)).submit(flight)
 
     def _expire(self, flight: Flight) -> None:
         if self._parked.pop(flight.request_id, None) is not None:

@@ -33,7 +33,7 @@ def submission(job: Job, prompt_ids: list[int], max_tokens: int) -> target_pb2.S
     params = wire_params.to_proto(job.params)
     params.max_tokens = max_tokens
     return target_pb2.Submission(request_id=job.request_id, prompt_ids=prompt_ids, params=params,
-                                 stop_token_ids=job.params.stop_token_ids)
+                                 stop_token_ids=job.params.stop_token_ids, traceparent=job.traceparent)
 
 
 def info_from_proto(msg: target_pb2.ModelInfo) -> TargetInfo:

@@ -2,12 +2,16 @@
 
 Token at absolute position p is p % CYCLE (ids 0..89 are the printable ASCII bytes of the test
 tokenizer), so a resubmitted continuation (prompt + tokens so far) yields exactly the tokens the
-first target would have produced next."""
+first target would have produced next.
+
+Its grpc health ("pearl.v1.Target") starts as `serving` says and flips with set_serving; with
+serving=None it has no health service at all, like an older target."""
 import asyncio
 
 import grpc
 
 from pearl_runtime.pb import common_pb2, target_pb2, target_pb2_grpc
+from pearl_runtime.rpc.health import Health
 
 CYCLE = 90
 POISON = 7          # a prompt starting with this id is refused with RESOURCE_EXHAUSTED
@@ -20,7 +24,7 @@ def expected_tokens(prompt_len: int, n: int) -> list[int]:
 class FakeTarget(target_pb2_grpc.TargetServicer):
     def __init__(self, *, vocab_size: int = 451, max_model_len: int = 256, step_s: float = 0.002,
                  tokens_per_forward: int = 1, model: str = "tiny", mode: str = "pearl",
-                 eos_token_ids=(450,), tokenizer_hash: str = ""):
+                 eos_token_ids=(450,), tokenizer_hash: str = "", serving: bool | None = True):
         self.info = target_pb2.ModelInfo(model=model, vocab_size=vocab_size, max_model_len=max_model_len,
                                          eos_token_ids=eos_token_ids, mode=mode,
                                          tokenizer_hash=tokenizer_hash)
@@ -29,6 +33,11 @@ class FakeTarget(target_pb2_grpc.TargetServicer):
         self.batches: list[list[target_pb2.Submission]] = []
         self.cancels: list[str] = []
         self.sent: dict[str, list[int]] = {}
+        self.serving = serving
+        self.health = Health("pearl.v1.Target") if serving is not None else None
+
+    async def set_serving(self, serving: bool) -> None:
+        await self.health.set_ready(serving, "flipped by the test")
 
     async def Info(self, request, context):
         return self.info
@@ -91,6 +100,10 @@ class FakeTarget(target_pb2_grpc.TargetServicer):
 async def start_target(fake: FakeTarget, port: int = 0) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
     target_pb2_grpc.add_TargetServicer_to_server(fake, server)
+    if fake.health is not None:
+        fake.health.add_to(server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    if fake.serving:
+        await fake.set_serving(True)
     return server, port

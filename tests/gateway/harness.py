@@ -12,12 +12,14 @@ def run(coro, timeout_s: float = 30.0):
 
 
 @contextlib.asynccontextmanager
-async def gateway_over(tokenizer_dir, *fakes, **gateway_kwargs):
-    """Yields (gateway, [(target server, port)]); everything is stopped on exit."""
+async def gateway_over(tokenizer_dir, *fakes, ready: bool = True, **gateway_kwargs):
+    """Yields (gateway, [(target server, port)]) once every target is ready (unless `ready` is
+    False); everything is stopped on exit."""
     targets = [await start_target(f) for f in fakes]
     gw = await serve_gateway(targets=[f"127.0.0.1:{port}" for _, port in targets],
                              model_dir=tokenizer_dir, **gateway_kwargs)
-    await eventually(lambda: all(t.live for t in gw.router.targets))   # placement is then predictable
+    if ready:       # placement is then predictable
+        await eventually(lambda: all(t.ready for t in gw.router.targets))
     try:
         yield gw, targets
     finally:

@@ -19,7 +19,7 @@ def _closed_port() -> int:
 
 def _dial_a_dead_target(seconds: float) -> list[dict]:
     async def main():
-        conn = TargetConnection(f"127.0.0.1:{_closed_port()}", SimpleNamespace(), coalesce_s=0.001,
+        conn = TargetConnection(f"127.0.0.1:{_closed_port()}", SimpleNamespace(readiness_changed=lambda conn: None), coalesce_s=0.001,
                                 redial_s=(0.02, 0.05), info_timeout_s=1.0)
         conn.start()
         await asyncio.sleep(seconds)
