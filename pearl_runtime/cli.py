@@ -58,6 +58,34 @@ def cmd_generate(args) -> None:
                       tls_ca=args.tls_ca, tls_server_name=args.tls_server_name)
 
 
+def cmd_health(args) -> None:
+    """One health check for probes and Docker HEALTHCHECK: the status on stdout, exit 0 only when SERVING."""
+    from pathlib import Path
+
+    import grpc
+
+    from pearl_runtime.rpc.health import check
+    creds = grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes()) if args.tls_ca else None
+    status = asyncio.run(check(args.address, args.service, args.timeout, creds))
+    print(status, flush=True)
+    sys.exit(0 if status == "SERVING" else 1)
+
+
+class _ProbeParser(argparse.ArgumentParser):
+    """Docker reserves exit code 2 in healthchecks: a usage error exits 1, in one stderr line."""
+
+    def error(self, message):
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def add_health_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("address", help="host:port of a gateway, target or draft")
+    p.add_argument("--service", default="", help='"" (overall readiness, the default), liveness, or a pearl service name')
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds before the service counts as unreachable")
+    p.add_argument("--tls-ca", default=envs.default("PEARL_TLS_CA"), help="PEM certificate to trust: connect over TLS")
+    p.set_defaults(fn=cmd_health)
+
+
 def cmd_models(args) -> None:
     if args.action == "prepare":
         path = default_model()
@@ -109,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="name the certificate is issued for, when the address differs")
     gen.set_defaults(fn=cmd_generate)
 
+    add_health_arguments(sub.add_parser("health", help="check a service's gRPC health: exit 0 when SERVING, else 1"))
+
     m = sub.add_parser("models", help="prepare the embedded default model (and its derived draft)")
     m.add_argument("action", choices=("prepare",))
     m.set_defaults(fn=cmd_models)
@@ -120,7 +150,12 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in launch.MODULES:   # a service runs as its own process, with its own flags
         os.execv(sys.executable, launch.service_argv(argv[0], argv[1:]))
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["health"]:   # its own parser, so that a usage error exits 1, not 2
+        health = _ProbeParser(prog="pearl health", description="check a service's gRPC health")
+        add_health_arguments(health)
+        args = health.parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     args.fn(args)
 
 
