@@ -32,15 +32,12 @@ class Readiness:
 
     async def stopping(self) -> None:
         """Shutdown begun: readiness NOT_SERVING for good, before the server stops."""
-        await self._halt()
-        await self.health.stopping()
-
-    async def _halt(self) -> None:
-        if self._task:
+        if self._task:      # no later target change may flip it back
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self.health.stopping()
 
     async def _run(self) -> None:
         while True:

@@ -32,6 +32,7 @@ from gateway.validation import validate
 from pearl_runtime.log import get_logger
 
 log = get_logger(__name__)
+STOPPING_WINDOW_S = 0.5     # on SIGTERM, readiness answers NOT_SERVING this long before the port closes
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -130,9 +131,11 @@ class RunningGateway:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    async def stop(self, grace_s: float | None = 1.0) -> None:
-        """Readiness NOT_SERVING first (probes and balancers stop sending), then stop serving."""
+    async def stop(self, grace_s: float | None = 1.0, window_s: float = 0.0) -> None:
+        """Readiness NOT_SERVING first, then `window_s` for probes and balancers to see it while
+        the port still answers, then stop serving (in-flight calls get `grace_s`)."""
         await self.readiness.stopping()
+        await asyncio.sleep(window_s)
         await self.server.stop(grace_s)
         await self.router.close()
 
@@ -199,4 +202,4 @@ async def _serve_until_signal(opts: dict) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("gateway stopping")
-    await gateway.stop(grace_s=5.0)
+    await gateway.stop(grace_s=5.0, window_s=STOPPING_WINDOW_S)

@@ -28,6 +28,7 @@ def test_target_death_mid_stream_resubmits_to_another_target(tokenizer_dir, toke
             prompt, total, seen = [1, 2, 3], 40, []
             out = await generate(gw.address, token_ids=prompt, max_tokens=total, timeout_s=20,
                                  on_delta=_kill_after(10, targets[0][0], seen))
+        assert gw.metrics.registry.get_sample_value("pearl:gateway_resubmissions_total") == 1
         want = expected_tokens(len(prompt), total)
         assert out.token_ids == seen == want                      # no duplicate, no gap
         assert out.text == tokenizer.decode(want, skip_special_tokens=True)
