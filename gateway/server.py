@@ -46,7 +46,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         await authorize(context, self._token)
         meta = dict(context.invocation_metadata() or ())
         request_id = meta.get("x-request-id") or request.request_id or uuid.uuid4().hex
-        # each RPC runs in its own task, so the binding lives exactly as long as this call
+        # grpc aio runs each RPC in a fresh context, so the binding ends with this call
         structlog.contextvars.bind_contextvars(request_id=request_id)
         await context.send_initial_metadata((("x-request-id", request_id),))
         measured = self._metrics.request(self._router.model)

@@ -61,20 +61,24 @@ class TargetHealth:
                 if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                     self._set("UNIMPLEMENTED", legacy=True)
                     delay = self._redial_s[1]               # ask again now and then: it may be upgraded
-                else:
+                elif e.code() == grpc.StatusCode.UNAVAILABLE:
                     self._set("UNREACHABLE", legacy=False)
+                else:       # a health service that answers, but not the watch: never ready
+                    self._set(e.code().name, legacy=False, details=e.details())
             finally:
                 await channel.close(grace=None)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self._redial_s[1])
 
-    def _set(self, status: str, legacy: bool) -> None:
+    def _set(self, status: str, legacy: bool, details: str = "") -> None:
         if (status, legacy) == (self.status, self.legacy):
             return
         was_legacy, self.status, self.legacy = self.legacy, status, legacy
         if legacy and not was_legacy:
             log.warning("target has no grpc health; routing by its connection state", target=self.address,
                         health=status)
+        elif details:
+            log.warning("target health watch failed", target=self.address, code=status, details=details)
         elif not legacy:
             emit = log.debug if status == "UNREACHABLE" else log.info
             emit("target health", target=self.address, status=status, path="grpc.health.v1 Watch")
