@@ -7,7 +7,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pearl_runtime.client import generate, list_models
-from pearl_runtime.rpc.health import check
+from pearl_runtime.rpc.health import Health, check
 from tests.gateway.fake_target import FakeTarget, expected_tokens
 from tests.gateway.harness import eventually, gateway_over, run
 
@@ -86,6 +86,16 @@ def test_a_target_without_grpc_health_is_routed_by_its_connection(tokenizer_dir)
         run(body())
     legacy = [e for e in logs if e["event"] == "target has no grpc health; routing by its connection state"]
     assert len(legacy) == 1 and legacy[0]["health"] == "UNIMPLEMENTED"
+
+
+def test_a_target_whose_health_does_not_know_its_service_is_routed_by_its_connection(tokenizer_dir):
+    async def body():
+        older = FakeTarget()
+        older.health = Health("pearl.v1.SomethingElse")     # health, but not for pearl.v1.Target
+        async with gateway_over(tokenizer_dir, older) as (gw, _):
+            assert gw.router.targets[0].health.status == "SERVICE_UNKNOWN"
+            assert (await generate(gw.address, token_ids=[1], max_tokens=2, timeout_s=10)).token_ids == [1, 2]
+    run(body())
 
 
 def test_stopping_turns_readiness_off_before_the_server_closes(tokenizer_dir):
