@@ -35,6 +35,9 @@ SERVICE = textwrap.dedent('''
 
     asyncio.run(grpc_traffic())
     warnings.warn("a deprecated thing\\nover two lines")
+    (torch.ones(2, requires_grad=True) * 2).grad   # torch's C++ TORCH_WARN, raised as a Python warning
+    from tqdm import tqdm
+    list(tqdm(range(3)))
     logging.getLogger("some.lib").warning("a library speaks")
     transformers.utils.logging.get_logger("transformers.x").warning("transformers speaks")
     structlog.contextvars.bind_contextvars(request_id="req-42")
@@ -67,6 +70,7 @@ def test_every_stderr_line_is_one_json_event():
     assert by_event["a library speaks"]["logger"] == "some.lib"
     assert "transformers speaks" in by_event
     assert any("a deprecated thing" in e["event"] and e["logger"] == "py.warnings" for e in events)
+    assert any("not a leaf Tensor" in e["event"] and e["logger"] == "py.warnings" for e in events)
     thread = by_event["uncaught exception in thread"]
     assert thread["thread_name"] == "worker" and "ZeroDivisionError" in thread["exception"]
     main = by_event["uncaught exception"]
