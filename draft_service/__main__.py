@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> None:
     from draft_service.server import serve
-    setup_logging("draft", args.log_level)
+    setup_logging("draft", args.log_level, args.log_format)
     model = args.model or default_draft(default_model())
     # the draft's steps feed one token, two after a bonus token, and a new request's first
     # round feeds the prompt's tail past the prefix cache's full blocks: up to a block. Out of
@@ -32,7 +32,7 @@ def run(args) -> None:
     cfg = dataclasses.replace(engine_config_from_args(args, model), graph_query_lens=tuple(sorted({1, 2, args.block_size})),
                               fp8_weights=args.fp8_weights)
     with keep_awake.for_service(args.keep_awake, args.device):
-        run_async(serve_until_signal(serve(cfg, args.host, args.port)))
+        run_async(serve_until_signal(serve(cfg, args.host, args.port, metrics_port=args.metrics_port)))
 
 
 def main(argv=None) -> None:

@@ -38,32 +38,32 @@ class Drafter:
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         self.paths = Counter()   # rounds drafted by each path, for logs and tests
         self._last_path = None
-        self._unsettled = None   # a round whose tokens were left on the device: (seqs, host copy, events)
-        self.last_device_ms = None   # the device time of the last such round, once settled
+        self._on_device = None   # a round whose tokens were left on the device: (seqs, host copy, events)
+        self.last_device_ms = None   # the device time of the last such round, once taken
 
-    def settle(self) -> None:
+    def take_device_tokens(self) -> None:
         """Give the sequences of a round drafted with its tokens left on the device those
         tokens (its copy to the host has long finished by the time the next round comes)."""
-        if self._unsettled is None:
+        if self._on_device is None:
             return
-        seqs, host, start, done = self._unsettled
-        self._unsettled = None
+        seqs, host, start, done = self._on_device
+        self._on_device = None
         if done is not None:
             done.synchronize()
             self.last_device_ms = start.elapsed_time(done)
         self.runner.commit_chain(seqs, host.tolist())
 
     def close(self, mirror: Mirror) -> None:
-        self.settle()
+        self.take_device_tokens()
         for seq in mirror.seqs.values():
             self.blocks.free_seq(seq)
         mirror.seqs.clear()
 
     def apply(self, mirror: Mirror, adds: list[tuple[int, list[int], SamplingParams]], removes: list[int],
               verdicts: list[list[int]]) -> None:
-        """verdicts: (seq_id, length, last token[, keep]) rows; keep 0 drops the drafts past
-        `length` (the target trimmed what it carries), -1 or absent keeps them."""
-        self.settle()
+        """verdicts: (seq_id, length, last token, keep) rows; keep 0 drops the drafts past
+        `length` (the target trimmed what it carries), -1 keeps them."""
+        self.take_device_tokens()
         for sid in removes:
             seq = mirror.seqs.pop(sid, None)
             if seq is not None:
@@ -125,8 +125,8 @@ class Drafter:
         caller picks where each part runs: the draft service sends the early part from its
         event loop before it drafts the rest. `on_device` (no early part): where the round
         chains on the device, its tokens stay there (DraftResult.device_tokens, no sync) and
-        the sequences get them at the next call (`settle`)."""
-        self.settle()
+        the sequences get them at the next call (`take_device_tokens`)."""
+        self.take_device_tokens()
         seq_ids = list(mirror.seqs)
         seqs = [mirror.seqs[s] for s in seq_ids]
         early = early if 0 < early < gamma else 0
@@ -184,7 +184,7 @@ class Drafter:
 
     def _defer(self, seqs: list[Sequence], gamma: int) -> torch.Tensor:
         timed = self.runner.device.type == "cuda"
-        if timed:   # the round's device time, read at settle (the host is done long before)
+        if timed:   # the round's device time, read when the tokens are taken (the host is done long before)
             start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         tokens = self.runner.greedy_chain(seqs, gamma, defer=True)
@@ -194,5 +194,5 @@ class Drafter:
             done.record()
         else:
             host, start, done = tokens, None, None
-        self._unsettled = (seqs, host, start, done)
+        self._on_device = (seqs, host, start, done)
         return tokens

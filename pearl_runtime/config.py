@@ -182,6 +182,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto | on | off: a lowest-priority busy loop on each core, so a woken thread never "
                         "waits for a halted core (~0.2 ms a gRPC hop on virtual machines); auto: on with a GPU")
     p.add_argument("--log-level", default=envs.default("PEARL_LOG_LEVEL"))
+    p.add_argument("--log-format", choices=("json", "console", "auto"), default=envs.default("PEARL_LOG_FORMAT"),
+                   help="json (one object a line), console, or auto: console on a terminal, else json")
+    p.add_argument("--metrics-port", type=int, default=envs.default("PEARL_METRICS_PORT"),
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: off)")
 
 
 def engine_config_from_args(args, model: str) -> "EngineConfig":

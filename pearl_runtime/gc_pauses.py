@@ -74,7 +74,7 @@ def watch() -> GcPauses:
     return _pauses
 
 
-def settle() -> GcPauses:
+def freeze_and_watch() -> GcPauses:
     """What a service calls once it has started: freeze, then watch."""
     freeze()
     return watch()

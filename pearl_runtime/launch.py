@@ -25,6 +25,69 @@ def service_argv(what: str, argv: list[str]) -> list[str]:
     return [sys.executable, "-m", MODULES[what], *argv]
 
 
+class ServiceProcess:
+    """One service as a child process in its own session (stopped as a group, so a TP group's
+    workers go with it). `log_path`: its output is appended there instead of this terminal."""
+
+    def __init__(self, kind: str, argv: list[str], env: dict[str, str] | None = None, log_path=None, cwd=None):
+        self.kind, self.argv, self.env, self.log_path, self.cwd = kind, list(argv), env, log_path, cwd
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> "ServiceProcess":
+        self.starts += 1
+        out = None
+        if self.log_path is not None:
+            out = open(self.log_path, "a")
+            out.write(f"--- start {self.starts}: {' '.join(service_argv(self.kind, self.argv))}\n")
+            out.flush()
+        self.proc = subprocess.Popen(service_argv(self.kind, self.argv), env=self.env, cwd=self.cwd, stdout=out,
+                                     stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        if out is not None:
+            out.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_serving(self, address: str, deadline: float, service: str = "") -> None:
+        """Until `address` reports `service` SERVING on grpc.health.v1 (the overall service by
+        default: weights loaded, graphs captured, for a gateway a ready target). Raises
+        RuntimeError if the process exits first, TimeoutError past `deadline` (time.time())."""
+        from pearl_runtime.rpc.health import check
+        while True:
+            if not self.alive():
+                rc = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"the {self.kind} at {address} exited (rc {rc}) during start-up")
+            status = asyncio.run(check(address, service, timeout_s=1.0))
+            if status == "SERVING":
+                return
+            if time.time() > deadline:
+                raise TimeoutError(f"the {self.kind} at {address} is {status}, not SERVING")
+            time.sleep(0.1)
+
+    def send(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        """Signal the whole group, reap the process (SIGKILL after timeout_s), then kill
+        anything left in the group."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.send(sig)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.send(signal.SIGKILL)
+                self.proc.wait(timeout=timeout_s)
+        self.send(signal.SIGKILL)
+
+
 class Stack:
     """draft + target + gateway as child processes; stopped together. `env`: extra environment
     per service ("draft", "target", "gateway"), e.g. CUDA MPS settings; `log_dir`: each
@@ -65,34 +128,25 @@ class Stack:
         return {k: v for k, v in env.items() if v is not None}
 
     def _spawn(self, what: str, argv: list[str]) -> None:
-        out = None
-        if self.log_dir is not None:
-            out = open(os.path.join(self.log_dir, f"{what}.log"), "a")
-        self.procs.append(subprocess.Popen(service_argv(what, argv), env=self.child_env(what),
-                                           stdout=out, stderr=subprocess.STDOUT if out else None,
-                                           stdin=subprocess.DEVNULL, start_new_session=True))
-        if out is not None:
-            out.close()
+        log_path = os.path.join(self.log_dir, f"{what}.log") if self.log_dir is not None else None
+        self.procs.append(ServiceProcess(what, argv, self.child_env(what), log_path).start())
 
     def _wait_ready(self, address: str, draft_port: int | None, timeout_s: float = 300) -> None:
-        from pearl_runtime.client import list_models
+        """Until the gateway is SERVING (it is once a target is), then the draft link."""
+        from pearl_runtime.rpc.health import check
         deadline = time.time() + timeout_s
-        while time.time() < deadline:
+        while (status := asyncio.run(check(address, timeout_s=1.0))) != "SERVING":
             self._check_alive()
-            try:
-                asyncio.run(list_models(address, timeout_s=2))
-                break
-            except Exception:   # not answering yet: ask again
-                time.sleep(0.5)
-        else:
-            self.stop()
-            raise SystemExit(f"services not ready after {timeout_s}s")
+            if time.time() > deadline:
+                self.stop()
+                raise SystemExit(f"services not ready after {timeout_s}s (the gateway is {status})")
+            time.sleep(0.2)
         wait_s = getattr(self.args, "draft_wait_s", DRAFT_WAIT_S)
         if draft_port and wait_s > 0:
             self._wait_draft(wait_s)
 
     def _check_alive(self) -> None:
-        if any(p.poll() is not None for p in self.procs):
+        if any(not p.alive() for p in self.procs):
             self.stop()
             raise SystemExit("a service exited during start-up (see its log above)")
 
@@ -113,11 +167,8 @@ class Stack:
               "connects (see the draft's and the target's logs)", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
+        for p in self.procs:   # all at once, then reap each
+            if p.alive():
+                p.send(signal.SIGTERM)
         for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+            p.stop()

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = argparse.ArgumentParser(prog="pearl target", description="run the target service")
     add_engine_args(t)
     t.add_argument("--port", type=int, default=envs.default("PEARL_TARGET_PORT"))
+    t.add_argument("--served-model-name", default=envs.default("PEARL_SERVED_MODEL_NAME"),
+                   help="the model's name in metrics (default: the model path)")
     t.add_argument("--mode", choices=("pearl", "sd", "ar"), default=envs.default("PEARL_MODE"))
     t.add_argument("--draft", default=envs.default("PEARL_DRAFT_ADDRESS"), help="draft service address")
     t.add_argument("--gamma", default=envs.default("PEARL_GAMMA"),
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> None:
     from target_service.server import serve
-    setup_logging("target", args.log_level)
+    setup_logging("target", args.log_level, args.log_format)
     model = args.model or default_model()
     draft = None if args.mode == "ar" else args.draft
     gamma = None if str(args.gamma) == "auto" else int(args.gamma)
@@ -64,7 +66,8 @@ def run(args) -> None:
                                       head_start=_head_start(args.head_start),
                                       head_start_quorum=_quorum(args.head_start_quorum),
                                       device_tokens=args.device_tokens == "on",
-                                      round_datagrams=args.round_datagrams == "on")))
+                                      round_datagrams=args.round_datagrams == "on",
+                                      metrics_port=args.metrics_port, served_model_name=args.served_model_name)))
 
 
 def main(argv=None) -> None:

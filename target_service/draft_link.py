@@ -1,11 +1,12 @@
 """The target's side of Draft.Speculate: dial, handshake, one round at a time, re-dial.
 
 The link is never required: while it is down the target serves autoregressively, and
-`maintain()` re-dials with backoff. A refused handshake (different tokenizer) is logged
-and retried rarely; the target keeps serving in ar mode meanwhile.
+`maintain()` re-dials with backoff. A refused handshake (another Speculate protocol version,
+another tokenizer) is logged, counted and retried rarely; the target serves ar meanwhile.
 """
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import grpc
@@ -14,6 +15,7 @@ import torch
 from pearl_runtime.pb import draft_pb2, draft_pb2_grpc
 from pearl_runtime.rpc.ipc import IpcUnavailable, TokenImport
 from pearl_runtime.rpc.round_datagrams import RoundSender
+from pearl_runtime.rpc.identity import protocol_mismatch
 from pearl_runtime.rpc.server import GRPC_OPTIONS, host_id
 from pearl_runtime.log import get_logger
 
@@ -21,7 +23,13 @@ log = get_logger(__name__)
 
 
 class DraftRefused(Exception):
-    pass
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind   # protocol | tokenizer | vocabulary | other: the metric's label
+
+
+def _refusal_kind(reason: str) -> str:
+    return next((k for k in ("protocol", "tokenizer", "vocabulary") if k in reason), "other")
 
 
 @dataclass
@@ -35,8 +43,6 @@ class TransportSplit:
     rounds: int = 0
 
     def add(self, written: float, batch: draft_pb2.DraftBatch, read: float, limit_s: float) -> None:
-        if not batch.received_at:   # a draft that predates the stamps
-            return
         out, back = batch.received_at - written, read - batch.sent_at
         if 0 <= out < limit_s and 0 <= back < limit_s:
             self.out_ms += out * 1e3
@@ -63,6 +69,7 @@ class DraftLink:
         self._lost = asyncio.Event()
         self._lost.set()
         self.split = TransportSplit()
+        self.refused: Counter = Counter()   # refused handshakes by kind
         self._written = 0.0         # when the last Round went to the stream (time.monotonic)
 
     async def _connect(self) -> None:
@@ -74,7 +81,9 @@ class DraftLink:
         if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "hello":
             raise ConnectionError("draft closed the stream during the handshake")
         if not msg.hello.accepted:
-            raise DraftRefused(msg.hello.reason)
+            raise DraftRefused(_refusal_kind(msg.hello.reason), msg.hello.reason)
+        if why := protocol_mismatch(self.hello.protocol_version, msg.hello.protocol_version):
+            raise DraftRefused("protocol", why)
         self.generation += 1
         self.info = msg.hello
         self.tokens_in = self._open_tokens(msg.hello)
@@ -123,7 +132,9 @@ class DraftLink:
                 await self._connect()
                 delay = backoff_s
             except DraftRefused as e:
-                log.error("draft refused the handshake; serving ar", draft=self.address, reason=str(e))
+                self.refused[e.kind] += 1
+                log.error("draft refused the handshake; serving ar", draft=self.address, reason=str(e),
+                          refused=self.refused[e.kind])
                 await self._close()
                 await asyncio.sleep(refused_backoff_s)
             except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, OSError,
@@ -135,8 +146,7 @@ class DraftLink:
 
     async def exchange(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
         """Send one Round and wait for its DraftBatch, or for its early part when the round asks
-        for one (then `rest` reads the whole batch; a draft that predates early parts answers
-        with the whole batch, early=False). None (and the link marked down) on failure."""
+        for one (then `rest` reads the whole batch). None (and the link marked down) on failure."""
         return await self.receive(rnd) if await self.send(rnd) else None
 
     async def send(self, rnd: draft_pb2.Round) -> bool:
@@ -195,7 +205,7 @@ class DraftLink:
             async with asyncio.timeout(self.round_timeout_s):
                 msg = await self.call.read()
             if (msg is grpc.aio.EOF or msg.WhichOneof("kind") != "batch" or msg.batch.round_id != round_id
-                    or (msg.batch.early and not early)):
+                    or msg.batch.early != early):
                 raise ConnectionError("draft stream ended or answered out of order")
             if not msg.batch.early:
                 self.split.add(self._written, msg.batch, time.monotonic(), self.round_timeout_s)

@@ -20,7 +20,7 @@ from pearl_runtime.pb import common_pb2, draft_pb2
 from pearl_runtime.config import ModelConfig
 from pearl_runtime.engine.llm_engine import load_tokenizer
 from pearl_runtime.rpc import tensors
-from pearl_runtime.rpc.identity import tokenizer_hash
+from pearl_runtime.rpc.identity import PROTOCOL_VERSION, tokenizer_hash
 from target_service.draft_link import DraftLink, TransportSplit
 
 
@@ -33,7 +33,7 @@ def free_port() -> int:
 async def measure(address: str, model: str, rounds: int) -> list[float]:
     tok = load_tokenizer(model)
     vocab = ModelConfig.from_dir(model, torch.float32).vocab_size
-    hello = draft_pb2.Hello(target_id="transport-bench", tokenizer_hash=tokenizer_hash(tok),
+    hello = draft_pb2.Hello(target_id="transport-bench", tokenizer_hash=tokenizer_hash(tok), protocol_version=PROTOCOL_VERSION,
                             vocab_size=vocab, device=-1)
     link = DraftLink(address, hello)
     deadline = time.time() + 120

@@ -75,6 +75,8 @@ async def read_metrics(target_address: str, timeout_s: float = 10.0) -> target_p
 def diff(after: target_pb2.TargetMetrics, before: target_pb2.TargetMetrics) -> dict:
     d = {k: getattr(after, k) - getattr(before, k) for k in COUNTERS}
     d.update(path=after.path, gamma=after.gamma, gamma_by_batch=dict(after.gamma_by_batch),
+             policy={"head_start": after.head_start, "head_start_quorum": round(after.head_start_quorum, 4),
+                     "auto_gamma": after.auto_gamma},
              verify_times=[[v.batch, v.query, v.ms] for v in after.verify_times])
     runs = Counter({(r.judged, r.accepted): r.count for r in after.judged_runs})
     runs.subtract({(r.judged, r.accepted): r.count for r in before.judged_runs})

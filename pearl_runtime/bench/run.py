@@ -43,16 +43,14 @@ def _service_flag(extra_args: str, flag: str) -> str | None:
     return None
 
 
-def _head_start_setting(target_args: str) -> int:
-    """The pearl target's --head-start as the projection needs it (-1: auto)."""
-    value = _service_flag(target_args, "--head-start")
-    return -1 if value in (None, "auto") else int(value)
-
-
-def _quorum_setting(target_args: str) -> float:
-    """The pearl target's --head-start-quorum, for the projection's batch simulation."""
-    value = _service_flag(target_args, "--head-start-quorum")
-    return projection.HEAD_START_QUORUM if value is None else float(value)
+def _pearl_policy(rows: list[dict]) -> dict:
+    """The pearl target's head start and quorum as it reported them (TargetMetrics), for the
+    projection; the defaults where no pearl row ran."""
+    for r in rows:
+        policy = (r.get("metrics_diff") or {}).get("policy")
+        if r["mode"] == "pearl" and policy:
+            return {"head_start": policy["head_start"], "quorum": policy["head_start_quorum"]}
+    return {"head_start": -1, "quorum": projection.HEAD_START_QUORUM}
 
 
 def _keep_awake_setting(args, tdev: str, ddev: str) -> dict:
@@ -197,7 +195,7 @@ async def wait_serving(stack, gateway: str, mode: str, prompt: list[int], timeou
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
-        if any(p.poll() is not None for p in stack.procs):
+        if any(not p.alive() for p in stack.procs):
             raise BenchError(f"{mode}: a service exited during start-up")
         try:
             await read_metrics(stack.target_address)
@@ -214,7 +212,7 @@ async def wait_for_draft(stack, gateway: str, mode: str, prompt: list[int], time
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
-        if any(p.poll() is not None for p in stack.procs):
+        if any(not p.alive() for p in stack.procs):
             raise BenchError(f"{mode}: a service exited while waiting for the draft")
         await submit_batch(gateway, [prompt], 4, timeout_s)
         m = await read_metrics(stack.target_address)
@@ -337,8 +335,7 @@ def main(args) -> None:
             "runs": report.public(rows),
             "hbm": report.hbm(rows, target_dir, dtype, len(prompts[0]), probe, gpus=len(tdev.split(","))) if complete else None,
             "projection": (report.project(rows, same_gpu=one_gpu and not args.mps,
-                                          head_start=_head_start_setting(args.target_args),
-                                          quorum=_quorum_setting(args.target_args))
+                                          **_pearl_policy(rows))
                            if complete and modes_done & {"sd", "pearl"} else None),
             "logs": str(logs),
         }

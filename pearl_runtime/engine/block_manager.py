@@ -35,7 +35,8 @@ class BlockManager:
         # free blocks in LRU order; a freed block keeps its hash until it is reused
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}
-        self.prefix_hits = 0   # tokens served from the prefix cache, for stats and tests
+        self.prefix_queries = 0   # tokens looked up in the prefix cache (every allocation's)
+        self.prefix_hits = 0      # of them, tokens served from it
 
     @property
     def num_free(self) -> int:
@@ -97,6 +98,7 @@ class BlockManager:
                 block = self._fresh()
             seq.block_table.append(block.block_id)
         seq.num_kv = cached_tokens
+        self.prefix_queries += len(seq)
         self.prefix_hits += cached_tokens
 
     def ensure_capacity(self, seq: Sequence, num_tokens: int) -> bool:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("target_id", "tokenizer_hash", "vocab_size", "host_id", "device", "device_tokens", "round_datagrams")
+    __slots__ = ("target_id", "tokenizer_hash", "vocab_size", "host_id", "device", "device_tokens", "round_datagrams", "protocol_version")
     TARGET_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class Hello(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUND_DATAGRAMS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     target_id: str
     tokenizer_hash: str
     vocab_size: int
@@ -23,10 +24,11 @@ class Hello(_message.Message):
     device: int
     device_tokens: bool
     round_datagrams: bool
-    def __init__(self, target_id: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., host_id: _Optional[str] = ..., device: _Optional[int] = ..., device_tokens: _Optional[bool] = ..., round_datagrams: _Optional[bool] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, target_id: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., host_id: _Optional[str] = ..., device: _Optional[int] = ..., device_tokens: _Optional[bool] = ..., round_datagrams: _Optional[bool] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("accepted", "reason", "draft_model", "tokenizer_hash", "vocab_size", "step_batch_sizes", "step_ms", "verdict_keep", "ipc_buffers", "round_port", "round_key")
+    __slots__ = ("accepted", "reason", "draft_model", "tokenizer_hash", "vocab_size", "step_batch_sizes", "step_ms", "ipc_buffers", "round_port", "round_key", "protocol_version")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -34,10 +36,10 @@ class HelloReply(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     STEP_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     STEP_MS_FIELD_NUMBER: _ClassVar[int]
-    VERDICT_KEEP_FIELD_NUMBER: _ClassVar[int]
     IPC_BUFFERS_FIELD_NUMBER: _ClassVar[int]
     ROUND_PORT_FIELD_NUMBER: _ClassVar[int]
     ROUND_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     draft_model: str
@@ -45,21 +47,25 @@ class HelloReply(_message.Message):
     vocab_size: int
     step_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     step_ms: _containers.RepeatedScalarFieldContainer[float]
-    verdict_keep: bool
     ipc_buffers: _containers.RepeatedCompositeFieldContainer[_common_pb2.IpcBuffer]
     round_port: int
     round_key: bytes
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., draft_model: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., step_batch_sizes: _Optional[_Iterable[int]] = ..., step_ms: _Optional[_Iterable[float]] = ..., verdict_keep: _Optional[bool] = ..., ipc_buffers: _Optional[_Iterable[_Union[_common_pb2.IpcBuffer, _Mapping]]] = ..., round_port: _Optional[int] = ..., round_key: _Optional[bytes] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., draft_model: _Optional[str] = ..., tokenizer_hash: _Optional[str] = ..., vocab_size: _Optional[int] = ..., step_batch_sizes: _Optional[_Iterable[int]] = ..., step_ms: _Optional[_Iterable[float]] = ..., ipc_buffers: _Optional[_Iterable[_Union[_common_pb2.IpcBuffer, _Mapping]]] = ..., round_port: _Optional[int] = ..., round_key: _Optional[bytes] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class SeqAdd(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "params")
+    __slots__ = ("seq_id", "token_ids", "params", "request_id", "traceparent")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
-    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    request_id: str
+    traceparent: str
+    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("round_id", "gamma", "adds", "removes", "verdicts", "early", "device_tokens")

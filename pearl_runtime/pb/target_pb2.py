@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pearl_runtime.pb import common_pb2 as pearl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pearl/v1/target.proto\x12\x08pearl.v1\x1a\x15pearl/v1/common.proto\"\x10\n\x0eMetricsRequest\"\xfe\x04\n\rTargetMetrics\x12\x0e\n\x06rounds\x18\x01 \x01(\x04\x12\x1a\n\x12speculative_rounds\x18\x02 \x01(\x04\x12\x10\n\x08\x64raft_ms\x18\x03 \x01(\x01\x12\x11\n\ttarget_ms\x18\x04 \x01(\x01\x12\x0f\n\x07wait_ms\x18\x05 \x01(\x01\x12\x10\n\x08round_ms\x18\x06 \x01(\x01\x12\x18\n\x10\x63ommitted_tokens\x18\x07 \x01(\x04\x12\x16\n\x0e\x64rafted_tokens\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\t \x01(\x04\x12\x0c\n\x04path\x18\n \x01(\t\x12\r\n\x05gamma\x18\x0b \x01(\r\x12\x19\n\x11head_start_rounds\x18\x0e \x01(\x04\x12\x17\n\x0f\x64raft_connected\x18\x0f \x01(\x08\x12\x13\n\x0b\x65xchange_ms\x18\x10 \x01(\x01\x12\x11\n\tgamma_sum\x18\x11 \x01(\x04\x12\x41\n\x0egamma_by_batch\x18\x12 \x03(\x0b\x32).pearl.v1.TargetMetrics.GammaByBatchEntry\x12*\n\x0cverify_times\x18\x13 \x03(\x0b\x32\x14.pearl.v1.VerifyTime\x12(\n\x0bjudged_runs\x18\x14 \x03(\x0b\x32\x13.pearl.v1.JudgedRun\x12\x13\n\x0bxfer_out_ms\x18\x15 \x01(\x01\x12\x14\n\x0cxfer_back_ms\x18\x16 \x01(\x01\x12\x13\n\x0bxfer_rounds\x18\x17 \x01(\x04\x12\x1b\n\x13\x64\x65vice_token_rounds\x18\x18 \x01(\x04\x1a\x33\n\x11GammaByBatchEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01J\x04\x08\x0c\x10\rJ\x04\x08\r\x10\x0e\"<\n\tJudgedRun\x12\x0e\n\x06judged\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"6\n\nVerifyTime\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\r\x12\r\n\x05query\x18\x02 \x01(\r\x12\n\n\x02ms\x18\x03 \x01(\x01\"\r\n\x0bInfoRequest\"\x82\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x16\n\x0etokenizer_hash\x18\x05 \x01(\t\x12\x0c\n\x04mode\x18\x06 \x01(\t\"v\n\nSubmission\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.pearl.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\"2\n\x0bSubmitBatch\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.pearl.v1.Submission\"\"\n\x0b\x43\x61ncelBatch\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"d\n\x08TargetIn\x12\'\n\x06submit\x18\x01 \x01(\x0b\x32\x15.pearl.v1.SubmitBatchH\x00\x12\'\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x15.pearl.v1.CancelBatchH\x00\x42\x06\n\x04kind\"\xab\x01\n\tSeqUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.pearl.v1.FinishReason\x12\x17\n\x0ftarget_forwards\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x0c\n\x04path\x18\x07 \x01(\t\"2\n\nTokenBatch\x12$\n\x07updates\x18\x01 \x03(\x0b\x32\x13.pearl.v1.SeqUpdate\"1\n\tTargetOut\x12$\n\x06tokens\x18\x01 \x01(\x0b\x32\x14.pearl.v1.TokenBatch2\xb0\x01\n\x06Target\x12\x34\n\x05Serve\x12\x12.pearl.v1.TargetIn\x1a\x13.pearl.v1.TargetOut(\x01\x30\x01\x12\x32\n\x04Info\x12\x15.pearl.v1.InfoRequest\x1a\x13.pearl.v1.ModelInfo\x12<\n\x07Metrics\x12\x18.pearl.v1.MetricsRequest\x1a\x17.pearl.v1.TargetMetricsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pearl/v1/target.proto\x12\x08pearl.v1\x1a\x15pearl/v1/common.proto\"\x10\n\x0eMetricsRequest\"\xb5\x05\n\rTargetMetrics\x12\x0e\n\x06rounds\x18\x01 \x01(\x04\x12\x1a\n\x12speculative_rounds\x18\x02 \x01(\x04\x12\x10\n\x08\x64raft_ms\x18\x03 \x01(\x01\x12\x11\n\ttarget_ms\x18\x04 \x01(\x01\x12\x0f\n\x07wait_ms\x18\x05 \x01(\x01\x12\x10\n\x08round_ms\x18\x06 \x01(\x01\x12\x18\n\x10\x63ommitted_tokens\x18\x07 \x01(\x04\x12\x16\n\x0e\x64rafted_tokens\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\t \x01(\x04\x12\x0c\n\x04path\x18\n \x01(\t\x12\r\n\x05gamma\x18\x0b \x01(\r\x12\x19\n\x11head_start_rounds\x18\x0e \x01(\x04\x12\x17\n\x0f\x64raft_connected\x18\x0f \x01(\x08\x12\x13\n\x0b\x65xchange_ms\x18\x10 \x01(\x01\x12\x11\n\tgamma_sum\x18\x11 \x01(\x04\x12\x41\n\x0egamma_by_batch\x18\x12 \x03(\x0b\x32).pearl.v1.TargetMetrics.GammaByBatchEntry\x12*\n\x0cverify_times\x18\x13 \x03(\x0b\x32\x14.pearl.v1.VerifyTime\x12(\n\x0bjudged_runs\x18\x14 \x03(\x0b\x32\x13.pearl.v1.JudgedRun\x12\x13\n\x0bxfer_out_ms\x18\x15 \x01(\x01\x12\x14\n\x0cxfer_back_ms\x18\x16 \x01(\x01\x12\x13\n\x0bxfer_rounds\x18\x17 \x01(\x04\x12\x1b\n\x13\x64\x65vice_token_rounds\x18\x18 \x01(\x04\x12\x12\n\nhead_start\x18\x19 \x01(\x05\x12\x19\n\x11head_start_quorum\x18\x1a \x01(\x02\x12\x12\n\nauto_gamma\x18\x1b \x01(\x08\x1a\x33\n\x11GammaByBatchEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"<\n\tJudgedRun\x12\x0e\n\x06judged\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"6\n\nVerifyTime\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\r\x12\r\n\x05query\x18\x02 \x01(\r\x12\n\n\x02ms\x18\x03 \x01(\x01\"\r\n\x0bInfoRequest\"\x82\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x16\n\x0etokenizer_hash\x18\x05 \x01(\t\x12\x0c\n\x04mode\x18\x06 \x01(\t\"\x8b\x01\n\nSubmission\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12(\n\x06params\x18\x03 \x01(\x0b\x32\x18.pearl.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"2\n\x0bSubmitBatch\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.pearl.v1.Submission\"\"\n\x0b\x43\x61ncelBatch\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"d\n\x08TargetIn\x12\'\n\x06submit\x18\x01 \x01(\x0b\x32\x15.pearl.v1.SubmitBatchH\x00\x12\'\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x15.pearl.v1.CancelBatchH\x00\x42\x06\n\x04kind\"\xab\x01\n\tSeqUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.pearl.v1.FinishReason\x12\x17\n\x0ftarget_forwards\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x0c\n\x04path\x18\x07 \x01(\t\"2\n\nTokenBatch\x12$\n\x07updates\x18\x01 \x03(\x0b\x32\x13.pearl.v1.SeqUpdate\"1\n\tTargetOut\x12$\n\x06tokens\x18\x01 \x01(\x0b\x32\x14.pearl.v1.TokenBatch2\xb0\x01\n\x06Target\x12\x34\n\x05Serve\x12\x12.pearl.v1.TargetIn\x1a\x13.pearl.v1.TargetOut(\x01\x30\x01\x12\x32\n\x04Info\x12\x15.pearl.v1.InfoRequest\x1a\x13.pearl.v1.ModelInfo\x12<\n\x07Metrics\x12\x18.pearl.v1.MetricsRequest\x1a\x17.pearl.v1.TargetMetricsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICSREQUEST']._serialized_start=58
   _globals['_METRICSREQUEST']._serialized_end=74
   _globals['_TARGETMETRICS']._serialized_start=77
-  _globals['_TARGETMETRICS']._serialized_end=715
-  _globals['_TARGETMETRICS_GAMMABYBATCHENTRY']._serialized_start=652
-  _globals['_TARGETMETRICS_GAMMABYBATCHENTRY']._serialized_end=703
-  _globals['_JUDGEDRUN']._serialized_start=717
-  _globals['_JUDGEDRUN']._serialized_end=777
-  _globals['_VERIFYTIME']._serialized_start=779
-  _globals['_VERIFYTIME']._serialized_end=833
-  _globals['_INFOREQUEST']._serialized_start=835
-  _globals['_INFOREQUEST']._serialized_end=848
-  _globals['_MODELINFO']._serialized_start=851
-  _globals['_MODELINFO']._serialized_end=981
-  _globals['_SUBMISSION']._serialized_start=983
-  _globals['_SUBMISSION']._serialized_end=1101
-  _globals['_SUBMITBATCH']._serialized_start=1103
-  _globals['_SUBMITBATCH']._serialized_end=1153
-  _globals['_CANCELBATCH']._serialized_start=1155
-  _globals['_CANCELBATCH']._serialized_end=1189
-  _globals['_TARGETIN']._serialized_start=1191
-  _globals['_TARGETIN']._serialized_end=1291
-  _globals['_SEQUPDATE']._serialized_start=1294
-  _globals['_SEQUPDATE']._serialized_end=1465
-  _globals['_TOKENBATCH']._serialized_start=1467
-  _globals['_TOKENBATCH']._serialized_end=1517
-  _globals['_TARGETOUT']._serialized_start=1519
-  _globals['_TARGETOUT']._serialized_end=1568
-  _globals['_TARGET']._serialized_start=1571
-  _globals['_TARGET']._serialized_end=1747
+  _globals['_TARGETMETRICS']._serialized_end=770
+  _globals['_TARGETMETRICS_GAMMABYBATCHENTRY']._serialized_start=719
+  _globals['_TARGETMETRICS_GAMMABYBATCHENTRY']._serialized_end=770
+  _globals['_JUDGEDRUN']._serialized_start=772
+  _globals['_JUDGEDRUN']._serialized_end=832
+  _globals['_VERIFYTIME']._serialized_start=834
+  _globals['_VERIFYTIME']._serialized_end=888
+  _globals['_INFOREQUEST']._serialized_start=890
+  _globals['_INFOREQUEST']._serialized_end=903
+  _globals['_MODELINFO']._serialized_start=906
+  _globals['_MODELINFO']._serialized_end=1036
+  _globals['_SUBMISSION']._serialized_start=1039
+  _globals['_SUBMISSION']._serialized_end=1178
+  _globals['_SUBMITBATCH']._serialized_start=1180
+  _globals['_SUBMITBATCH']._serialized_end=1230
+  _globals['_CANCELBATCH']._serialized_start=1232
+  _globals['_CANCELBATCH']._serialized_end=1266
+  _globals['_TARGETIN']._serialized_start=1268
+  _globals['_TARGETIN']._serialized_end=1368
+  _globals['_SEQUPDATE']._serialized_start=1371
+  _globals['_SEQUPDATE']._serialized_end=1542
+  _globals['_TOKENBATCH']._serialized_start=1544
+  _globals['_TOKENBATCH']._serialized_end=1594
+  _globals['_TARGETOUT']._serialized_start=1596
+  _globals['_TARGETOUT']._serialized_end=1645
+  _globals['_TARGET']._serialized_start=1648
+  _globals['_TARGET']._serialized_end=1824
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class MetricsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TargetMetrics(_message.Message):
-    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "head_start_rounds", "draft_connected", "exchange_ms", "gamma_sum", "gamma_by_batch", "verify_times", "judged_runs", "xfer_out_ms", "xfer_back_ms", "xfer_rounds", "device_token_rounds")
+    __slots__ = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "round_ms", "committed_tokens", "drafted_tokens", "accepted_tokens", "path", "gamma", "head_start_rounds", "draft_connected", "exchange_ms", "gamma_sum", "gamma_by_batch", "verify_times", "judged_runs", "xfer_out_ms", "xfer_back_ms", "xfer_rounds", "device_token_rounds", "head_start", "head_start_quorum", "auto_gamma")
     class GammaByBatchEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,9 @@ class TargetMetrics(_message.Message):
     XFER_BACK_MS_FIELD_NUMBER: _ClassVar[int]
     XFER_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TOKEN_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    HEAD_START_QUORUM_FIELD_NUMBER: _ClassVar[int]
+    AUTO_GAMMA_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     speculative_rounds: int
     draft_ms: float
@@ -64,7 +67,10 @@ class TargetMetrics(_message.Message):
     xfer_back_ms: float
     xfer_rounds: int
     device_token_rounds: int
-    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ..., gamma_sum: _Optional[int] = ..., gamma_by_batch: _Optional[_Mapping[int, int]] = ..., verify_times: _Optional[_Iterable[_Union[VerifyTime, _Mapping]]] = ..., judged_runs: _Optional[_Iterable[_Union[JudgedRun, _Mapping]]] = ..., xfer_out_ms: _Optional[float] = ..., xfer_back_ms: _Optional[float] = ..., xfer_rounds: _Optional[int] = ..., device_token_rounds: _Optional[int] = ...) -> None: ...
+    head_start: int
+    head_start_quorum: float
+    auto_gamma: bool
+    def __init__(self, rounds: _Optional[int] = ..., speculative_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., wait_ms: _Optional[float] = ..., round_ms: _Optional[float] = ..., committed_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., path: _Optional[str] = ..., gamma: _Optional[int] = ..., head_start_rounds: _Optional[int] = ..., draft_connected: _Optional[bool] = ..., exchange_ms: _Optional[float] = ..., gamma_sum: _Optional[int] = ..., gamma_by_batch: _Optional[_Mapping[int, int]] = ..., verify_times: _Optional[_Iterable[_Union[VerifyTime, _Mapping]]] = ..., judged_runs: _Optional[_Iterable[_Union[JudgedRun, _Mapping]]] = ..., xfer_out_ms: _Optional[float] = ..., xfer_back_ms: _Optional[float] = ..., xfer_rounds: _Optional[int] = ..., device_token_rounds: _Optional[int] = ..., head_start: _Optional[int] = ..., head_start_quorum: _Optional[float] = ..., auto_gamma: _Optional[bool] = ...) -> None: ...
 
 class JudgedRun(_message.Message):
     __slots__ = ("judged", "accepted", "count")
@@ -107,16 +113,18 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_hash: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class Submission(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "params", "stop_token_ids")
+    __slots__ = ("request_id", "prompt_ids", "params", "stop_token_ids", "traceparent")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.SamplingParams
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class SubmitBatch(_message.Message):
     __slots__ = ("items",)

@@ -1,11 +1,14 @@
 """Process plumbing shared by the services: the event loop, a grpc.aio server, serving until a signal."""
 import asyncio
+import inspect
 import signal
 import socket
 
 import grpc
 
+from pearl_runtime.errors import PearlError
 from pearl_runtime.log import get_logger
+from pearl_runtime.rpc.status import status_of
 
 
 def run_async(main) -> None:
@@ -27,10 +30,6 @@ GRPC_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),   # servers accept the pings above
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-
-
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=GRPC_OPTIONS)
 
 
 def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
@@ -58,3 +57,80 @@ async def serve_until_signal(coro) -> None:
         await task
     except asyncio.CancelledError:
         pass
+
+
+# readiness answers NOT_SERVING this long before the port closes, so the gateway's watch and
+# the probes see the service leave before its calls start failing
+STOPPING_WINDOW_S = 0.5
+
+
+async def stop_serving(server: grpc.aio.Server, health, grace_s: float = 1.0) -> None:
+    """Shutdown in order: readiness NOT_SERVING, a moment for watchers to see it, then stop."""
+    await health.stopping()
+    await asyncio.sleep(STOPPING_WINDOW_S)
+    await server.stop(grace_s)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The one place a servicer's exceptions become statuses: a domain error (PearlError)
+    gets its code from rpc/status.py and its message; anything else is logged with its
+    traceback here and reaches the client as INTERNAL without one."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _streaming(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _streaming(handler.stream_stream, method), handler.request_deserializer,
+                handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(
+            _unary(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer)
+
+
+def _unary(behavior, method: str):
+    async def call(request, context):
+        try:
+            return await behavior(request, context)
+        except Exception as e:
+            await _abort(context, e, method)
+    return call
+
+
+def _streaming(behavior, method: str):
+    if not inspect.isasyncgenfunction(behavior):   # it writes with context.write (grpc's health Watch)
+        return _unary(behavior, method)
+
+    async def call(request, context):
+        try:
+            async for message in behavior(request, context):
+                yield message
+        except Exception as e:
+            await _abort(context, e, method)
+    return call
+
+
+async def _abort(context, error: Exception, method: str):
+    if isinstance(error, PearlError):
+        code, message = status_of(error)
+    elif _is_abort(error):
+        raise error   # the servicer already chose its status
+    else:
+        get_logger(__name__).exception("unexpected error in a call", method=method)
+        code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__} (logged)"
+    await context.abort(code, message)
+
+
+def _is_abort(error: Exception) -> bool:
+    return isinstance(error, grpc.aio.AbortError)
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ErrorInterceptor()])

@@ -14,8 +14,8 @@ and gamma start steps) and prices a round as fixed + gamma x step + verify.
 from dataclasses import dataclass
 
 from pearl_runtime.spec.verify_cost import VerifyCost
-from pearl_runtime.spec.round_model import (SD_PRIOR_ALPHA, fit_alpha, head_start_for, pearl_gamma,
-                                            pearl_tokens_per_ms, sd_gamma, sd_tokens_per_ms)
+from pearl_runtime.spec.round_model import (HEAD_START_QUORUM, SD_PRIOR_ALPHA, fit_alpha, head_start_for,
+                                            pearl_gamma, pearl_tokens_per_ms, sd_gamma, sd_tokens_per_ms)
 from pearl_runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -212,6 +212,84 @@ class GammaTuner:
         if self.mode == "pearl":
             return pearl_gamma(t_v, t_d, self.max_gamma, alpha, self.head_start)
         return sd_gamma(t_v, t_d, self.max_gamma, alpha, fixed)
+
+
+DEFAULT_GAMMA = 4   # a fixed gamma's default, and auto gamma's before anything is measured
+MODES = ("pearl", "sd", "ar")
+
+
+class SpecPolicy:
+    """What a target decides about speculation, in one place: gamma per batch bucket (fixed, or
+    auto: start picks from measured step times, then the tuner), PEARL's head start and the
+    quorum that earns it, and the pending cap of a round. Pure: the round loop asks, the
+    policy answers."""
+
+    def __init__(self, mode: str, gamma: int | None = None, max_gamma: int = 16, head_start: int = -1,
+                 quorum: float = HEAD_START_QUORUM, verify_cost: VerifyCost | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if gamma is not None and gamma < 1:
+            raise ValueError(f"gamma must be >= 1 or auto, got {gamma}")
+        if max_gamma < 1:
+            raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
+        if head_start < -1:
+            raise ValueError(f"head_start must be -1 (auto), 0 (off) or a number of tokens, got {head_start}")
+        if not 0 < quorum <= 1:
+            raise ValueError(f"head_start_quorum must be in (0, 1], got {quorum}")
+        self.mode, self.fixed_gamma, self.max_gamma = mode, gamma, max_gamma
+        self.head_start, self.quorum = head_start, quorum
+        self.tuner = GammaTuner(mode, max_gamma, default=gamma or DEFAULT_GAMMA, head_start=head_start,
+                                verify_cost=verify_cost)
+
+    @property
+    def auto(self) -> bool:
+        return self.fixed_gamma is None
+
+    @property
+    def verify_cost(self) -> VerifyCost:
+        return self.tuner.verify_cost
+
+    def gamma_for(self, batch: int) -> int:
+        return self.tuner.gamma_for(batch)
+
+    def seed_from_draft(self, draft_ms: dict[int, float]) -> None:
+        """Start-time gamma per batch size from the draft's measured step times (its handshake)
+        and the prior acceptance: the gamma with the most expected tokens per ms by the mode's
+        round model, each gamma's verify priced at its own query length. The rounds then
+        retune it."""
+        tuner = self.tuner
+        tuner.seed_measured(draft_ms)
+        if tuner.picks:
+            log.info("auto gamma by batch size", mode=self.mode, **{f"bs{b}": g for b, g in tuner.picks.items()},
+                     verify_ms={f"q{q}": {b: round(t, 2) for b, t in row.items()}
+                                for q, row in tuner.verify_cost.table.items()},
+                     draft_ms={b: round(t, 2) for b, t in draft_ms.items()})
+        else:
+            log.info("auto gamma: no step-time measurements (CPU or no CUDA graphs); gamma starts at the "
+                     "default and follows the rounds", gamma=tuner.default)
+
+    def early(self, batch: int, pre_verify: int, prefills: bool, gamma: int) -> int:
+        """Draft tokens a PEARL round waits for before its forward: only when at least `quorum`
+        of the batch is in pre-verify (after a rejection, or new), since judging `early` more
+        tokens a sequence costs `early` draft steps where plain PEARL spends the whole forward
+        on one token; post-verify sequences of that round take none but wait all the same.
+        Never in a round that prefills a prompt (`prefills`): the draft's prefill then runs
+        beside the target's instead of before it. 0: plain PEARL."""
+        if self.mode != "pearl" or self.head_start == 0 or prefills or pre_verify < self.quorum * batch:
+            return 0
+        return head_start_for(gamma, self.head_start)
+
+    @staticmethod
+    def pending_cap(gamma: int) -> int:
+        """PEARL carries at most gamma - 1 pending tokens a sequence into the next round: a
+        post-verify sequence of a head-start round got gamma + early fresh tokens, and carrying
+        them all would verify past the query bucket the rounds run in."""
+        return gamma - 1
+
+    def observe(self, **round_) -> None:
+        """A speculative round's times and acceptance, for auto gamma (fixed gamma ignores them)."""
+        if self.auto:
+            self.tuner.observe(**round_)
 
 
 def parse_gamma(text) -> int | None:

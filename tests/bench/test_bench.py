@@ -431,7 +431,7 @@ def test_batch_head_start_waits_only_for_a_large_quorum():
     measured at batch 8 (H200, session 8): the whole batch waits for a head start, so granting
     it when half the batch is in pre-verify loses to granting it at three quarters; at batch 1
     the quorum does not matter and the head start pays."""
-    from target_service.server import HEAD_START_QUORUM
+    from pearl_runtime.spec.round_model import HEAD_START_QUORUM
     inputs = dict(alpha=0.919, gamma=13, t_d=1.81, t_v=lambda q: 22.74 + 0.266 * q, t_x=1.2, rounds=4000)
     half = projection.simulate_pearl_batch(head_start=6, batch=8, quorum=0.5, **inputs)
     chosen = projection.simulate_pearl_batch(head_start=6, batch=8, quorum=HEAD_START_QUORUM, **inputs)
@@ -443,13 +443,13 @@ def test_batch_head_start_waits_only_for_a_large_quorum():
         1.03 * projection.simulate_pearl_batch(head_start=0, batch=1, **one)
 
 
-def test_projection_reads_the_targets_head_start_flags():
-    from pearl_runtime.bench.run import _head_start_setting, _quorum_setting
-    assert _head_start_setting("") == -1 and _head_start_setting("--head-start auto") == -1
-    assert _head_start_setting("--attention triton --head-start 3") == 3
-    assert _head_start_setting("--head-start=0") == 0
-    assert _quorum_setting("") == projection.HEAD_START_QUORUM
-    assert _quorum_setting("--head-start-quorum 0.5") == 0.5 == _quorum_setting("--head-start-quorum=0.5")
+def test_projection_reads_the_policy_the_target_reports():
+    """The bench takes head start and quorum from the pearl target's TargetMetrics, not its flags."""
+    from pearl_runtime.bench.run import _pearl_policy
+    assert _pearl_policy([]) == {"head_start": -1, "quorum": projection.HEAD_START_QUORUM}
+    rows = [{"mode": "sd", "metrics_diff": {"policy": {"head_start": 9, "head_start_quorum": 0.1}}},
+            {"mode": "pearl", "metrics_diff": {"policy": {"head_start": 3, "head_start_quorum": 0.5}}}]
+    assert _pearl_policy(rows) == {"head_start": 3, "quorum": 0.5}
 
 
 def test_bench_records_each_services_keep_awake(monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 from pearl_runtime.pb import common_pb2, draft_pb2, draft_pb2_grpc
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import tensors
+from pearl_runtime.rpc.identity import PROTOCOL_VERSION
 
 PROMPT = [5, 6, 7, 8, 9]
 EARLY, GAMMA = 2, 6
@@ -33,7 +34,7 @@ def _round() -> draft_pb2.ToDraft:
 
 
 def _hello(servicer) -> draft_pb2.ToDraft:
-    return draft_pb2.ToDraft(hello=draft_pb2.Hello(target_id="t", tokenizer_hash=servicer.tok_hash,
+    return draft_pb2.ToDraft(hello=draft_pb2.Hello(target_id="t", tokenizer_hash=servicer.tok_hash, protocol_version=PROTOCOL_VERSION,
                                                    vocab_size=servicer.drafter.vocab_size))
 
 
@@ -49,12 +50,12 @@ async def _one_round(servicer, taken: str | None):
     stream = servicer.Speculate(requests(), None)
     assert (await anext(stream)).hello.accepted
     if taken == "start":
-        servicer.lock.acquire()
-        loop.call_later(0.05, servicer.lock.release)
+        servicer.runner.lock.acquire()
+        loop.call_later(0.05, servicer.runner.lock.release)
     early = (await anext(stream)).batch
     if taken == "middle":
-        servicer.lock.acquire()
-        loop.call_later(0.05, servicer.lock.release)
+        servicer.runner.lock.acquire()
+        loop.call_later(0.05, servicer.runner.lock.release)
     whole = (await anext(stream)).batch
     await stream.aclose()
     return early, whole
@@ -65,11 +66,11 @@ async def _one_round(servicer, taken: str | None):
                                         ("start", "forward thread")])
 def test_each_path_sends_the_early_part_then_the_whole_batch(servicer, taken, path):
     from draft_service.round_profile import RoundClock
-    servicer.clock = RoundClock(1)   # every path stamps the round's arrival for PEARL_ROUND_TIMES
+    servicer.runner.clock = RoundClock(1)   # every path stamps the round's arrival for PEARL_ROUND_TIMES
     early, whole = asyncio.run(_one_round(servicer, taken))
     assert servicer.head_paths == {path: 1}
     # a round held back 50 ms by a busy drafter shows it as queueing
-    assert servicer.clock.last["queue"] >= (40.0 if taken == "start" else 0.0)
+    assert servicer.runner.clock.last["queue"] >= (40.0 if taken == "start" else 0.0)
     assert early.early and not whole.early and early.round_id == whole.round_id == 1
     # stamped for the target's transport split, on every path: the round's arrival, then each send
     assert 0 < early.received_at == whole.received_at <= early.sent_at <= whole.sent_at
@@ -135,7 +136,14 @@ def test_the_early_part_reaches_the_target_before_the_rest_is_drafted(servicer):
     assert servicer.head_paths == {"event loop": 1}
 
 
-def test_the_draft_announces_that_it_reads_the_verdict_keep_column(servicer):
-    """The target trims pending tokens (and sends the keep column) only to drafts that say so."""
-    reply = servicer._hello(_hello(servicer).hello)
-    assert reply.accepted and reply.verdict_keep
+def test_the_draft_refuses_another_protocol_version_naming_both(servicer):
+    """Target and draft roll out independently: a Hello of another Speculate protocol version
+    is refused with a reason naming both versions; the same version is accepted."""
+    from pearl_runtime.rpc.identity import PROTOCOL_VERSION
+    hello = _hello(servicer).hello
+    reply = servicer._hello(hello)
+    assert reply.accepted and reply.protocol_version == PROTOCOL_VERSION
+    hello.protocol_version = PROTOCOL_VERSION + 1
+    refused = servicer._hello(hello)
+    assert not refused.accepted
+    assert f"v{PROTOCOL_VERSION + 1}" in refused.reason and f"v{PROTOCOL_VERSION}" in refused.reason

@@ -12,10 +12,10 @@ def test_inline_round_only_when_the_drafter_is_free(llama_dir, monkeypatch):
     mirror = Mirror()
     rnd = draft_pb2.Round(round_id=1, gamma=3)
     rnd.adds.add(seq_id=1, token_ids=[5, 6, 7, 8], params=common_pb2.SamplingParams(max_tokens=100))
-    with servicer.lock:   # the forward thread is busy: the round must go there, untouched here
-        assert servicer._inline_round(mirror, rnd) is None
+    with servicer.runner.lock:   # the forward thread is busy: the round must go there, untouched here
+        assert servicer.runner.try_inline(servicer.runner.whole, mirror, rnd) is None
     assert not mirror.seqs
-    batch = servicer._inline_round(mirror, rnd)
+    batch = servicer.runner.try_inline(servicer.runner.whole, mirror, rnd)
     assert batch.round_id == 1 and list(batch.seq_ids) == [1] and list(batch.tokens.shape) == [1, 3]
-    assert not servicer.lock.locked()
+    assert not servicer.runner.lock.locked()
     servicer.close()

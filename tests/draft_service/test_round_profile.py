@@ -11,7 +11,7 @@ def _rounds(servicer, n):
         rnd = draft_pb2.Round(round_id=i + 1, gamma=3)
         if i == 0:
             rnd.adds.add(seq_id=1, token_ids=[5, 6, 7, 8], params=common_pb2.SamplingParams(max_tokens=100))
-        servicer._round(mirror, rnd)
+        servicer.runner.whole(mirror, rnd)
 
 
 def test_profiles_the_rounds_after_the_warm_up_once(llama_dir, monkeypatch, caplog):
@@ -21,10 +21,10 @@ def test_profiles_the_rounds_after_the_warm_up_once(llama_dir, monkeypatch, capl
     monkeypatch.setattr(RoundProfiler, "WARMUP", 1)
     servicer = DraftServicer(EngineConfig(model=str(llama_dir), num_blocks=64))
     _rounds(servicer, 2)
-    assert servicer.profiler.report is None          # warm-up + one profiled round so far
+    assert servicer.runner.profiler.report is None          # warm-up + one profiled round so far
     with caplog.at_level("INFO", logger="draft_service.round_profile"):
         _rounds(servicer, 2)
-    report = servicer.profiler.report
+    report = servicer.runner.profiler.report
     assert report.startswith("draft round profile: 2 rounds") and "Self CPU" in report
     assert sum("draft round profile" in r.getMessage() for r in caplog.records) == 1
 
@@ -32,7 +32,7 @@ def test_profiles_the_rounds_after_the_warm_up_once(llama_dir, monkeypatch, capl
 def test_off_without_the_variable(llama_dir, monkeypatch):
     from draft_service.server import DraftServicer
     monkeypatch.delenv("PEARL_PROFILE_ROUNDS", raising=False)
-    assert DraftServicer(EngineConfig(model=str(llama_dir), num_blocks=64)).profiler is None
+    assert DraftServicer(EngineConfig(model=str(llama_dir), num_blocks=64)).runner.profiler is None
 
 
 def test_round_times_log_the_phases_every_n_rounds(llama_dir, monkeypatch, caplog):
@@ -56,12 +56,12 @@ def test_round_times_log_the_phases_every_n_rounds(llama_dir, monkeypatch, caplo
                 rnd.adds.add(seq_id=1, token_ids=[5, 6, 7, 8], params=common_pb2.SamplingParams(max_tokens=100))
             if i == 1:
                 gc.collect()   # lands in the window the report covers
-            servicer._round(mirror, rnd, received=time.monotonic() - 0.005)
+            servicer.runner.whole(mirror, rnd, received=time.monotonic() - 0.005)
     lines = [r.getMessage() for r in caplog.records if "draft round times" in r.getMessage()]
     assert len(lines) == 1 and all(p in lines[0] for p in RoundClock.PHASES + ("gc",))
-    last = servicer.clock.last
+    last = servicer.runner.clock.last
     assert last["queue"] >= 5.0 and last["draft"] > 0 and min(last.values()) >= 0
     assert last["gc"] > 0 and "(0 collections)" not in lines[0]
-    assert servicer.clock.rounds == 1                 # the third round waits for the next report
+    assert servicer.runner.clock.rounds == 1                 # the third round waits for the next report
     monkeypatch.delenv("PEARL_ROUND_TIMES")
-    assert DraftServicer(EngineConfig(model=str(llama_dir), num_blocks=64)).clock is None
+    assert DraftServicer(EngineConfig(model=str(llama_dir), num_blocks=64)).runner.clock is None

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from pearl_runtime.pb import draft_pb2
+from pearl_runtime.rpc.identity import PROTOCOL_VERSION
 from pearl_runtime.config import EngineConfig
 
 
@@ -24,7 +25,7 @@ def test_hello_reports_the_lower_step_time_of_start_and_connect(llama_dir, monke
         assert servicer.step_ms == {1: 1.29, 16: 2.0}
 
         async def requests():
-            yield draft_pb2.ToDraft(hello=draft_pb2.Hello(target_id="t", tokenizer_hash=servicer.tok_hash,
+            yield draft_pb2.ToDraft(hello=draft_pb2.Hello(target_id="t", tokenizer_hash=servicer.tok_hash, protocol_version=PROTOCOL_VERSION,
                                                           vocab_size=servicer.drafter.vocab_size))
 
         async def connect():

@@ -10,7 +10,7 @@ import torch
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.llm_engine import LLMEngine
 from pearl_runtime.layers import fp8, skinny
-from target_service.server import TargetService
+from target_service.rounds import TargetService
 from tests.engine.test_skinny import CountingOps, logits_of
 from tests.target_service.drive import draft_server, generate, linked
 from tests.services.procs import reference_greedy

@@ -19,7 +19,7 @@ def test_sd_device_tokens_over_cuda_ipc_between_processes(llama_dir, draft_facto
                               "--dtype", "float32", "--keep-awake", "off"], tmp_path, "draft", log_level="info")
     draft.start()
     try:
-        draft.wait_listening(time.time() + 300)
+        draft.wait_ready(time.time() + 300)
         cfg = EngineConfig(model=str(llama_dir), device="cuda", dtype="float32", num_blocks=256)
         got, service, how = asyncio.run(drive(cfg, draft.address, device_tokens=True))
         inline_got, inline, inline_how = asyncio.run(drive(cfg, draft.address, device_tokens=False))
@@ -50,7 +50,7 @@ def test_a_draft_killed_mid_run_leaves_the_target_serving(llama_dir, draft_facto
             killed.append(k)
 
     try:
-        draft.wait_listening(time.time() + 300)
+        draft.wait_ready(time.time() + 300)
         cfg = EngineConfig(model=str(llama_dir), device="cuda", dtype="float32", num_blocks=256)
         start = time.time()
         got, service, how = asyncio.run(drive(cfg, draft.address, device_tokens=True, on_round=kill_at))

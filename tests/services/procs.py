@@ -39,38 +39,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Service:
-    """One `pearl <kind>` child process on a fixed loopback port."""
+class Service(launch.ServiceProcess):
+    """One service child process on a fixed loopback port, its output in a log file."""
 
     def __init__(self, kind: str, args: list[str], log_dir: Path, name: str, log_level: str = LOG_LEVEL,
                  port: int | None = None):
-        self.kind, self.name = kind, name
+        self.name = name
         self.port = port or free_port()
-        self.argv = [*launch.service_argv(kind, list(args)), "--port", str(self.port),
-                     "--log-level", log_level]
-        self.log_path = log_dir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PEARL_")}
+        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PEARL_LOG_FORMAT="console")   # key=value lines
+        super().__init__(kind, [*args, "--port", str(self.port), "--log-level", log_level], env=env,
+                         log_path=log_dir / f"{name}.log", cwd=ROOT)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def start(self) -> "Service":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        env = {k: v for k, v in env.items() if not k.startswith("PEARL_")}
-        env["PEARL_LOG_FORMAT"] = "console"   # the tests read key=value lines
-        self.starts += 1
-        log = open(self.log_path, "a")
-        log.write(f"--- start {self.starts}: {' '.join(self.argv)}\n")
-        log.flush()
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -83,35 +66,15 @@ class Service:
             rc = None if self.proc is None else self.proc.returncode
             raise RuntimeError(f"{self.name} exited (rc {rc}) during start-up; log:\n{self.log_tail()}")
 
-    def wait_listening(self, deadline: float) -> None:
-        with grpc.insecure_channel(self.address) as ch:
-            while True:
-                self.check_alive()
-                try:
-                    grpc.channel_ready_future(ch).result(timeout=0.25)
-                    return
-                except grpc.FutureTimeoutError:
-                    if time.time() > deadline:
-                        raise TimeoutError(f"{self.name} not listening at {self.address}; log:\n{self.log_tail()}")
+    def wait_ready(self, deadline: float) -> None:
+        """Until it reports SERVING on grpc.health.v1 (the log's tail in the error if not)."""
+        try:
+            self.wait_serving(self.address, deadline)
+        except (RuntimeError, TimeoutError) as e:
+            raise type(e)(f"{self.name}: {e}; log:\n{self.log_tail()}") from None
 
     def kill(self, sig: int = signal.SIGKILL, timeout_s: float = 10.0) -> None:
-        """Signal the whole process group and reap it (SIGKILL after timeout_s)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=timeout_s)
-        try:   # anything left in the group (there should be nothing)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        self.stop(sig, timeout_s)
 
     def count(self, text: str) -> int:
         return self.log().count(text)
@@ -130,19 +93,6 @@ class Service:
 def wait_handshakes(draft: Service, n: int, deadline: float) -> None:
     """Until the draft has logged `n` accepted target streams in total (all its starts)."""
     draft.wait_log("target connected", n, timeout_s=max(0.0, deadline - time.time()))
-
-
-def wait_gateway(gateway: Service, deadline: float) -> None:
-    from pearl_runtime.client import list_models
-    while True:
-        gateway.check_alive()
-        try:
-            asyncio.run(list_models(gateway.address, timeout_s=2))
-            return
-        except grpc.aio.AioRpcError:
-            if time.time() > deadline:
-                raise TimeoutError(f"{gateway.name} did not answer ListModels; log:\n{gateway.log_tail()}")
-            time.sleep(0.1)
 
 
 @dataclass
@@ -223,10 +173,7 @@ class Cluster:
             s.start()
         deadline = time.time() + START_TIMEOUT_S
         for s in todo:
-            if s.kind == "gateway":
-                wait_gateway(s, deadline)
-            else:
-                s.wait_listening(deadline)
+            s.wait_ready(deadline)
         for d in handshakes:
             self.handshakes[d.name] = self.handshakes.get(d.name, 0) + 1
         for d in {id(d): d for d in handshakes}.values():
@@ -240,10 +187,7 @@ def stop_all(services: list[Service], grace_s: float = 2.0) -> None:
     """SIGTERM every process group at once, SIGKILL what is left after grace_s, reap all."""
     live = [s for s in services if s.alive()]
     for s in live:
-        try:
-            os.killpg(s.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        s.send(signal.SIGTERM)
     deadline = time.time() + grace_s
     for s in live:
         try:

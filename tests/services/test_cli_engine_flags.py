@@ -19,7 +19,7 @@ def test_the_drafts_graphs_reach_a_block(monkeypatch):
     import draft_service.server
     seen = []
 
-    async def fake_serve(cfg, host, port):
+    async def fake_serve(cfg, host, port, **_):
         seen.append(cfg)
     monkeypatch.setattr(draft_service.server, "serve", fake_serve)
     monkeypatch.setattr(draft_main, "serve_until_signal", lambda coro: coro)

@@ -275,7 +275,7 @@ def test_draft_killed_mid_run_falls_back_to_ar_then_pearl_resumes(restart_stack,
         assert not draft.alive()
         # 2. restart on the same port
         draft.start()
-        await asyncio.to_thread(draft.wait_listening, time.time() + START_TIMEOUT_S)
+        await asyncio.to_thread(draft.wait_ready, time.time() + START_TIMEOUT_S)
         await asyncio.to_thread(wait_handshakes, draft, 2, time.time() + 30)
         c = await asyncio.gather(*start_all(address, prompts["c"], maxes["c"]))
         a1 = await asyncio.gather(*a1)
@@ -284,7 +284,7 @@ def test_draft_killed_mid_run_falls_back_to_ar_then_pearl_resumes(restart_stack,
         spare.port = draft.port
         spare.argv[spare.argv.index("--port") + 1] = str(draft.port)
         spare.start()
-        # not wait_listening: the port answers already (the running draft)
+        # not wait_ready: the port answers already (the running draft)
         await asyncio.to_thread(spare.wait_log, "draft serving")
         draft.kill(signal.SIGKILL)
         await asyncio.sleep(0.3)              # the target's idle stream to the draft is now finished

@@ -93,7 +93,7 @@ def test_service_retunes_pearl_gamma_from_its_rounds_and_stays_lossless(llama_di
     import asyncio
 
     from pearl_runtime.config import EngineConfig
-    from target_service.server import TargetService
+    from target_service.rounds import TargetService
     from tests.services.procs import reference_greedy
     from tests.target_service.drive import generate
 

@@ -1,5 +1,5 @@
 """The PEARL per-sequence state machine on its own: `judge()` on hand-made logits, the stopping
-rules it feeds (`commit`), and TargetCore rounds on a tiny model with a scripted draft.
+rules it feeds (`commit`), and Verifier rounds on a tiny model with a scripted draft.
 
 Vocabulary of the hand-made cases: V tokens, row i of `logits` peaks at the token the target
 predicts after pending[:i]."""
@@ -14,7 +14,7 @@ from pearl_runtime.engine.llm_engine import LLMEngine
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.engine.stopping import commit
 from pearl_runtime.sampling import SamplingParams, probabilities
-from target_service.core import DraftTokens, Request, TargetCore
+from target_service.verifier import DraftTokens, Request, Verifier
 from pearl_runtime.spec.verdict import judge
 
 V = 16
@@ -245,18 +245,18 @@ def test_sampled_stream_over_many_rounds_is_the_targets():
     assert post_verify_rounds > trials / 4          # the post-verify path was really exercised
 
 
-# -- TargetCore rounds on a tiny model, with a scripted draft --------------------------------
+# -- Verifier rounds on a tiny model, with a scripted draft --------------------------------
 def reference(model_dir, prompts, max_tokens):
     eng = LLMEngine(EngineConfig(model=str(model_dir), num_blocks=256), load_tok=False)
     return eng.generate(prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in max_tokens])
 
 
 def run_core(model_dir, prompts, max_tokens, refs, gamma, mode, corrupt=0.0, seed=0, num_blocks=256, core_hook=None):
-    """Drive TargetCore like TargetService does, with a draft that proposes the reference
+    """Drive Verifier like TargetService does, with a draft that proposes the reference
     continuation (corrupted with probability `corrupt` per token). Returns (completions,
     forwards per request)."""
     rng = random.Random(seed)
-    core = TargetCore(EngineConfig(model=str(model_dir), num_blocks=num_blocks))
+    core = Verifier(EngineConfig(model=str(model_dir), num_blocks=num_blocks))
     if core_hook:
         core_hook(core)
     reqs = []
@@ -367,7 +367,7 @@ def test_core_rounds_preempted_by_a_full_cache_stay_lossless(core_case, mode):
 def test_attach_appends_early_tokens_after_pending_with_their_probs(llama_dir):
     """A head start's early tokens join a post-verify sequence's pending ones, in order, with
     their draft probabilities (sampling) lined up behind the pending rows."""
-    core = TargetCore(EngineConfig(model=str(llama_dir), num_blocks=64))
+    core = Verifier(EngineConfig(model=str(llama_dir), num_blocks=64))
     req = Request("a", Sequence([1, 2, 3], SamplingParams(temperature=0.7, seed=1)))
     core.add(req)
     core.schedule()

@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 from pearl_runtime.pb import common_pb2, draft_pb2_grpc, target_pb2
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc.server import bind, new_server
-from target_service.server import GatewayStream
+from target_service.rounds import GatewayStream
 
 
 @asynccontextmanager

@@ -6,11 +6,11 @@ import random
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.sampling import SamplingParams
-from target_service.core import Request, TargetCore
+from target_service.verifier import Request, Verifier
 
 
 def serve(model_dir, jobs, ar_steps, max_model_len=0):
-    core = TargetCore(EngineConfig(model=str(model_dir), block_size=4, num_blocks=800, max_model_len=max_model_len))
+    core = Verifier(EngineConfig(model=str(model_dir), block_size=4, num_blocks=800, max_model_len=max_model_len))
     reqs = [Request(f"r{i}", Sequence(p, params)) for i, (p, params) in enumerate(jobs)]
     for r in reqs:
         core.add(r)

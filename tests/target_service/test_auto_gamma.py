@@ -11,7 +11,8 @@ from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.step_timer import VerifyCost
 from pearl_runtime.spec.round_model import head_start_for, pearl_gamma, pearl_mean_query, project, sd_gamma
 from target_service.draft_link import TransportSplit
-from target_service.server import TargetService, TargetServicer
+from target_service.rounds import TargetService
+from target_service.server import TargetServicer
 
 
 def test_pearl_gamma_balances_draft_and_verify_when_the_verify_is_flat():
@@ -80,12 +81,12 @@ def test_sd_gamma_grows_as_the_draft_gets_cheaper():
 @pytest.mark.parametrize("mode,expect", [("pearl", {1: 15, 16: 11}), ("sd", {1: 9, 16: 6})])
 def test_service_picks_gamma_per_batch_by_mode(llama_dir, mode, expect):
     service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=64), mode=mode, gamma=None)
-    service.verify_cost = service.tuner.verify_cost = VerifyCost({32: {1: 25.0, 16: 30.0}})
+    service.policy.tuner.verify_cost = VerifyCost({32: {1: 25.0, 16: 30.0}})
     service.link = SimpleNamespace(info=SimpleNamespace(step_batch_sizes=[1, 16], step_ms=[1.0, 2.5]), connected=True,
-                                  split=TransportSplit())
-    service._auto_gamma()
-    assert service.tuner.picks == expect
-    assert service._gamma_for(1) == expect[1] and service._gamma_for(9) == expect[16]
+                                  split=TransportSplit(), generation=1, tokens_in=None)
+    service._build_round([])   # a new draft: the start picks come from its handshake
+    assert service.policy.tuner.picks == expect
+    assert service.policy.gamma_for(1) == expect[1] and service.policy.gamma_for(9) == expect[16]
     metrics = asyncio.run(TargetServicer(service).Metrics(None, None))   # what `pearl bench` records
     assert dict(metrics.gamma_by_batch) == expect
     assert sorted((v.batch, v.query, v.ms) for v in metrics.verify_times) == [(1, 32, 25.0), (16, 32, 30.0)]

@@ -7,7 +7,7 @@ import asyncio
 
 from pearl_runtime.pb import common_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
-from target_service.server import GatewayStream, TargetService
+from target_service.rounds import GatewayStream, TargetService
 from tests.services.procs import reference_greedy
 from tests.target_service.drive import draft_server, linked, one_round
 
@@ -111,7 +111,7 @@ def test_device_tokens_of_a_draft_that_went_away_are_given_up():
 
 def test_two_targets_on_one_draft_each_get_their_own_buffer(llama_dir, draft_factory):
     """Two sd targets share one draft, their rounds interleaving: each stream has its own device
-    buffer, and a round left on the device for one target is settled into its mirror before the
+    buffer, and a round left on the device for one target is taken into its mirror before the
     other target's round drafts."""
     refs = reference_greedy(llama_dir, PROMPTS, MAX_TOKENS)
 

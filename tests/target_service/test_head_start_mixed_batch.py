@@ -11,7 +11,7 @@ import torch
 from pearl_runtime.pb import common_pb2, draft_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import tensors
-from target_service.server import GatewayStream, TargetService
+from target_service.rounds import GatewayStream, TargetService
 from tests.services.procs import reference_greedy
 
 GAMMA, EARLY = 6, 3
@@ -24,8 +24,8 @@ class ScriptedDraft:
     Early part, then the whole round, as the draft service sends them."""
     connected, generation = True, 1
 
-    def __init__(self, prompts, refs, verdict_keep: bool = True):
-        self.info = draft_pb2.HelloReply(accepted=True, verdict_keep=verdict_keep)
+    def __init__(self, prompts, refs):
+        self.info = draft_pb2.HelloReply(accepted=True)
         self.full = {tuple(p): p + r for p, r in zip(prompts, refs)}
         self.seqs, self.at, self.verdicts = {}, {}, []
         self.pending_round = None
@@ -59,7 +59,7 @@ class ScriptedDraft:
         return self.pending_round
 
 
-def run_mixed(llama_dir, verdict_keep: bool):
+def run_mixed(llama_dir):
     prompts = [[5 + i, 6, 7, 8 + 2 * i] for i in range(6)]
     n = 60
     refs = reference_greedy(llama_dir, prompts, [n] * len(prompts))
@@ -69,7 +69,7 @@ def run_mixed(llama_dir, verdict_keep: bool):
         # rounds that mix pre- and post-verify sequences, the case under test, come often
         service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=256), mode="pearl", gamma=GAMMA,
                                 head_start=EARLY, head_start_quorum=0.5)
-        service.link = link = ScriptedDraft(prompts, refs, verdict_keep)
+        service.link = link = ScriptedDraft(prompts, refs)
         queries, mixed, batch = [], 0, []
         forward, attach, schedule = service.core.forward, service.core.attach, service.core.schedule
 
@@ -108,19 +108,10 @@ def run_mixed(llama_dir, verdict_keep: bool):
 
 
 def test_mixed_head_start_rounds_keep_queries_within_gamma(llama_dir):
-    service, link, queries, mixed = run_mixed(llama_dir, verdict_keep=True)
+    service, link, queries, mixed = run_mixed(llama_dir)
     assert max(queries) <= GAMMA, f"a verify fed {max(queries)} tokens a sequence (gamma {GAMMA})"
     assert service.stats.head_start_rounds > 0, "no head-start round ran"
     assert mixed > 0, "no head-start round mixed pre- and post-verify sequences"
     assert any(row[3] == 0 for row in link.verdicts), "no pending was trimmed: the test did not reach the case"
     s = service.stats
     assert s.accepted_tokens / s.drafted_tokens > 0.5, "acceptance fell: proposals and verdicts drifted apart"
-
-
-def test_a_draft_without_the_keep_column_gets_three_columns_and_no_trimming(llama_dir):
-    """A draft from before the keep column (rolling restart): verdicts stay three columns, the
-    target trims nothing (its mirror could not follow), post-verify sequences take the early
-    tokens as before, and the output is still the target's."""
-    service, link, queries, mixed = run_mixed(llama_dir, verdict_keep=False)
-    assert link.verdicts and all(len(row) == 3 for row in link.verdicts)
-    assert mixed > 0 and max(queries) > GAMMA, "the old behaviour (early tokens after pending ones) did not run"

@@ -1,41 +1,26 @@
 """Which PEARL rounds wait for a head start: those where at least the quorum (default three
 quarters) of the batch is in pre-verify; the flag is validated where it is read."""
-from types import SimpleNamespace
-
 import pytest
 
 from target_service.__main__ import _quorum
 from pearl_runtime.config import EngineConfig
-from target_service.server import HEAD_START_QUORUM, TargetService
-
-
-class DecodingSeq:
-    """A sequence past its prompt: everything but the last token is in the cache."""
-    num_kv = 9
-
-    def __len__(self):
-        return 10
-
-
-def _batch(pre: int, post: int):
-    return ([SimpleNamespace(pending=[], seq=DecodingSeq()) for _ in range(pre)]
-            + [SimpleNamespace(pending=[7], seq=_with_pending()) for _ in range(post)])
-
-
-def _with_pending():
-    seq = DecodingSeq()
-    seq.num_kv = 8   # the pending token is in the sequence, not yet in the cache
-    return seq
+from pearl_runtime.spec.round_model import HEAD_START_QUORUM
+from target_service.rounds import TargetService
 
 
 def test_quorum_decides_which_rounds_wait(llama_dir):
     cfg = EngineConfig(model=str(llama_dir), num_blocks=64)
     default = TargetService(cfg, mode="pearl", gamma=6, head_start=3)
     half = TargetService(cfg, mode="pearl", gamma=6, head_start=3, head_start_quorum=0.5)
-    assert default.head_start_quorum == HEAD_START_QUORUM == 0.75
-    assert default._head_start(_batch(4, 4)) == 0 and half._head_start(_batch(4, 4)) == 3
-    assert default._head_start(_batch(6, 2)) == 3 and default._head_start(_batch(5, 3)) == 0
-    assert default._head_start(_batch(1, 0)) == 3          # a sequence alone: every pre-verify round
+    assert default.policy.quorum == HEAD_START_QUORUM == 0.75
+
+    def early(service, pre, post, prefills=False):
+        return service.policy.early(pre + post, pre, prefills, gamma=6)
+    assert early(default, 4, 4) == 0 and early(half, 4, 4) == 3
+    assert early(default, 6, 2) == 3 and early(default, 5, 3) == 0
+    assert early(default, 1, 0) == 3          # a sequence alone: every pre-verify round
+    assert early(default, 8, 0, prefills=True) == 0   # the draft's prefill would run beside the target's
+    assert TargetService(cfg, mode="sd", gamma=6, head_start=3).policy.early(4, 4, False, 6) == 0
     with pytest.raises(ValueError, match="head_start_quorum"):
         TargetService(cfg, mode="pearl", head_start_quorum=0.0)
 

@@ -11,7 +11,7 @@ from pearl_runtime.pb import common_pb2, draft_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import round_datagrams
 from pearl_runtime.rpc.round_datagrams import RoundInbox, RoundSender
-from target_service.server import GatewayStream, TargetService
+from target_service.rounds import GatewayStream, TargetService
 from tests.services.procs import reference_greedy
 from tests.target_service.drive import draft_server, linked, one_round
 from tests.target_service.test_device_tokens import MAX_TOKENS, PROMPTS, _in_process

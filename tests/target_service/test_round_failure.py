@@ -6,7 +6,7 @@ import pytest
 
 from pearl_runtime.pb import common_pb2, target_pb2
 from pearl_runtime.config import EngineConfig
-from target_service.server import GatewayStream, TargetService
+from target_service.rounds import GatewayStream, TargetService
 
 
 @pytest.mark.parametrize("ar_steps,step_fn", [(1, "forward"), (4, "chain_round")])

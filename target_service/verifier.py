@@ -1,4 +1,5 @@
-"""The target's rounds without any I/O: admit requests, build the forward, judge, commit.
+"""The verifier: the target's rounds without any I/O. Admit, attach drafts, verify, judge,
+commit, retire.
 
 A request's sequence holds its committed tokens C; all of C but the last token are in the
 KV cache between rounds. `pending` holds draft tokens awaiting verification (post-verify).
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pearl_runtime.config import EngineConfig
+from pearl_runtime.engine.admission import check_prompt
 from pearl_runtime.engine.block_manager import BlockManager
 from pearl_runtime.engine.model_runner import StagedStep
 from pearl_runtime.engine.scheduler import Scheduler
@@ -34,6 +36,8 @@ class Request:
     accepted: int = 0
     drafted: int = 0
     trimmed: bool = False                # pending was cut short: the draft must drop what follows
+    traceparent: str = ""                # W3C trace context the request came with (passed to the draft)
+    span: object = None                  # its tracing span on this service, while it runs
 
     @property
     def finished(self) -> bool:
@@ -55,7 +59,7 @@ class DeviceDrafts:
     """An sd round's draft tokens, attached while still on the device (the sequences hold
     placeholders): the verify reads them from `ids()` (every request's fed tokens, [last
     committed] + gamma drafts, in order) and the host gets them back with the logits
-    (`settle`). `tokens`: the draft's buffer, its rows in `seq_ids` order (`rows` picks the
+    (`fill`). `tokens`: the draft's buffer, its rows in `seq_ids` order (`rows` picks the
     requests'); nothing reads it before the draft's event says it is written."""
     reqs: list[Request]
     last: list[int]        # each request's last committed token
@@ -77,7 +81,7 @@ class DeviceDrafts:
             del req.seq.token_ids[len(req.seq) - len(req.pending):]
             req.pending = []
 
-    def settle(self, fed: list[int]) -> None:
+    def fill(self, fed: list[int]) -> None:
         """fed: `ids` on the host. The drafts replace the placeholders in pending and the sequence."""
         g = self.gamma
         for i, req in enumerate(self.reqs):
@@ -86,7 +90,7 @@ class DeviceDrafts:
             req.seq.token_ids[len(req.seq) - g:] = drafts
 
 
-class TargetCore:
+class Verifier:
     def __init__(self, cfg: EngineConfig):
         self.runner = make_runner(cfg)   # TP group when cfg.tp_size > 1
         self.max_model_len = self.runner.max_model_len
@@ -97,6 +101,14 @@ class TargetCore:
         self.removed: list[int] = []               # seq ids the draft must forget
 
     # -- admission and cancellation -------------------------------------------------------
+    def admit(self, req: Request, headroom: int) -> Request:
+        """Check the prompt (InvalidRequest / OutOfBlocks name what is wrong) and queue it;
+        `headroom`: tokens past the prompt a round may need at once."""
+        check_prompt(req.seq.token_ids, self.max_model_len, self.runner.model_cfg.vocab_size, self.blocks,
+                     field="prompt_ids", headroom=headroom)
+        self.add(req)
+        return req
+
     def add(self, req: Request) -> None:
         self.requests[req.seq.seq_id] = req
         self.scheduler.add(req.seq)
@@ -180,7 +192,7 @@ class TargetCore:
         logits = self.runner.launch(step, ids)
         n = logits.shape[0]
         both = torch.cat([logits.argmax(-1), ids]).tolist()   # the drafts come to the host in the same sync
-        handoff.settle(both[n:])
+        handoff.fill(both[n:])
         return _by_request(logits, both[:n], sizes)
 
     def forward(self, reqs: list[Request]) -> list[tuple[torch.Tensor, list[int]]]:
@@ -214,7 +226,7 @@ class TargetCore:
             committed = commit(seq, toks, self.eos_ids, self.max_model_len)
             req.new_tokens += committed
             req.forwards += len(committed)   # the forwards that made its tokens
-            self._settle(req, done)
+            self._retire_or_trim(req, done)
         return done
 
     def finish_round(self, reqs: list[Request], logits: list[tuple[torch.Tensor, list[int]]],
@@ -240,10 +252,10 @@ class TargetCore:
                 if req.pending_probs is not None:
                     req.pending_probs = req.pending_probs[:max_pending]
                 req.trimmed = True
-            self._settle(req, done)
+            self._retire_or_trim(req, done)
         return done
 
-    def _settle(self, req: Request, done: list[Request]) -> None:
+    def _retire_or_trim(self, req: Request, done: list[Request]) -> None:
         """After a commit the cache keeps what it computed of the committed tokens, all but
         the last; a finished request leaves the batch (and the draft)."""
         self.blocks.truncate(req.seq, min(req.seq.num_kv, len(req.seq) - 1))
@@ -252,17 +264,15 @@ class TargetCore:
             self._forget(req)
             done.append(req)
 
-    def draft_verdicts(self, keep_column: bool = True) -> list[tuple[int, ...]]:
-        """(seq_id, length, last token[, keep]) of every sequence on the draft, where length
+    def draft_verdicts(self) -> list[tuple[int, int, int, int]]:
+        """(seq_id, length, last token, keep) of every sequence on the draft, where length
         counts the committed tokens and the pending ones the round verifies (schedule() put
         them in the sequence). keep 0: drop the drafts past them (pending was trimmed); -1:
-        the drafts past them stand. Without `keep_column` (a draft that predates it) the
-        rows have three columns. Sending a row clears the request's `trimmed` mark."""
+        the drafts past them stand. Sending a row clears the request's `trimmed` mark."""
         out = []
         for r in self.requests.values():
             if r.on_draft:
-                row = (r.seq.seq_id, len(r.seq), r.seq.last_token)
-                out.append(row + (0 if r.trimmed else -1,) if keep_column else row)
+                out.append((r.seq.seq_id, len(r.seq), r.seq.last_token, 0 if r.trimmed else -1))
                 r.trimmed = False
         return out
 
