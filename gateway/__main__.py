@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-port", type=int, default=envs.default("PEARL_METRICS_PORT"),
                    help="serve Prometheus /metrics on --host at this port (0: off)")
     g.add_argument("--log-level", default=envs.default("PEARL_LOG_LEVEL"))
+    g.add_argument("--log-format", choices=("json", "console", "auto"), default=envs.default("PEARL_LOG_FORMAT"),
+                   help="json (one object a line), console, or auto: console on a terminal, else json")
     return g
 
 
@@ -28,7 +30,7 @@ def main(argv=None) -> None:
     from gateway.server import run
     run(host=args.host, port=args.port, targets=args.targets.split(","), model_dir=args.model or default_model(),
         coalesce_ms=args.coalesce_ms, log_level=args.log_level, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        auth_token=args.auth_token, metrics_port=args.metrics_port)
+        auth_token=args.auth_token, metrics_port=args.metrics_port, log_format=args.log_format)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from pearl_runtime.pb import gateway_pb2, gateway_pb2_grpc
-from pearl_runtime import gc_pauses
+from pearl_runtime import gc_pauses, tracing
 from pearl_runtime.errors import PearlError
 from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.security import authorize, server_credentials
@@ -50,8 +50,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         structlog.contextvars.bind_contextvars(request_id=request_id)
         await context.send_initial_metadata((("x-request-id", request_id),))
         measured = self._metrics.request(self._router.model)
+        # the request's span; its traceparent goes on to the target (the client's when tracing is off)
+        span = tracing.start("gateway.request", meta.get("traceparent") or None, request_id=request_id)
         try:
-            async for reply in self._generate(request, request_id, meta.get("traceparent", ""), measured):
+            async for reply in self._generate(request, request_id, span.traceparent or meta.get("traceparent", ""),
+                                              measured):
                 yield reply
         except PearlError as e:
             code = status_of(e)[0]
@@ -65,6 +68,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             measured.failed(grpc.StatusCode.INTERNAL.name)
             raise
         finally:    # a client that went away (cancel, deadline) ends the call here; else a no-op
+            span.end()
             left = context.time_remaining()
             measured.failed("DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED")
 
@@ -190,7 +194,8 @@ def run(args=None, /, **kwargs) -> None:
     (host, port, targets, model_dir, coalesce_ms, max_in_flight, park_timeout_s,
     max_resubmits, tls_cert, tls_key, auth_token, metrics_port) plus log_level; other Namespace attributes are ignored."""
     opts = {**(vars(args) if args is not None else {}), **kwargs}
-    setup_logging("gateway", opts.get("log_level"))
+    setup_logging("gateway", opts.get("log_level"), opts.get("log_format"))
+    tracing.setup("gateway")
     run_async(_serve_until_signal({k: v for k, v in opts.items() if k in _SERVE_ARGS and v is not None}))
 
 
@@ -203,3 +208,4 @@ async def _serve_until_signal(opts: dict) -> None:
     await stop.wait()
     log.info("gateway stopping")
     await gateway.stop(grace_s=5.0, window_s=STOPPING_WINDOW_S)
+    tracing.shutdown()
