@@ -285,7 +285,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, r
     and its steps are timed; `ready(port)` is called once it serves."""
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
-    tracing.setup("pearl-draft")
+    tracing.setup("draft")
     health, server, registry = Health(SERVICE_NAME), new_server(), CollectorRegistry()
     servicer = None
     health.add_to(server)

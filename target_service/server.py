@@ -89,7 +89,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
     `ready(port)` is called once it serves."""
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
-    tracing.setup("pearl-target")
+    tracing.setup("target")
     servicer, health, server = TargetServicer(), Health(SERVICE_NAME), new_server()
     target_pb2_grpc.add_TargetServicer_to_server(servicer, server)
     health.add_to(server)
