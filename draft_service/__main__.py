@@ -1,4 +1,8 @@
 """`python -m draft_service` (what `pearl draft` runs): the draft service's flags and process."""
+from pearl_runtime import log
+
+log.quiet_native_stderr()   # before grpc and torch load: their C cores read it once
+
 import argparse
 import dataclasses
 import sys

@@ -1,4 +1,8 @@
 """`python -m gateway` (what `pearl gateway` runs): the gateway's flags and process."""
+from pearl_runtime import log
+
+log.quiet_native_stderr()   # before grpc and torch load: their C cores read it once
+
 import argparse
 import sys
 

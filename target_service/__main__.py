@@ -1,4 +1,8 @@
 """`python -m target_service` (what `pearl target` runs): the target service's flags and process."""
+from pearl_runtime import log
+
+log.quiet_native_stderr()   # before grpc and torch load: their C cores read it once
+
 import argparse
 import sys
 
