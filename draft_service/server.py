@@ -287,7 +287,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, r
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
     tracing.setup("draft")
     health, server, registry = Health(SERVICE_NAME), new_server(), CollectorRegistry()
-    servicer = None
+    servicer = endpoint = None
     health.add_to(server)
     loading = _Loading()
     draft_pb2_grpc.add_DraftServicer_to_server(loading, server)
@@ -298,7 +298,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, r
         servicer = await asyncio.get_running_loop().run_in_executor(
             None, lambda: DraftServicer(cfg, round_host=host, metrics=DraftMetrics(registry)))
         loading.servicer = servicer
-        serve_metrics(registry, host, metrics_port)
+        endpoint = serve_metrics(registry, host, metrics_port)
         gc_pauses.freeze_and_watch()   # the start-up heap out of the collector's walks
         await health.set_ready(True)
         log.info("draft serving", address=f"{host}:{bound}", model=cfg.model)
@@ -313,6 +313,8 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, r
                 servicer.close()
                 if servicer.inbox is not None:
                     servicer.inbox.close()
+            if endpoint is not None:
+                endpoint.close()
             tracing.shutdown()
 
 

@@ -18,7 +18,7 @@ from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.security import authorize, server_credentials
 from pearl_runtime.log import setup as setup_logging
 from pearl_runtime.rpc.server import bind, new_server, run_async
-from pearl_runtime.metrics_http import serve_metrics
+from pearl_runtime.metrics_http import MetricsEndpoint, serve_metrics
 from pearl_runtime.rpc.health import Health
 from pearl_runtime.rpc.status import abort, status_of
 
@@ -129,7 +129,11 @@ class RunningGateway:
     port: int
     readiness: Readiness
     metrics: GatewayMetrics
-    metrics_port: int | None = None     # the bound /metrics port; None: off
+    metrics_endpoint: MetricsEndpoint | None = None     # None: /metrics off
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_endpoint.port if self.metrics_endpoint else None
 
     @property
     def address(self) -> str:
@@ -142,6 +146,8 @@ class RunningGateway:
         await asyncio.sleep(window_s)
         await self.server.stop(grace_s)
         await self.router.close()
+        if self.metrics_endpoint:
+            self.metrics_endpoint.close()
 
 
 async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[str] | str = (),

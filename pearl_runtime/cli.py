@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SM percentages target,draft under --mps (some shares break cuBLAS on H100: engine/gemm_check.py)")
     u.add_argument("--base-port", type=int, default=50050 + 10)
     u.add_argument("--log-level", default="warning")
+    u.add_argument("--metrics-port", type=int, default=0,
+                   help="first of three /metrics ports: draft N, target N+1, gateway N+2 (0: off)")
     u.add_argument("--prompt", help="run one streamed generation, print stats, then stop")
     u.add_argument("--max-tokens", type=int, default=96)
     u.set_defaults(fn=cmd_up)

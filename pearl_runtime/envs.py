@@ -54,6 +54,8 @@ _declare("PEARL_GATEWAY_PORT", int, 50050, "the gateway's gRPC port", ("gateway"
 _declare("PEARL_DRAFT_ADDRESS", str, "127.0.0.1:50052", "the draft service the target dials", ("target",))
 _declare("PEARL_TARGETS", str, "127.0.0.1:50051", "comma-separated target addresses the gateway routes over",
          ("gateway",))
+_declare("PEARL_RESOLVE_INTERVAL_S", float, 5.0,
+         "how often the gateway re-resolves each --targets name (replicas behind one DNS name)", ("gateway",))
 _declare("PEARL_GATEWAY", str, "127.0.0.1:50050", "the gateway address of `pearl generate`", ("generate",))
 _declare("PEARL_CACHE_DIR", str, None, "where prepared models live (default ~/.cache/pearl-serve)",
          ("models", "up", "bench") + SERVICES)

@@ -108,15 +108,19 @@ class Stack:
         common = ["--log-level", a.log_level] + (["--dtype", a.dtype] if getattr(a, "dtype", None) else [])
         devices = {w: getattr(a, f"{w}_device", None) or a.device for w in ("target", "draft")}
         d, t, g = a.base_port, a.base_port + 1, a.base_port + 2
+        metrics = {w: [] for w in ("draft", "target", "gateway")}
+        if getattr(a, "metrics_port", 0):   # each service its own port, in the order of the gRPC ones
+            for i, w in enumerate(metrics):
+                metrics[w] = ["--metrics-port", str(a.metrics_port + i)]
         self.target_address, self.draft_address = f"127.0.0.1:{t}", f"127.0.0.1:{d}"
         if a.mode != "ar":
             self._spawn("draft", ["--model", draft_model, "--port", str(d), "--device", devices["draft"]] + common
-                        + list(getattr(a, "draft_argv", [])))
+                        + metrics["draft"] + list(getattr(a, "draft_argv", [])))
         self._spawn("target", ["--model", model, "--port", str(t), "--mode", a.mode, "--gamma", str(a.gamma),
                                "--draft", f"127.0.0.1:{d}", "--device", devices["target"]] + common
-                    + list(getattr(a, "target_argv", [])))
+                    + metrics["target"] + list(getattr(a, "target_argv", [])))
         self._spawn("gateway", ["--model", model, "--port", str(g), "--targets", f"127.0.0.1:{t}",
-                                "--log-level", a.log_level])
+                                "--log-level", a.log_level] + metrics["gateway"])
         address = f"127.0.0.1:{g}"
         self._wait_ready(address, draft_port=d if a.mode != "ar" else None,
                          timeout_s=getattr(a, "start_timeout_s", 300))

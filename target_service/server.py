@@ -96,7 +96,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
     bound = bind(server, host, port)
     await server.start()
     log.info("target port open; loading", address=f"{host}:{bound}", model=cfg.model, mode=mode)
-    service = tasks = None
+    service = tasks = endpoint = None
     try:
         # the engine loads on a thread, so health answers meanwhile
         service = await asyncio.get_running_loop().run_in_executor(None, lambda: TargetService(
@@ -104,7 +104,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
             head_start_quorum=head_start_quorum, device_tokens=device_tokens, round_datagrams=round_datagrams))
         registry = CollectorRegistry()
         service.collector = TargetCollector(service, registry, served_model_name or cfg.model)
-        serve_metrics(registry, host, metrics_port)
+        endpoint = serve_metrics(registry, host, metrics_port)
         gc_pauses.freeze_and_watch()   # the start-up heap out of the collector's walks
         tasks = [asyncio.create_task(service.run()), asyncio.create_task(watch_steps(service, health))]
         servicer.service = service
@@ -123,4 +123,6 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
         finally:
             if service is not None:
                 service.close()
+            if endpoint is not None:
+                endpoint.close()
             tracing.shutdown()

@@ -49,7 +49,11 @@ def test_metrics_count_what_clients_received(tokenizer_dir):
                 await generate(gw.address, prompt="", timeout_s=10)        # INVALID_ARGUMENT
             samples = await asyncio.to_thread(_scrape, gw.metrics_port)
             address = f"127.0.0.1:{targets[0][1]}"
+            port = gw.metrics_port
 
+        with socket.socket() as s:   # a stopped gateway frees its /metrics port (no listener left)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
         n = len(budgets)
         received = sum(len(o.token_ids) for o in outs)
         assert received == sum(budgets)
