@@ -294,16 +294,9 @@ class TargetService:
         """Publish the round's tokens, then count it (and let auto gamma see it)."""
         self._publish(reqs)
         round_s = time.perf_counter() - t0
-        s = self.stats
-        s.rounds += 1
-        s.speculative_rounds += batch is not None
-        s.gamma_sum += rnd.gamma - rnd.early if batch is not None else 0
-        s.draft_ms += batch.draft_ms if batch is not None else 0.0
-        s.target_ms += target_ms
-        s.wait_ms += wait_ms
-        s.exchange_ms += exchange_ms if batch is not None else 0.0
-        s.round_ms += round_s * 1e3
-        judged, accepted = s.count(reqs, before, batch is not None)
+        self.stats.add_round(rnd if batch is not None else None, batch.draft_ms if batch is not None else 0.0,
+                             target_ms, wait_ms, exchange_ms, round_s * 1e3)
+        judged, accepted = self.stats.count(reqs, before, batch is not None)
         if self.collector is not None:
             self.collector.observe_round(self.last_path or self.mode, phase, round_s)
         if batch is not None:

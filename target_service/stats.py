@@ -31,6 +31,19 @@ class RoundStats:
     gamma_sum: int = 0           # each speculative round's gamma (its early part not counted)
     judged_runs: Counter = field(default_factory=Counter)   # (judged, accepted) -> sequence-rounds
 
+    def add_round(self, rnd, draft_ms: float, target_ms: float, wait_ms: float, exchange_ms: float,
+                  round_ms: float) -> None:
+        """One round's times; `rnd` is its Round when drafts were judged, else None."""
+        self.rounds += 1
+        self.target_ms += target_ms
+        self.wait_ms += wait_ms
+        self.round_ms += round_ms
+        if rnd is not None:
+            self.speculative_rounds += 1
+            self.gamma_sum += rnd.gamma - rnd.early
+            self.draft_ms += draft_ms
+            self.exchange_ms += exchange_ms
+
     def count(self, reqs, before: list[tuple], speculative: bool) -> tuple[int, int]:
         """A judged round's tokens: committed, judged and accepted per request against
         `before` (each request's (committed, drafted, accepted) before the round). Returns the
