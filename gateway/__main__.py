@@ -15,7 +15,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=envs.default("PEARL_MODEL"), help="model directory for the tokenizer")
     g.add_argument("--host", default=envs.default("PEARL_HOST"))
     g.add_argument("--port", type=int, default=envs.default("PEARL_GATEWAY_PORT"))
-    g.add_argument("--targets", default=envs.default("PEARL_TARGETS"), help="comma-separated addresses")
+    g.add_argument("--targets", default=envs.default("PEARL_TARGETS"),
+                   help="comma-separated HOST:PORT; a HOST that is a DNS name stands for every address it "
+                        "resolves to (one connection each), re-resolved every --resolve-interval")
+    g.add_argument("--resolve-interval", type=float, default=envs.default("PEARL_RESOLVE_INTERVAL_S"),
+                   help="seconds between lookups of the --targets names (0: resolve once at start)")
+    g.add_argument("--served-model-name", default=envs.default("PEARL_SERVED_MODEL_NAME"),
+                   help="the model name clients see and may ask for (default: what the targets report)")
     g.add_argument("--coalesce-ms", type=float, default=envs.default("PEARL_COALESCE_MS"))
     g.add_argument("--tls-cert", default=envs.default("PEARL_TLS_CERT"), help="PEM certificate: serve over TLS")
     g.add_argument("--tls-key", default=envs.default("PEARL_TLS_KEY"), help="PEM private key of --tls-cert")
@@ -30,11 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from gateway.resolver import parse_targets
+    try:
+        parse_targets(args.targets)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.resolve_interval < 0:
+        parser.error("--resolve-interval must be >= 0")
     from gateway.server import run
-    run(host=args.host, port=args.port, targets=args.targets.split(","), model_dir=args.model or default_model(),
+    run(host=args.host, port=args.port, targets=args.targets, model_dir=args.model or default_model(),
         coalesce_ms=args.coalesce_ms, log_level=args.log_level, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        auth_token=args.auth_token, metrics_port=args.metrics_port, log_format=args.log_format)
+        auth_token=args.auth_token, metrics_port=args.metrics_port, log_format=args.log_format,
+        resolve_interval_s=args.resolve_interval, served_model_name=args.served_model_name)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ class GatewayMetrics:
     def target_ready(self, address: str, ready: bool) -> None:
         self.target_ready_gauge.labels(target=address).set(1 if ready else 0)
 
+    def target_gone(self, address: str) -> None:
+        """A replica removed (its address left its name's DNS answer): its series goes too."""
+        try:
+            self.target_ready_gauge.remove(address)
+        except KeyError:
+            pass
+
 
 class RequestMetrics:
     """Latencies and tokens of one request; it ends once, as a success or a failure code."""

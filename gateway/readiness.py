@@ -18,7 +18,8 @@ class Readiness:
     def __init__(self, health: Health, metrics: GatewayMetrics):
         self.health = health
         self._metrics = metrics
-        self._targets: list = []
+        self._targets: list = []         # the router's list: replicas come and go in it
+        self._shown: set[str] = set()     # addresses with a target-ready series
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -45,4 +46,8 @@ class Readiness:
             self._changed.clear()
             for t in self._targets:
                 self._metrics.target_ready(t.address, t.ready)
+            now = {t.address for t in self._targets}
+            for gone in self._shown - now:
+                self._metrics.target_gone(gone)
+            self._shown = now
             await self.health.set_ready(any(t.ready for t in self._targets), "no ready target")

@@ -27,7 +27,9 @@ from gateway.detokenizer import Detokenizer
 from gateway.job import STOP_STRING, Stats
 from gateway.metrics import GatewayMetrics
 from gateway.readiness import GATEWAY_SERVICE, Readiness
-from gateway.targets import TargetRouter
+from gateway.resolver import GetAddrInfo, Resolver, parse_targets
+from gateway.targets import RETIRE_GRACE_S, TargetRouter
+from gateway.tokenizer import GatewayTokenizer
 from gateway.validation import validate
 from pearl_runtime.log import get_logger
 
@@ -129,6 +131,7 @@ class RunningGateway:
     port: int
     readiness: Readiness
     metrics: GatewayMetrics
+    resolver: Resolver
     metrics_endpoint: MetricsEndpoint | None = None     # None: /metrics off
 
     @property
@@ -145,6 +148,7 @@ class RunningGateway:
         await self.readiness.stopping()
         await asyncio.sleep(window_s)
         await self.server.stop(grace_s)
+        await self.resolver.close()
         await self.router.close()
         if self.metrics_endpoint:
             self.metrics_endpoint.close()
@@ -154,43 +158,51 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
                         model_dir: str | None = None, *, tokenizer=None, coalesce_ms: float = 2.0,
                         max_in_flight: int = 1024, park_timeout_s: float = 30.0,
                         max_resubmits: int = 5, tls_cert: str | None = None, tls_key: str | None = None,
-                        auth_token: str | None = None, metrics_port: int = 0) -> RunningGateway:
-    """Start a gateway over `targets` (host:port each, or one comma-separated string); port 0
-    picks a free one. The tokenizer comes from `model_dir` (the target's model directory) unless
-    given. `metrics_port`: serve /metrics on `host` there (0: off)."""
-    if isinstance(targets, str):
-        targets = [t for t in targets.split(",") if t]
+                        auth_token: str | None = None, metrics_port: int = 0,
+                        resolve_interval_s: float = 5.0, served_model_name: str | None = None,
+                        retire_grace_s: float = RETIRE_GRACE_S,
+                        getaddrinfo: GetAddrInfo | None = None) -> RunningGateway:
+    """Start a gateway over `targets` (HOST:PORT each, or one comma-separated string; a HOST
+    that is a DNS name stands for every address it resolves to, re-resolved every
+    `resolve_interval_s`); port 0 picks a free one. The tokenizer comes from `model_dir` (the
+    target's model directory; tokenizers + Jinja2, no transformers or torch) unless given.
+    `served_model_name`: the model name clients see (default: what the targets report).
+    `metrics_port`: serve /metrics on `host` there (0: off). `getaddrinfo`: the name lookup
+    (default: the event loop's)."""
+    entries = parse_targets(targets)
     if tokenizer is None:
         if model_dir is None:
             raise ValueError("model_dir (or tokenizer) is required for tokenization")
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = GatewayTokenizer.from_dir(model_dir)
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("TLS needs both tls_cert and tls_key")
-    metrics = GatewayMetrics(CollectorRegistry())
+    metrics = GatewayMetrics(CollectorRegistry(), served_model_name or None)
     health = Health(GATEWAY_SERVICE)
     readiness = Readiness(health, metrics)
-    router = TargetRouter(list(targets), coalesce_s=coalesce_ms / 1e3, max_in_flight=max_in_flight,
+    router = TargetRouter(coalesce_s=coalesce_ms / 1e3, max_in_flight=max_in_flight,
                           park_timeout_s=park_timeout_s, max_resubmits=max_resubmits,
-                          tokenizer_hash=tokenizer_hash(tokenizer),
+                          tokenizer_hash=tokenizer_hash(tokenizer), retire_grace_s=retire_grace_s,
+                          sources=[e.text for e in entries], served_model_name=served_model_name,
                           on_readiness=readiness.changed, on_resubmit=metrics.resubmitted)
+    resolver = Resolver(entries, router, resolve_interval_s, getaddrinfo)
     server = new_server()
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(router, tokenizer, metrics, auth_token), server)
     health.add_to(server)
     port = bind(server, host, port, server_credentials(tls_cert, tls_key) if tls_cert else None)
     bound_metrics = serve_metrics(metrics.registry, host, metrics_port)
     await router.start()
+    await resolver.start()
     readiness.watch(router.targets)
     gc_pauses.freeze_and_watch()   # the start-up heap out of the collector's walks
     await server.start()
-    log.info("gateway listening", address=f"{host}:{port}", targets=list(targets), tls=bool(tls_cert),
-             auth=bool(auth_token))
+    log.info("gateway listening", address=f"{host}:{port}", targets=router.sources, replicas=router.addresses,
+             tls=bool(tls_cert), auth=bool(auth_token))
     if host not in ("127.0.0.1", "localhost", "::1") and not (tls_cert and auth_token):
         log.warning("gateway reachable beyond loopback without TLS and a bearer token", host=host)
-    return RunningGateway(server, router, host, port, readiness, metrics, bound_metrics)
+    return RunningGateway(server, router, host, port, readiness, metrics, resolver, bound_metrics)
 
 
-_SERVE_ARGS = set(inspect.signature(serve_gateway).parameters) - {"tokenizer"}
+_SERVE_ARGS = set(inspect.signature(serve_gateway).parameters) - {"tokenizer", "getaddrinfo"}
 
 
 def run(args=None, /, **kwargs) -> None:
@@ -198,7 +210,8 @@ def run(args=None, /, **kwargs) -> None:
 
     Takes an argparse Namespace and/or keyword arguments named like serve_gateway's
     (host, port, targets, model_dir, coalesce_ms, max_in_flight, park_timeout_s,
-    max_resubmits, tls_cert, tls_key, auth_token, metrics_port) plus log_level; other Namespace attributes are ignored."""
+    max_resubmits, tls_cert, tls_key, auth_token, metrics_port, resolve_interval_s,
+    served_model_name) plus log_level; other Namespace attributes are ignored."""
     opts = {**(vars(args) if args is not None else {}), **kwargs}
     setup_logging("gateway", opts.get("log_level"), opts.get("log_format"))
     tracing.setup("gateway")

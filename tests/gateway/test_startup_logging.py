@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import structlog
 
-from gateway import targets as connection
+from gateway import connection
 from gateway.targets import TargetConnection
 
 
