@@ -116,7 +116,7 @@ class Resolver:
             if addresses is not None:
                 old = self.resolved.get(entry, [])
                 if set(addresses) != set(old) and not entry.static:
-                    log.info("target name resolved", name=entry.text, addresses=addresses,
+                    log.info("target name resolved", dns_name=entry.text, addresses=addresses,
                              added=[a for a in addresses if a not in old],
                              removed=[a for a in old if a not in addresses])
                 self.resolved[entry] = addresses
@@ -129,7 +129,7 @@ class Resolver:
         current = self._router.addresses
         for address in wanted:
             if address not in current:
-                log.info("target added", target=address, name=self._name_of(address))
+                log.info("target added", target=address, dns_name=self._name_of(address))
                 self._router.add(address)
         for address in current:
             if address not in wanted:
@@ -150,12 +150,12 @@ class Resolver:
         except (OSError, TimeoutError) as e:
             if entry not in self._failing:
                 self._failing.add(entry)
-                log.warning("cannot resolve target name; keeping its last addresses", name=entry.text,
+                log.warning("cannot resolve target name; keeping its last addresses", dns_name=entry.text,
                             error=str(e) or type(e).__name__, addresses=self.resolved.get(entry, []))
             return None
         if entry in self._failing:
             self._failing.discard(entry)
-            log.info("target name resolves again", name=entry.text)
+            log.info("target name resolves again", dns_name=entry.text)
         out: list[str] = []
         for family, _type, _proto, _canon, sockaddr in infos:
             if family not in (socket.AF_INET, socket.AF_INET6):

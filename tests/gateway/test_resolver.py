@@ -72,7 +72,7 @@ def test_a_name_is_one_connection_per_address_and_requests_spread(tokenizer_dir)
             assert _ready_series(gw) == {f"127.0.0.1:{pa}": 1.0, f"127.0.0.1:{pb}": 1.0}
             added = [e for e in logs if e["event"] == "target added"]
             assert [e["target"] for e in added] == _addresses(gw)
-            assert all(e["name"] == f"{NAME}:50051" and e["log_level"] == "info" for e in added)
+            assert all(e["dns_name"] == f"{NAME}:50051" and e["log_level"] == "info" for e in added)
         finally:
             await gw.stop(None)
             for s in (sa, sb):
