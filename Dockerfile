@@ -55,7 +55,8 @@ ARG FLASH_ATTN=""
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/home/pearl PEARL_CACHE_DIR=/cache PEARL_LOG_FORMAT=json \
     PEARL_HEALTH_ADDRESS=127.0.0.1:50051 \
-    TRITON_CACHE_DIR=/home/pearl/.cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+    TRITON_HOME=/home/pearl/.cache TRITON_CACHE_DIR=/home/pearl/.cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor CUDA_CACHE_PATH=/home/pearl/.cache/nv \
     HF_HOME=/home/pearl/.cache/huggingface \
     NCCL_NVLS_ENABLE=0 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
