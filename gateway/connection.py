@@ -14,7 +14,6 @@ import contextlib
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -27,9 +26,6 @@ from gateway.flight import Flight
 from gateway.job import TargetInfo
 from gateway.target_health import TargetHealth
 
-if TYPE_CHECKING:
-    from gateway.targets import TargetRouter
-
 log = get_logger(__name__)
 STARTUP_GRACE_S = 30.0   # a target never seen up is "being waited for" (info) this long, then "unreachable"
 
@@ -41,7 +37,8 @@ class Incompatible(Exception):
 class TargetConnection:
     """One target: Info at connect, then a Serve stream; re-dials with backoff when it breaks."""
 
-    def __init__(self, address: str, router: "TargetRouter", coalesce_s: float,
+    # router: the TargetRouter that owns it (gateway/targets.py imports this module, not back)
+    def __init__(self, address: str, router, coalesce_s: float,
                  redial_s: tuple[float, float], info_timeout_s: float = 5.0):
         self.address = address
         self.info: TargetInfo | None = None

@@ -1,7 +1,11 @@
 """Sampling parameters and the one sampler: greedy, temperature, top-k, top-p, per-request seed."""
-from dataclasses import dataclass
+from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from pearl_runtime.errors import InvalidRequest
 
@@ -34,6 +38,7 @@ class SamplingParams:
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a non-greedy request samples from: temperature, then top-k, then top-p.
     Speculative sampling compares exactly these distributions, so it lives in one place."""
+    import torch
     logits = logits.float() / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -50,6 +55,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    import torch
     # multinomial on CPU keeps seeded results identical across devices
     return int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
 
