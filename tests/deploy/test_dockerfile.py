@@ -290,6 +290,8 @@ def _module_level_imports(path: Path, mod: str) -> list[str]:
                     base = ".".join(pkg[:len(pkg) - node.level + 1] + ([node.module] if node.module else []))
                 out.append(base)
                 out.extend(f"{base}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                walk(node.orelse)            # annotations only: never imported at run time
             elif isinstance(node, (ast.If, ast.Try, ast.With)):
                 walk(node.body)
                 walk(getattr(node, "orelse", []))
