@@ -305,3 +305,15 @@ def _module_level_imports(path: Path, mod: str) -> list[str]:
 def test_gateway_imports_no_torch_at_module_level():
     """The gateway stage has no torch: nothing on the gateway's import path may need it."""
     assert "torch" not in _gateway_distributions()
+
+
+def test_dockerignore_lets_every_copy_through():
+    """.dockerignore leaves everything out but what the Dockerfile copies."""
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in lines, "exclude by default"
+    allowed = [ln[1:] for ln in lines if ln.startswith("!")]
+    for stage in STAGES.values():
+        for word, rest in stage:
+            if word == "COPY" and not rest.startswith("--from"):
+                for src in rest.split()[:-1]:
+                    assert any(src == a or src.startswith(a + "/") for a in allowed), f"{src} is not in the build context"
