@@ -12,14 +12,19 @@ about as fast as the back-to-back one, and sd's hops shrink with it (measured:
 benchmarks/journal/BENCHMARKS.md).
 
 The price: those cores read 100% busy. The loops run at the lowest priority and give way to
-any work, but they spend power. `--keep-awake auto` turns them on for a service on a GPU and
-off on CPU, where the cores run the model and CI machines are small. `on` and `off` force it.
+any work, but they spend power, and under a CPU quota (cgroup `cpu.max`, a container's
+`--cpus`, a Kubernetes CPU limit) their time counts against the quota like any other: the
+spinners would use it up and the kernel would then throttle the service itself. So
+`--keep-awake auto` turns them on only for a service on a GPU whose cgroup has no CPU quota;
+off on CPU devices (the cores run the model, CI machines are small) and under a quota.
+`on` and `off` force it.
 """
 import contextlib
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from pearl_runtime.log import get_logger
 
@@ -51,10 +56,55 @@ while True:
 """
 
 
-def wanted(choice: str, device: str) -> bool:
+def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in cores (the tightest along its path), None without one.
+
+    cgroup v2: `cpu.max` holds "QUOTA PERIOD" or "max PERIOD"; v1: cpu.cfs_quota_us (-1: none)
+    over cpu.cfs_period_us. A parent's quota limits its children, so every level counts.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":                                   # v2: one unified hierarchy
+            base, files = cgroup_root, ("cpu.max",)
+        elif "cpu" in controllers.split(","):                   # v1: the cpu controller's own tree
+            base = next((cgroup_root / d for d in ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+                         if (cgroup_root / d).is_dir()), cgroup_root / "cpu")
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        level = base / path.lstrip("/")
+        while True:
+            quotas.append(_quota_at(level, files))
+            if level == base or base not in level.parents:
+                break
+            level = level.parent
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
+
+
+def _quota_at(level: Path, files: tuple[str, ...]) -> float | None:
+    try:
+        if len(files) == 1:
+            quota, period = (level / files[0]).read_text().split()[:2]
+        else:
+            quota, period = ((level / f).read_text().strip() for f in files)
+    except (OSError, ValueError):
+        return None
+    if quota in ("max", "-1"):
+        return None
+    return int(quota) / int(period)
+
+
+def wanted(choice: str, device: str, quota: float | None = None) -> bool:
+    """Spinners or not; `auto` is on for a GPU service whose cgroup has no CPU quota."""
     if choice not in CHOICES:
         raise SystemExit(f"--keep-awake wants one of {', '.join(CHOICES)}, got {choice!r}")
-    return choice == "on" or (choice == "auto" and device.startswith("cuda"))
+    return choice == "on" or (choice == "auto" and device.startswith("cuda") and quota is None)
 
 
 class KeepAwake:
@@ -87,12 +137,15 @@ class KeepAwake:
         self.stop()
 
 
-def for_service(choice: str, device: str):
-    """A context manager: spinners while the service runs when `choice` asks for them on `device`."""
-    if wanted(choice, device):
+def for_service(choice: str, device: str, read_quota=cpu_quota):
+    """A context manager: spinners while the service runs when `choice` asks for them on `device`
+    (`read_quota`: where the cgroup's CPU quota comes from)."""
+    quota = read_quota() if choice == "auto" else None
+    if wanted(choice, device, quota):
         return KeepAwake()
-    log.info("keep-awake off: idle cores may sleep, and waking one adds to each gRPC hop",
-             choice=choice, device=device)
+    why = ("a CPU quota of %.2f cores: spinners would spend it and throttle the service" % quota
+           if choice == "auto" and quota is not None and device.startswith("cuda") else f"--keep-awake {choice} on {device}")
+    log.info("keep-awake off: idle cores may sleep, and waking one adds to each gRPC hop", reason=why)
     return contextlib.nullcontext()
 
 

@@ -33,7 +33,42 @@ def test_auto_is_on_for_a_gpu_only():
     with pytest.raises(SystemExit, match="--keep-awake"):
         keep_awake.wanted("yes", "cuda")
     assert not isinstance(keep_awake.for_service("off", "cuda"), keep_awake.KeepAwake)
-    assert isinstance(keep_awake.for_service("auto", "cuda:0"), keep_awake.KeepAwake)
+    assert isinstance(keep_awake.for_service("auto", "cuda:0", read_quota=lambda: None), keep_awake.KeepAwake)
+
+
+def test_auto_is_off_under_a_cpu_quota():
+    assert not keep_awake.wanted("auto", "cuda:0", quota=2.0)
+    assert keep_awake.wanted("on", "cuda:0", quota=2.0)       # `on` still forces it
+    assert not isinstance(keep_awake.for_service("auto", "cuda:0", read_quota=lambda: 1.5), keep_awake.KeepAwake)
+    assert not isinstance(keep_awake.for_service("auto", "cpu", read_quota=lambda: None), keep_awake.KeepAwake)
+
+
+def _cgroup(tmp_path, lines: str, files: dict[str, str]):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "self_cgroup").write_text(lines)
+    root = tmp_path / "fs"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return dict(cgroup_root=root, proc_cgroup=tmp_path / "self_cgroup")
+
+
+def test_cpu_quota_from_cgroup_v2_takes_the_tightest_level(tmp_path):
+    assert keep_awake.cpu_quota(**_cgroup(tmp_path, "0::/\n", {"cpu.max": "max 100000\n"})) is None
+    assert keep_awake.cpu_quota(**_cgroup(tmp_path, "0::/\n", {"cpu.max": "200000 100000\n"})) == 2.0
+    # a pod's limit on the parent, none on the container's own level
+    nested = _cgroup(tmp_path, "0::/kubepods/pod1/c1\n", {
+        "cpu.max": "max 100000", "kubepods/pod1/cpu.max": "150000 100000", "kubepods/pod1/c1/cpu.max": "max 100000"})
+    assert keep_awake.cpu_quota(**nested) == 1.5
+
+
+def test_cpu_quota_from_cgroup_v1_and_none_without_cgroups(tmp_path):
+    v1 = _cgroup(tmp_path, "4:memory:/x\n2:cpu,cpuacct:/docker/abc\n", {
+        "cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
+    assert keep_awake.cpu_quota(**v1) == 0.5
+    unlimited = _cgroup(tmp_path / "u", "2:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})
+    assert keep_awake.cpu_quota(**unlimited) is None
+    assert keep_awake.cpu_quota(tmp_path / "none", tmp_path / "no_such_file") is None
 
 
 def test_one_idle_priority_spinner_pinned_to_each_core_and_stopped():

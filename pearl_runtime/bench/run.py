@@ -56,8 +56,8 @@ def _pearl_policy(rows: list[dict]) -> dict:
 def _keep_awake_setting(args, tdev: str, ddev: str) -> dict:
     """Whether each service ran its keep-awake spinners (pearl_runtime/keep_awake.py): its
     --keep-awake from --target-args / --draft-args, else the environment's, else auto."""
-    default = envs.get("PEARL_KEEP_AWAKE")
-    return {who: keep_awake.wanted(_service_flag(extra, "--keep-awake") or default, dev)
+    default, quota = envs.get("PEARL_KEEP_AWAKE"), keep_awake.cpu_quota()
+    return {who: keep_awake.wanted(_service_flag(extra, "--keep-awake") or default, dev, quota)
             for who, extra, dev in (("target", args.target_args, tdev), ("draft", args.draft_args, ddev))}
 
 
