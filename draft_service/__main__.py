@@ -9,6 +9,7 @@ import sys
 
 from pearl_runtime import envs, keep_awake
 from pearl_runtime.config import add_engine_args, engine_config_from_args
+from pearl_runtime.flags import export_flags
 from pearl_runtime.log import setup as setup_logging
 from pearl_runtime.models.default_model import default_draft, default_model
 from pearl_runtime.rpc.server import run_async, serve_until_signal
@@ -22,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(lossless: the target verifies); auto: on where the Triton skinny kernels run on a GPU "
                         "of compute capability >= 8.9")
     d.add_argument("--port", type=int, default=envs.default("PEARL_DRAFT_PORT"))
+    m = d.add_argument_group("measurement")
+    m.add_argument("--profile-rounds", type=int, default=envs.default("PEARL_PROFILE_ROUNDS"),
+                   help="profile this many rounds after a warm-up with the torch profiler, log the table (0: off)")
+    m.add_argument("--round-times", type=int, default=envs.default("PEARL_ROUND_TIMES"),
+                   help="log the mean round phases every N rounds (0: off)")
     return d
 
 
@@ -33,10 +39,12 @@ def run(args) -> None:
     # round feeds the prompt's tail past the prefix cache's full blocks: up to a block. Out of
     # a graph that catch-up ran eagerly (host-bound: a draft round ~28 ms longer once per
     # request). Longer queries (an uncached prompt) stay eager.
+    export_flags(args, {"PEARL_PROFILE_ROUNDS": "profile_rounds", "PEARL_ROUND_TIMES": "round_times"})
     cfg = dataclasses.replace(engine_config_from_args(args, model), graph_query_lens=tuple(sorted({1, 2, args.block_size})),
                               fp8_weights=args.fp8_weights)
     with keep_awake.for_service(args.keep_awake, args.device):
-        run_async(serve_until_signal(serve(cfg, args.host, args.port, metrics_port=args.metrics_port)))
+        run_async(serve_until_signal(serve(cfg, args.host, args.port, metrics_port=args.metrics_port,
+                                         health_port=args.health_port)))
 
 
 def main(argv=None) -> None:

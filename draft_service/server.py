@@ -280,7 +280,7 @@ def _sent(batch: draft_pb2.DraftBatch) -> draft_pb2.FromDraft:
 
 
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, ready=None,
-                metrics_port: int = 0) -> None:
+                metrics_port: int = 0, health_port: int = 0) -> None:
     """Serve until cancelled. The port answers health (NOT_SERVING) while the engine loads
     and its steps are timed; `ready(port)` is called once it serves."""
     if cfg.device == "cpu":
@@ -293,6 +293,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, r
     draft_pb2_grpc.add_DraftServicer_to_server(loading, server)
     bound = bind(server, host, port)
     await server.start()
+    await health.open_plain_port(host, health_port)
     log.info("draft port open; loading", address=f"{host}:{bound}", model=cfg.model)
     try:
         servicer = await asyncio.get_running_loop().run_in_executor(

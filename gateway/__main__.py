@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from pearl_runtime import envs
+from pearl_runtime.flags import add_operating_args, export_flags
 from pearl_runtime.models.default_model import default_model
 
 
@@ -27,11 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tls-key", default=envs.default("PEARL_TLS_KEY"), help="PEM private key of --tls-cert")
     g.add_argument("--auth-token", default=envs.default("PEARL_AUTH_TOKEN"),
                    help="require 'authorization: Bearer <token>' on every call")
-    g.add_argument("--metrics-port", type=int, default=envs.default("PEARL_METRICS_PORT"),
-                   help="serve Prometheus /metrics on --host at this port (0: off)")
-    g.add_argument("--log-level", default=envs.default("PEARL_LOG_LEVEL"))
-    g.add_argument("--log-format", choices=("json", "console", "auto"), default=envs.default("PEARL_LOG_FORMAT"),
-                   help="json (one object a line), console, or auto: console on a terminal, else json")
+    add_operating_args(g)
     return g
 
 
@@ -46,10 +43,12 @@ def main(argv=None) -> None:
     if args.resolve_interval < 0:
         parser.error("--resolve-interval must be >= 0")
     from gateway.server import run
+    export_flags(args, {"PEARL_GC_FREEZE": "gc_freeze"})
     run(host=args.host, port=args.port, targets=args.targets, model_dir=args.model or default_model(),
         coalesce_ms=args.coalesce_ms, log_level=args.log_level, tls_cert=args.tls_cert, tls_key=args.tls_key,
         auth_token=args.auth_token, metrics_port=args.metrics_port, log_format=args.log_format,
-        resolve_interval_s=args.resolve_interval, served_model_name=args.served_model_name)
+        resolve_interval_s=args.resolve_interval, served_model_name=args.served_model_name,
+        health_port=args.health_port)
 
 
 if __name__ == "__main__":

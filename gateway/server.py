@@ -148,6 +148,7 @@ class RunningGateway:
         await self.readiness.stopping()
         await asyncio.sleep(window_s)
         await self.server.stop(grace_s)
+        await self.readiness.health.close_plain_port()
         await self.resolver.close()
         await self.router.close()
         if self.metrics_endpoint:
@@ -160,7 +161,7 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
                         max_resubmits: int = 5, tls_cert: str | None = None, tls_key: str | None = None,
                         auth_token: str | None = None, metrics_port: int = 0,
                         resolve_interval_s: float = 5.0, served_model_name: str | None = None,
-                        retire_grace_s: float = RETIRE_GRACE_S,
+                        health_port: int = 0, retire_grace_s: float = RETIRE_GRACE_S,
                         getaddrinfo: GetAddrInfo | None = None) -> RunningGateway:
     """Start a gateway over `targets` (HOST:PORT each, or one comma-separated string; a HOST
     that is a DNS name stands for every address it resolves to, re-resolved every
@@ -195,6 +196,7 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
     readiness.watch(router.targets)
     gc_pauses.freeze_and_watch()   # the start-up heap out of the collector's walks
     await server.start()
+    await health.open_plain_port(host, health_port)
     log.info("gateway listening", address=f"{host}:{port}", targets=router.sources, replicas=router.addresses,
              tls=bool(tls_cert), auth=bool(auth_token))
     if host not in ("127.0.0.1", "localhost", "::1") and not (tls_cert and auth_token):

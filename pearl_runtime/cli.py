@@ -39,22 +39,34 @@ def _run_up(args, stack: Stack) -> None:
         stack.stop()
 
 
-def _print_generation(address: str, prompt: str, max_tokens: int, raw: bool = False, **security) -> None:
+def _print_generation(address: str, prompt: str, max_tokens: int, raw: bool = False, as_json: bool = False,
+                      **request) -> None:
+    """Stream one completion to stdout: the text as it comes and a stats line, or (`as_json`)
+    one JSON object at the end."""
     from pearl_runtime.client import generate
 
     def on_delta(text, _ids):
         print(text, end="", flush=True)
 
     kw = {"prompt": prompt} if raw else {"chat": [("user", prompt)]}
-    done = asyncio.run(generate(address, max_tokens=max_tokens, on_delta=on_delta, **kw, **security))
+    done = asyncio.run(generate(address, max_tokens=max_tokens, on_delta=None if as_json else on_delta,
+                                **kw, **request))
     s = done.stats
+    if as_json:
+        import dataclasses
+        import json
+        print(json.dumps({"request_id": done.request_id, "text": done.text, "finish_reason": done.finish_reason,
+                          "token_ids": done.token_ids, "stats": dataclasses.asdict(s)}), flush=True)
+        return
     print(f"\n-- prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | "
           f"mean accepted tokens {s.mean_accepted_tokens:.2f} | {s.tokens_per_s:.1f} tokens/s | "
           f"first token {s.time_to_first_token_ms:.0f} ms | finish {done.finish_reason} | mode {s.mode}")
 
 
 def cmd_generate(args) -> None:
-    _print_generation(args.address, args.prompt, args.max_tokens, raw=args.raw, auth_token=args.auth_token,
+    _print_generation(args.address, args.prompt, args.max_tokens, raw=args.raw, as_json=args.json,
+                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                      stop=tuple(args.stop), model=args.model, auth_token=args.auth_token,
                       tls_ca=args.tls_ca, tls_server_name=args.tls_server_name)
 
 
@@ -115,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--mps-shares", default="100,50",
                    help="SM percentages target,draft under --mps (some shares break cuBLAS on H100: engine/gemm_check.py)")
     u.add_argument("--base-port", type=int, default=50050 + 10)
-    u.add_argument("--log-level", default="warning")
+    u.add_argument("--log-level", default=envs.default("PEARL_LOG_LEVEL", fallback="warning"),
+                   help="of all three services (default: warning, so a prompt's text stands out)")
     u.add_argument("--metrics-port", type=int, default=0,
                    help="first of three /metrics ports: draft N, target N+1, gateway N+2 (0: off)")
     u.add_argument("--prompt", help="run one streamed generation, print stats, then stop")
@@ -131,7 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion from a gateway")
     gen.add_argument("prompt")
     gen.add_argument("--address", default=envs.default("PEARL_GATEWAY"))
+    gen.add_argument("--model", default="", help="the served model name to ask for (default: the gateway's)")
     gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=None, help="0: greedy (default: the gateway's, greedy)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the probability mass kept")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (0: all)")
+    gen.add_argument("--seed", type=int, default=None, help="the sampling seed: the same seed, the same text")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="end the completion before this text (repeat for several)")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object at the end (text, finish_reason, token_ids, stats), not a stream")
     gen.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     gen.add_argument("--auth-token", default=envs.default("PEARL_AUTH_TOKEN"), help="bearer token the gateway expects")
     gen.add_argument("--tls-ca", default=envs.default("PEARL_TLS_CA"), help="PEM certificate to trust: connect over TLS")

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from pearl_runtime import envs
+from pearl_runtime.flags import add_operating_args, export_flags
 from pearl_runtime.errors import ModelLoadError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -160,6 +161,7 @@ class EngineConfig:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The engine flags both services take (each has its PEARL_* variable, envs.py)."""
+    from pearl_runtime.keep_awake import CHOICES as KEEP_AWAKE
     p.add_argument("--model", default=envs.default("PEARL_MODEL"), help="HF model directory (default: the embedded SmolLM2)")
     p.add_argument("--host", default=envs.default("PEARL_HOST"))
     p.add_argument("--device", default=envs.default("PEARL_DEVICE"),
@@ -167,29 +169,42 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=envs.default("PEARL_TP"),
                    help="tensor-parallel ranks (processes); on GPU they take consecutive GPUs from --device")
     p.add_argument("--dtype", default=envs.default("PEARL_DTYPE"), help="float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-gb", type=float, default=envs.default("PEARL_KV_CACHE_GB"))
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=0)
-    p.add_argument("--attention", default="auto", help="auto | reference | triton | flash-attn")
+    p.add_argument("--block-size", type=int, default=envs.default("PEARL_BLOCK_SIZE"), help="tokens per KV cache block")
+    p.add_argument("--kv-cache-gb", type=float, default=envs.default("PEARL_KV_CACHE_GB"), help="KV cache per rank, GiB")
+    p.add_argument("--max-num-seqs", type=int, default=envs.default("PEARL_MAX_NUM_SEQS"),
+                   help="sequences one engine step may hold")
+    p.add_argument("--max-model-len", type=int, default=envs.default("PEARL_MAX_MODEL_LEN"),
+                   help="longest sequence, prompt included (0: the model's max_position_embeddings)")
+    p.add_argument("--attention", default=envs.default("PEARL_ATTENTION"),
+                   choices=("auto", "reference", "triton", "flash-attn"), help="the attention kernels")
     p.add_argument("--skinny-linears", default=envs.default("PEARL_SKINNY_LINEARS"),
                    help="steps of <= 16 tokens with norm/SiLU/residual folded into the linears: "
                         "auto (Triton on GPU for hidden size <= 2048) | triton | reference | off")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   default=envs.default("PEARL_PREFIX_CACHE"),
                    help="recompute every prompt (default: reuse cached KV blocks of shared prefixes)")
     p.add_argument("--threads", type=int, default=envs.default("PEARL_THREADS"), help="CPU threads for torch")
-    p.add_argument("--keep-awake", default=envs.default("PEARL_KEEP_AWAKE"),
-                   help="auto | on | off: a lowest-priority busy loop on each core, so a woken thread never "
-                        "waits for a halted core (~0.2 ms a gRPC hop on virtual machines); auto: on with a GPU")
-    p.add_argument("--log-level", default=envs.default("PEARL_LOG_LEVEL"))
-    p.add_argument("--log-format", choices=("json", "console", "auto"), default=envs.default("PEARL_LOG_FORMAT"),
-                   help="json (one object a line), console, or auto: console on a terminal, else json")
-    p.add_argument("--metrics-port", type=int, default=envs.default("PEARL_METRICS_PORT"),
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: off)")
+    p.add_argument("--keep-awake", default=envs.default("PEARL_KEEP_AWAKE"), choices=KEEP_AWAKE,
+                   help="a lowest-priority busy loop on each core, so a woken thread never waits for a halted "
+                        "core (~0.2 ms a gRPC hop on virtual machines; the cores read 100%% busy); auto: on with "
+                        "a GPU, off on CPU and under a cgroup CPU quota (the loops would spend it)")
+    add_operating_args(p)
+    d = p.add_argument_group("diagnostics")
+    d.add_argument("--tp-timeout", type=float, default=envs.default("PEARL_TP_TIMEOUT_S"),
+                   help="seconds a tensor-parallel collective may wait (default: torch's)")
+    d.add_argument("--skinny-rows", type=int, choices=(1, 2), default=envs.default("PEARL_SKINNY_ROWS"),
+                   help="force the row count the skinny kernels take")
+    d.add_argument("--no-pdl", dest="pdl", action="store_false", default=envs.default("PEARL_PDL"),
+                   help="no programmatic dependent launch (Hopper)")
+
+
+ENGINE_EXPORTS = {"PEARL_TP_TIMEOUT_S": "tp_timeout", "PEARL_SKINNY_ROWS": "skinny_rows", "PEARL_PDL": "pdl",
+                  "PEARL_GC_FREEZE": "gc_freeze"}
 
 
 def engine_config_from_args(args, model: str) -> "EngineConfig":
-    """The EngineConfig of a service's parsed engine flags."""
+    """The EngineConfig of a service's parsed engine flags (the diagnostic ones are exported)."""
+    export_flags(args, ENGINE_EXPORTS)
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     return EngineConfig(model=model, dtype=dtype, device=args.device, block_size=args.block_size,
                         kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,

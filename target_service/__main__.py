@@ -71,7 +71,8 @@ def run(args) -> None:
                                       head_start_quorum=_quorum(args.head_start_quorum),
                                       device_tokens=args.device_tokens == "on",
                                       round_datagrams=args.round_datagrams == "on",
-                                      metrics_port=args.metrics_port, served_model_name=args.served_model_name)))
+                                      metrics_port=args.metrics_port, served_model_name=args.served_model_name,
+                                      health_port=args.health_port)))
 
 
 def main(argv=None) -> None:

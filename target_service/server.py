@@ -84,7 +84,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
                 draft_address: str | None = None, gamma: int | None = 4, ready=None, ar_steps: int = 4,
                 max_gamma: int = 16, head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM,
                 device_tokens: bool = True, round_datagrams: bool = True, metrics_port: int = 0,
-                served_model_name: str | None = None) -> None:
+                served_model_name: str | None = None, health_port: int = 0) -> None:
     """Serve until cancelled. The port answers health (NOT_SERVING) while the engine loads;
     `ready(port)` is called once it serves."""
     if cfg.device == "cpu":
@@ -95,6 +95,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
     health.add_to(server)
     bound = bind(server, host, port)
     await server.start()
+    await health.open_plain_port(host, health_port)
     log.info("target port open; loading", address=f"{host}:{bound}", model=cfg.model, mode=mode)
     service = tasks = endpoint = None
     try:

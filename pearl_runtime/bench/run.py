@@ -100,6 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<date>_<gpu>_<pair>.json)")
     o.add_argument("--label", default="")
+    o.add_argument("--git-commit", default=envs.default("PEARL_GIT_COMMIT"),
+                   help="the commit to record (default: git rev-parse HEAD; for a copy of the tree without .git)")
 
 
 # -- setup -------------------------------------------------------------------------------------
@@ -320,7 +322,7 @@ def main(args) -> None:
         return {
             "schema": "pearl-bench/1", "label": args.label, "complete": complete,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": sys.argv, "git_commit": _git_commit(),
+            "command": sys.argv, "git_commit": args.git_commit or _git_commit(),
             "machine": probe["machine"], "copy_bandwidth": probe["copy"],
             "hf_baseline": probe.get("hf_baseline"),
             "config": {"target_model": target_dir, "draft_model": draft_dir, "pair": pair, "synthetic": synthetic,
@@ -374,9 +376,6 @@ def main(args) -> None:
 
 
 def _git_commit() -> str | None:
-    # A device copy of the tree may carry a stale .git; its runner names the commit instead.
-    if envs.get("PEARL_GIT_COMMIT"):
-        return envs.get("PEARL_GIT_COMMIT")
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or None

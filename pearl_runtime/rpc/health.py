@@ -12,6 +12,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from pearl_runtime.log import get_logger
+from pearl_runtime.rpc.server import bind
 
 log = get_logger(__name__)
 
@@ -30,6 +31,7 @@ class Health:
         self.servicer = HealthServicer()
         self.serving = False
         self.reason = "starting"
+        self.plain: grpc.aio.Server | None = None
 
     def add_to(self, server: grpc.aio.Server) -> None:
         """Register health and reflection on `server`, before it starts: readiness starts
@@ -50,6 +52,23 @@ class Health:
             await self.servicer.set(service, status)
         log.info("readiness", service_name=self.name, status=health_pb2.HealthCheckResponse.ServingStatus.Name(status),
                  **({"reason": reason} if reason else {}))
+
+    async def open_plain_port(self, host: str, port: int) -> int:
+        """Also serve this health service alone, in plaintext, on `port` (0: not): kubelet's gRPC
+        probes and `pearl health` speak no TLS and present no token. Returns the bound port."""
+        if not port:
+            return 0
+        self.plain = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self.plain)
+        bound = bind(self.plain, host, port)
+        await self.plain.start()
+        log.info("health port open (plaintext, health only)", address=f"{host}:{bound}")
+        return bound
+
+    async def close_plain_port(self) -> None:
+        if self.plain is not None:
+            await self.plain.stop(0)
+            self.plain = None
 
     async def stopping(self) -> None:
         """Shutdown begun: readiness NOT_SERVING, liveness stays SERVING until the process exits."""

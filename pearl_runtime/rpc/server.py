@@ -69,6 +69,7 @@ async def stop_serving(server: grpc.aio.Server, health, grace_s: float = 1.0) ->
     await health.stopping()
     await asyncio.sleep(STOPPING_WINDOW_S)
     await server.stop(grace_s)
+    await health.close_plain_port()
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

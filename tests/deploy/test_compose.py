@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pearl_runtime import envs
 from pearl_runtime.launch import MODULES
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = (ROOT / "compose.yaml").read_text()
-DRAIN_S = envs.var("PEARL_DRAIN_TIMEOUT_S").default
+DRAIN_S = 30.0   # the drain a stopping service may take: the grace periods must outlast it
 _VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 

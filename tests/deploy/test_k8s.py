@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pearl_runtime import envs
 from pearl_runtime.launch import MODULES
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,7 +21,7 @@ K8S = ROOT / "deploy" / "k8s"
 VARIANTS = {"base": K8S / "base", "colocated": K8S / "overlays" / "colocated"}
 # the schema the manifests are validated against: gRPC probes are GA since 1.27
 KUBERNETES_VERSION = "1.32.0"
-DRAIN_S = envs.var("PEARL_DRAIN_TIMEOUT_S").default
+DRAIN_S = 30.0   # the drain a stopping service may take: the grace periods must outlast it
 NAMESPACE = "pearl-serve"
 
 
