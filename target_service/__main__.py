@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(t)
     t.add_argument("--port", type=int, default=envs.default("PEARL_TARGET_PORT"))
     t.add_argument("--served-model-name", default=envs.default("PEARL_SERVED_MODEL_NAME"),
-                   help="the model's name in metrics (default: the model path)")
+                   help="the model name the target reports (Info, metrics) and clients see through a gateway "
+                        "without its own (default: the model directory's name)")
     t.add_argument("--mode", choices=("pearl", "sd", "ar"), default=envs.default("PEARL_MODE"))
     t.add_argument("--draft", default=envs.default("PEARL_DRAFT_ADDRESS"), help="draft service address")
     t.add_argument("--gamma", default=envs.default("PEARL_GAMMA"),

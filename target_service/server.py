@@ -2,6 +2,7 @@
 with standard health, reflection and Prometheus metrics around it."""
 import asyncio
 import time
+from pathlib import Path
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -27,8 +28,9 @@ HUNG_STEP_S = 120.0   # a round running this long marks the target NOT_SERVING u
 class TargetServicer(target_pb2_grpc.TargetServicer):
     """Converts and delegates. `service` is None while the engine loads (calls: UNAVAILABLE)."""
 
-    def __init__(self, service: TargetService | None = None):
+    def __init__(self, service: TargetService | None = None, model_name: str = ""):
         self.service = service
+        self.model_name = model_name   # what Info reports: --served-model-name, else the directory's name
 
     def _ready(self) -> TargetService:
         if self.service is None:
@@ -37,7 +39,7 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
 
     async def Info(self, request, context):
         s = self._ready()
-        return target_pb2.ModelInfo(model=s.cfg.model, vocab_size=s.core.runner.model_cfg.vocab_size,
+        return target_pb2.ModelInfo(model=self.model_name or s.cfg.model, vocab_size=s.core.runner.model_cfg.vocab_size,
                                     max_model_len=s.core.max_model_len, eos_token_ids=list(s.core.eos_ids),
                                     tokenizer_hash=s.tok_hash, mode=s.mode)
 
@@ -90,7 +92,8 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
     tracing.setup("target")
-    servicer, health, server = TargetServicer(), Health(SERVICE_NAME), new_server()
+    model_name = served_model_name or Path(cfg.model).name or cfg.model
+    servicer, health, server = TargetServicer(model_name=model_name), Health(SERVICE_NAME), new_server()
     target_pb2_grpc.add_TargetServicer_to_server(servicer, server)
     health.add_to(server)
     bound = bind(server, host, port)
@@ -104,7 +107,7 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
             cfg, mode, draft_address, gamma, ar_steps=ar_steps, max_gamma=max_gamma, head_start=head_start,
             head_start_quorum=head_start_quorum, device_tokens=device_tokens, round_datagrams=round_datagrams))
         registry = CollectorRegistry()
-        service.collector = TargetCollector(service, registry, served_model_name or cfg.model)
+        service.collector = TargetCollector(service, registry, model_name)
         endpoint = serve_metrics(registry, host, metrics_port)
         gc_pauses.freeze_and_watch()   # the start-up heap out of the collector's walks
         tasks = [asyncio.create_task(service.run()), asyncio.create_task(watch_steps(service, health))]
