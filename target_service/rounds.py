@@ -16,7 +16,7 @@ from pearl_runtime.errors import InvalidRequest, OutOfBlocks
 from pearl_runtime import tracing
 from pearl_runtime.log import get_logger
 from pearl_runtime.pb import draft_pb2, target_pb2
-from pearl_runtime.rpc.identity import PROTOCOL_VERSION, tokenizer_hash
+from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.spec.policy import MODES, SpecPolicy
 from pearl_runtime.spec.round_model import HEAD_START_QUORUM
 from pearl_runtime.spec.verify_cost import VerifyCost
@@ -71,13 +71,10 @@ class TargetService:
         self.tok_hash = tokenizer_hash(self.tokenizer)
         self.link = None
         if mode != "ar" and draft_address:
-            device = self.core.runner.device
-            hello = draft_pb2.Hello(target_id=f"target-{id(self):x}", tokenizer_hash=self.tok_hash,
-                                    vocab_size=self.core.runner.model_cfg.vocab_size,
-                                    device=device.index if device.type == "cuda" else -1,
-                                    device_tokens=device_tokens and mode == "sd" and self.core.runner.chains_on_device,
-                                    round_datagrams=round_datagrams, protocol_version=PROTOCOL_VERSION)
-            self.link = DraftLink(draft_address, hello, device=device)
+            runner = self.core.runner
+            hello = wire.hello(f"target-{id(self):x}", self.tok_hash, runner.model_cfg.vocab_size, runner.device,
+                               device_tokens and mode == "sd" and runner.chains_on_device, round_datagrams)
+            self.link = DraftLink(draft_address, hello, device=runner.device)
         self.token_paths = Counter()   # sd rounds by how their draft tokens came, for logs and tests
         self.inbox: deque = deque()           # ("submit", stream, Submission) | ("cancel", stream, id)
         self.wakeup = asyncio.Event()
@@ -91,10 +88,6 @@ class TargetService:
         self.last_step_at = time.monotonic()   # when the loop last finished a round (or idled)
         self._chain_logged = False
         self._query_len = 1
-
-    @property
-    def max_gamma(self) -> int:
-        return self.policy.max_gamma
 
     def accepted_per_position(self) -> dict[int, int]:
         return self.stats.accepted_per_position()

@@ -6,6 +6,7 @@ from pearl_runtime.engine.sequence import Sequence
 from pearl_runtime.pb import common_pb2, draft_pb2, target_pb2
 from pearl_runtime.rpc import params as wire_params
 from pearl_runtime.rpc import tensors
+from pearl_runtime.rpc.identity import PROTOCOL_VERSION
 from target_service.verifier import DraftTokens, Request
 
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
@@ -33,6 +34,14 @@ def token_update(req: Request, path: str) -> target_pb2.SeqUpdate:
 
 def token_batch(updates: list[target_pb2.SeqUpdate]) -> target_pb2.TargetOut:
     return target_pb2.TargetOut(tokens=target_pb2.TokenBatch(updates=updates))
+
+
+def hello(target_id: str, tok_hash: str, vocab_size: int, device, device_tokens: bool,
+          round_datagrams: bool) -> draft_pb2.Hello:
+    """The Speculate handshake's first message: who the target is and what it asks of the draft."""
+    return draft_pb2.Hello(target_id=target_id, tokenizer_hash=tok_hash, vocab_size=vocab_size,
+                           device=device.index if device.type == "cuda" else -1, device_tokens=device_tokens,
+                           round_datagrams=round_datagrams, protocol_version=PROTOCOL_VERSION)
 
 
 def seq_add(req: Request) -> draft_pb2.SeqAdd:
