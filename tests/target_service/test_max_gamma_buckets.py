@@ -19,9 +19,9 @@ def _service(monkeypatch, llama_dir, q_buckets):
 
 def test_max_gamma_is_lowered_to_the_largest_query_bucket(monkeypatch, llama_dir):
     s = _service(monkeypatch, llama_dir, (1, 2, 4, 8))
-    assert s.max_gamma == 7 and s.policy.tuner.max_gamma == 7
+    assert s.policy.max_gamma == 7 and s.policy.tuner.max_gamma == 7
 
 
 def test_max_gamma_stays_when_the_buckets_hold_it(monkeypatch, llama_dir):
     s = _service(monkeypatch, llama_dir, (1, 2, 4, 8, 16, 32))
-    assert s.max_gamma == 16 and s.policy.tuner.max_gamma == 16
+    assert s.policy.max_gamma == 16 and s.policy.tuner.max_gamma == 16
