@@ -12,7 +12,9 @@ from pearl_runtime.config import add_engine_args, engine_config_from_args
 from pearl_runtime.flags import export_flags
 from pearl_runtime.log import setup as setup_logging
 from pearl_runtime.models.default_model import default_draft, default_model
-from pearl_runtime.rpc.server import run_async, serve_until_signal
+from pearl_runtime.models.check import check_model_dir
+from pearl_runtime.rpc.server import check_ports, run_async, serve_until_signal
+from pearl_runtime.usage import pop_debug, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,9 @@ def run(args) -> None:
     from draft_service.server import serve
     setup_logging("draft", args.log_level, args.log_format)
     model = args.model or default_draft(default_model())
+    check_model_dir(model)
+    check_ports(args.host, {"--port": args.port, "--metrics-port": args.metrics_port,
+                "--health-port": args.health_port})
     # the draft's steps feed one token, two after a bonus token, and a new request's first
     # round feeds the prompt's tail past the prefix cache's full blocks: up to a block. Out of
     # a graph that catch-up ran eagerly (host-bound: a draft round ~28 ms longer once per
@@ -48,7 +53,10 @@ def run(args) -> None:
 
 
 def main(argv=None) -> None:
-    run(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    argv, debug = pop_debug(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser().parse_args(argv)
+    with user_errors("pearl draft", debug):
+        run(args)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between lookups of the --targets names (0: resolve once at start)")
     g.add_argument("--served-model-name", default=envs.default("PEARL_SERVED_MODEL_NAME"),
                    help="the model name clients see and may ask for (default: what the targets report)")
+    g.add_argument("--drain-timeout", type=float, default=envs.default("PEARL_DRAIN_TIMEOUT_S"),
+                   help="SIGTERM: seconds the streams in flight may take to finish (NOT_SERVING and no new "
+                        "calls at once)")
+    g.add_argument("--max-concurrent-requests", type=int, default=envs.default("PEARL_MAX_CONCURRENT_REQUESTS"),
+                   help="Generate calls served at once; past it a new one is refused RESOURCE_EXHAUSTED")
     g.add_argument("--coalesce-ms", type=float, default=envs.default("PEARL_COALESCE_MS"))
     g.add_argument("--tls-cert", default=envs.default("PEARL_TLS_CERT"), help="PEM certificate: serve over TLS")
     g.add_argument("--tls-key", default=envs.default("PEARL_TLS_KEY"), help="PEM private key of --tls-cert")
@@ -33,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
+    from pearl_runtime.usage import pop_debug, user_errors
+    argv, debug = pop_debug(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     from gateway.resolver import parse_targets
     try:
         parse_targets(args.targets)
@@ -42,13 +49,21 @@ def main(argv=None) -> None:
         parser.error(str(e))
     if args.resolve_interval < 0:
         parser.error("--resolve-interval must be >= 0")
-    from gateway.server import run
-    export_flags(args, {"PEARL_GC_FREEZE": "gc_freeze"})
-    run(host=args.host, port=args.port, targets=args.targets, model_dir=args.model or default_model(),
-        coalesce_ms=args.coalesce_ms, log_level=args.log_level, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        auth_token=args.auth_token, metrics_port=args.metrics_port, log_format=args.log_format,
-        resolve_interval_s=args.resolve_interval, served_model_name=args.served_model_name,
-        health_port=args.health_port)
+    with user_errors("pearl gateway", debug):
+        from gateway.server import run
+        from gateway.tokenizer import GatewayTokenizer
+        from pearl_runtime.rpc.server import check_ports
+        export_flags(args, {"PEARL_GC_FREEZE": "gc_freeze"})
+        model_dir = args.model or default_model()
+        tokenizer = GatewayTokenizer.from_dir(model_dir)   # a bad model directory fails before any log line
+        check_ports(args.host, {"--port": args.port, "--metrics-port": args.metrics_port,
+                    "--health-port": args.health_port})
+        run(host=args.host, port=args.port, targets=args.targets, model_dir=model_dir, tokenizer=tokenizer,
+            coalesce_ms=args.coalesce_ms, log_level=args.log_level, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            auth_token=args.auth_token, metrics_port=args.metrics_port, log_format=args.log_format,
+            resolve_interval_s=args.resolve_interval, served_model_name=args.served_model_name,
+            health_port=args.health_port, drain_timeout_s=args.drain_timeout,
+            max_in_flight=args.max_concurrent_requests)
 
 
 if __name__ == "__main__":

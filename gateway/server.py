@@ -204,7 +204,7 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
     return RunningGateway(server, router, host, port, readiness, metrics, resolver, bound_metrics)
 
 
-_SERVE_ARGS = set(inspect.signature(serve_gateway).parameters) - {"tokenizer", "getaddrinfo"}
+_SERVE_ARGS = set(inspect.signature(serve_gateway).parameters) - {"getaddrinfo"}
 
 
 def run(args=None, /, **kwargs) -> None:
@@ -213,14 +213,16 @@ def run(args=None, /, **kwargs) -> None:
     Takes an argparse Namespace and/or keyword arguments named like serve_gateway's
     (host, port, targets, model_dir, coalesce_ms, max_in_flight, park_timeout_s,
     max_resubmits, tls_cert, tls_key, auth_token, metrics_port, resolve_interval_s,
-    served_model_name) plus log_level; other Namespace attributes are ignored."""
+    served_model_name, tokenizer: one already loaded) plus log_level; other Namespace
+    attributes are ignored."""
     opts = {**(vars(args) if args is not None else {}), **kwargs}
     setup_logging("gateway", opts.get("log_level"), opts.get("log_format"))
     tracing.setup("gateway")
-    run_async(_serve_until_signal({k: v for k, v in opts.items() if k in _SERVE_ARGS and v is not None}))
+    run_async(_serve_until_signal({k: v for k, v in opts.items() if k in _SERVE_ARGS and v is not None},
+                                  opts.get("drain_timeout_s", 30.0)))
 
 
-async def _serve_until_signal(opts: dict) -> None:
+async def _serve_until_signal(opts: dict, drain_timeout_s: float) -> None:
     gateway = await serve_gateway(**opts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -228,5 +230,6 @@ async def _serve_until_signal(opts: dict) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("gateway stopping")
-    await gateway.stop(grace_s=5.0, window_s=STOPPING_WINDOW_S)
+    # no new calls from here; the streams in flight get the drain timeout to finish
+    await gateway.stop(grace_s=drain_timeout_s, window_s=STOPPING_WINDOW_S)
     tracing.shutdown()

@@ -14,15 +14,33 @@ def cmd_up(args) -> None:
     from contextlib import ExitStack
 
     from pearl_runtime.bench.mps import sharing_warning
+    _check_up(args)
     devices = [getattr(args, f"{w}_device", None) or args.device for w in ("target", "draft")]
     if warning := sharing_warning([args.mode], *devices, args.mps):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     with ExitStack() as scope:
         env = None
         if args.mps:
-            from pearl_runtime.bench.mps import mps_daemon, parse_shares
-            env = scope.enter_context(mps_daemon(parse_shares(args.mps_shares)))
+            from pearl_runtime.bench.mps import mps_daemon, preflight
+            env = scope.enter_context(mps_daemon(preflight(args.mps_shares)))
         _run_up(args, Stack(args, env))
+
+
+def _check_up(args) -> None:
+    """What would stop a service at start, found before any starts: the model directories, the ports."""
+    from pearl_runtime.models.check import check_model_dir
+    from pearl_runtime.rpc.server import check_ports
+    if args.model:
+        check_model_dir(args.model, fast_tokenizer=True)   # the gateway's tokenizer too
+    if args.draft_model and args.mode != "ar":
+        check_model_dir(args.draft_model)
+    b, m = args.base_port, args.metrics_port
+    ports = {"the draft's, --base-port": b if args.mode != "ar" else 0, "the target's, --base-port + 1": b + 1,
+             "the gateway's, --base-port + 2": b + 2}
+    if m:
+        ports |= {"the draft's metrics, --metrics-port": m, "the target's metrics, --metrics-port + 1": m + 1,
+                  "the gateway's metrics, --metrics-port + 2": m + 2}
+    check_ports("127.0.0.1", ports)
 
 
 def _run_up(args, stack: Stack) -> None:
@@ -171,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
+    from pearl_runtime.usage import pop_debug, user_errors
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in launch.MODULES:   # a service runs as its own process, with its own flags
         os.execv(sys.executable, launch.service_argv(argv[0], argv[1:]))
@@ -178,9 +197,14 @@ def main(argv=None) -> None:
         health = _ProbeParser(prog="pearl health", description="check a service's gRPC health")
         add_health_arguments(health)
         args = health.parse_args(argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
-    args.fn(args)
+        return args.fn(args)   # outside user_errors: its exit codes are 0 and 1 only
+    argv, debug = pop_debug(argv)
+    args = build_parser().parse_args(argv)
+    with user_errors(f"pearl {args.cmd}", debug, address=getattr(args, "address", None)):
+        if getattr(args, "mps", False):   # pearl up, pearl bench
+            from pearl_runtime.bench.mps import preflight
+            preflight(args.mps_shares)
+        args.fn(args)
 
 
 if __name__ == "__main__":

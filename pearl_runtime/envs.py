@@ -123,6 +123,15 @@ _declare("PEARL_LOG_FORMAT", str, "auto", "json | console | auto (console on a t
 _declare("PEARL_METRICS_PORT", int, 0, "HTTP port of /metrics (0: off)", SERVICES, "--metrics-port")
 _declare("PEARL_HEALTH_PORT", int, 0, "a plaintext port serving only grpc.health.v1, for probes under TLS (0: off)",
          SERVICES, "--health-port")
+_declare("PEARL_DRAIN_TIMEOUT_S", float, 30.0,
+         "SIGTERM: how long the requests in flight may take to finish before the port closes", ("target", "gateway"),
+         "--drain-timeout")
+_declare("PEARL_MAX_QUEUED_REQUESTS", int, 1024,
+         "requests a target holds waiting for a batch slot; past it RESOURCE_EXHAUSTED", ("target",),
+         "--max-queued-requests")
+_declare("PEARL_MAX_CONCURRENT_REQUESTS", int, 1024,
+         "Generate calls the gateway serves at once; past it RESOURCE_EXHAUSTED", ("gateway",),
+         "--max-concurrent-requests")
 _declare("PEARL_COALESCE_MS", float, 2.0, "how long the gateway gathers new requests into one Submit",
          ("gateway",), "--coalesce-ms")
 

@@ -19,3 +19,7 @@ class InvalidRequest(PearlError):
 
 class OutOfBlocks(PearlError):
     """The paged KV cache has no free block for this request."""
+
+
+class UsageError(PearlError):
+    """A flag's value a process cannot start with: a port in use, a bad --mps-shares."""

@@ -10,7 +10,9 @@ from pearl_runtime import envs, keep_awake
 from pearl_runtime.config import add_engine_args, engine_config_from_args
 from pearl_runtime.log import setup as setup_logging
 from pearl_runtime.models.default_model import default_model
-from pearl_runtime.rpc.server import run_async, serve_until_signal
+from pearl_runtime.models.check import check_model_dir
+from pearl_runtime.rpc.server import check_ports, run_async, serve_until_signal
+from pearl_runtime.usage import pop_debug, user_errors
 
 
 def _head_start(text: str) -> int:
@@ -33,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = argparse.ArgumentParser(prog="pearl target", description="run the target service")
     add_engine_args(t)
     t.add_argument("--port", type=int, default=envs.default("PEARL_TARGET_PORT"))
+    t.add_argument("--drain-timeout", type=float, default=envs.default("PEARL_DRAIN_TIMEOUT_S"),
+                   help="SIGTERM: seconds the requests in flight may take to finish (NOT_SERVING at once; what is "
+                        "left when it passes, the gateway resubmits elsewhere)")
+    t.add_argument("--max-queued-requests", type=int, default=envs.default("PEARL_MAX_QUEUED_REQUESTS"),
+                   help="requests waiting for a batch slot; past it a new one is refused RESOURCE_EXHAUSTED")
     t.add_argument("--served-model-name", default=envs.default("PEARL_SERVED_MODEL_NAME"),
                    help="the model name the target reports (Info, metrics) and clients see through a gateway "
                         "without its own (default: the model directory's name)")
@@ -63,6 +70,9 @@ def run(args) -> None:
     from target_service.server import serve
     setup_logging("target", args.log_level, args.log_format)
     model = args.model or default_model()
+    check_model_dir(model)
+    check_ports(args.host, {"--port": args.port, "--metrics-port": args.metrics_port,
+                "--health-port": args.health_port})
     draft = None if args.mode == "ar" else args.draft
     gamma = None if str(args.gamma) == "auto" else int(args.gamma)
     with keep_awake.for_service(args.keep_awake, args.device):
@@ -73,11 +83,15 @@ def run(args) -> None:
                                       device_tokens=args.device_tokens == "on",
                                       round_datagrams=args.round_datagrams == "on",
                                       metrics_port=args.metrics_port, served_model_name=args.served_model_name,
-                                      health_port=args.health_port)))
+                                      health_port=args.health_port, drain_timeout_s=args.drain_timeout,
+                                      max_waiting=args.max_queued_requests)))
 
 
 def main(argv=None) -> None:
-    run(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    argv, debug = pop_debug(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser().parse_args(argv)
+    with user_errors("pearl target", debug):
+        run(args)
 
 
 if __name__ == "__main__":

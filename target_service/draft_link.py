@@ -22,6 +22,10 @@ from pearl_runtime.log import get_logger
 log = get_logger(__name__)
 
 
+ROUND_SLOWDOWN = 50.0   # a round this many times slower than usual: the draft is stalled
+ROUND_FLOOR_S = 5.0     # never sooner: a new sequence's first round prefills its prompt on the draft
+
+
 class DraftRefused(Exception):
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
@@ -70,6 +74,8 @@ class DraftLink:
         self._lost.set()
         self.split = TransportSplit()
         self.refused: Counter = Counter()   # refused handshakes by kind
+        self.unreachable = 0                # dials that failed (no draft there, or not ready)
+        self._round_s: float | None = None  # a running mean of round times, for the watchdog
         self._written = 0.0         # when the last Round went to the stream (time.monotonic)
 
     async def _connect(self) -> None:
@@ -123,14 +129,17 @@ class DraftLink:
         log.info("Rounds go by datagram too, ahead of the stream", draft=self.address, port=reply.round_port)
         return sender
 
-    async def maintain(self, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
-                       refused_backoff_s: float = 30.0) -> None:
-        delay = backoff_s
+    async def maintain(self, backoff_s: float = 0.1, max_backoff_s: float = 0.5,
+                       refused_backoff_s: float = 30.0, warn_every_s: float = 30.0) -> None:
+        """Keep the link up. A dial that fails costs a refused connection or an UNAVAILABLE from
+        a loading draft, so the retry stays short (a restarted draft is used within about
+        `max_backoff_s` of its readiness); the warning repeats at most every `warn_every_s`."""
+        delay, warned_at = backoff_s, None
         while True:
             await self._lost.wait()
             try:
                 await self._connect()
-                delay = backoff_s
+                delay, warned_at = backoff_s, None
             except DraftRefused as e:
                 self.refused[e.kind] += 1
                 log.error("draft refused the handshake; serving ar", draft=self.address, reason=str(e),
@@ -139,7 +148,11 @@ class DraftLink:
                 await asyncio.sleep(refused_backoff_s)
             except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, OSError,
                     asyncio.InvalidStateError) as e:
-                log.debug("draft unreachable", draft=self.address, error=str(e)[:200], retry_s=delay)
+                self.unreachable += 1
+                if warned_at is None or time.monotonic() - warned_at >= warn_every_s:
+                    warned_at = time.monotonic()
+                    log.warning("draft unreachable; serving ar until it answers", draft=self.address,
+                                error=str(e)[:200], retry_s=delay, failed_dials=self.unreachable)
                 await self._close()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, max_backoff_s)
@@ -202,17 +215,27 @@ class DraftLink:
                 raise ConnectionError("the draft link is down")
             # a timeout scope, not wait_for: wait_for wraps the read in a task of its own,
             # one more trip through the event loop every round
-            async with asyncio.timeout(self.round_timeout_s):
+            async with asyncio.timeout(self.round_deadline_s()):
                 msg = await self.call.read()
             if (msg is grpc.aio.EOF or msg.WhichOneof("kind") != "batch" or msg.batch.round_id != round_id
                     or msg.batch.early != early):
                 raise ConnectionError("draft stream ended or answered out of order")
             if not msg.batch.early:
+                took = time.monotonic() - self._written
+                self._round_s = took if self._round_s is None else 0.9 * self._round_s + 0.1 * took
                 self.split.add(self._written, msg.batch, time.monotonic(), self.round_timeout_s)
             return msg.batch
         except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, grpc.aio.UsageError,
                 asyncio.InvalidStateError) as e:
             return await self._lost_with(e)
+
+    def round_deadline_s(self) -> float:
+        """The watchdog: a draft round taking ROUND_SLOWDOWN times its running mean (at least
+        ROUND_FLOOR_S; `round_timeout_s` before any was timed) marks the link down, so a stalled
+        draft costs the target one late round, then it serves ar."""
+        if self._round_s is None:
+            return self.round_timeout_s
+        return min(self.round_timeout_s, max(ROUND_FLOOR_S, ROUND_SLOWDOWN * self._round_s))
 
     async def _lost_with(self, error: Exception) -> None:
         log.warning("draft link lost; falling back to ar", draft=self.address, error=str(error)[:200])

@@ -86,9 +86,11 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
                 draft_address: str | None = None, gamma: int | None = 4, ready=None, ar_steps: int = 4,
                 max_gamma: int = 16, head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM,
                 device_tokens: bool = True, round_datagrams: bool = True, metrics_port: int = 0,
-                served_model_name: str | None = None, health_port: int = 0) -> None:
+                served_model_name: str | None = None, health_port: int = 0,
+                drain_timeout_s: float = 30.0, max_waiting: int = 1024) -> None:
     """Serve until cancelled. The port answers health (NOT_SERVING) while the engine loads;
-    `ready(port)` is called once it serves."""
+    `ready(port)` is called once it serves. Cancelled, it drains: NOT_SERVING at once, the
+    requests in flight finish within `drain_timeout_s`, then the port closes."""
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
     tracing.setup("target")
@@ -105,7 +107,8 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
         # the engine loads on a thread, so health answers meanwhile
         service = await asyncio.get_running_loop().run_in_executor(None, lambda: TargetService(
             cfg, mode, draft_address, gamma, ar_steps=ar_steps, max_gamma=max_gamma, head_start=head_start,
-            head_start_quorum=head_start_quorum, device_tokens=device_tokens, round_datagrams=round_datagrams))
+            head_start_quorum=head_start_quorum, device_tokens=device_tokens, round_datagrams=round_datagrams,
+            max_waiting=max_waiting))
         registry = CollectorRegistry()
         service.collector = TargetCollector(service, registry, model_name)
         endpoint = serve_metrics(registry, host, metrics_port)
@@ -120,11 +123,14 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
             ready(bound)
         await server.wait_for_termination()
     finally:
-        for task in tasks or ():
-            task.cancel()
         try:
-            await stop_serving(server, health)   # raises CancelledError when serve() itself was cancelled
+            # the round loop runs on while the requests in flight finish
+            drained = None if tasks is None else (lambda: not service.core.has_work() and not service.inbox)
+            # after the drain, a moment for the last TokenBatches to go out (what is lost, the gateway resubmits)
+            await stop_serving(server, health, grace_s=0.2, drained=drained, drain_timeout_s=drain_timeout_s)
         finally:
+            for task in tasks or ():
+                task.cancel()
             if service is not None:
                 service.close()
             if endpoint is not None:

@@ -143,6 +143,8 @@ class TargetCollector:
         yield counter("pearl:head_start_rounds", "PEARL rounds that waited for a head start", s.head_start_rounds)
         yield gauge("pearl:spec_gamma", "gamma of the last speculative round", svc.gamma)
         yield gauge("pearl:draft_link_up", "1 while the draft link is up", int(link is not None and link.connected))
+        yield counter("pearl:draft_unreachable", "dials of the draft that failed (none there, or not ready)",
+                      link.unreachable if link is not None else 0)
         yield counter("pearl:draft_reconnects", "draft link connects after the first",
                       max(0, link.generation - 1) if link is not None else 0)
         refused = CounterMetricFamily("pearl:draft_refused", "draft handshakes refused, by reason",

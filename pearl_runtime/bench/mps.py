@@ -10,6 +10,8 @@ import subprocess
 import tempfile
 from contextlib import contextmanager
 from collections.abc import Iterator
+
+from pearl_runtime.errors import UsageError
 from pearl_runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -26,6 +28,21 @@ def parse_shares(text: str) -> tuple[int, int]:
     if not (0 < target <= 100 and 0 < draft <= 100):
         raise ValueError(f"--mps-shares percentages must be in 1..100, got {text!r}")
     return target, draft
+
+
+def preflight(shares_text: str) -> tuple[int, int]:
+    """--mps checked before anything starts: the shares parse and the control daemon's binary is there."""
+    try:
+        shares = parse_shares(shares_text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _need_control()
+    return shares
+
+
+def _need_control() -> None:
+    if shutil.which(CONTROL) is None:
+        raise UsageError(f"--mps: {CONTROL} is not on PATH (it ships with the NVIDIA driver)")
 
 
 def same_gpu(target_device: str, draft_device: str) -> bool:
@@ -49,14 +66,14 @@ def mps_daemon(shares: tuple[int, int]) -> Iterator[dict[str, dict[str, str]]]:
     service ({"target": ..., "draft": ..., "gateway": ...}; a None value unsets a variable).
     Its pipe and log directories are private temp dirs, so it neither joins nor disturbs a
     system-wide daemon."""
-    if shutil.which(CONTROL) is None:
-        raise SystemExit(f"--mps: {CONTROL} is not on PATH (it ships with the NVIDIA driver)")
+    _need_control()
     pipe, logs = tempfile.mkdtemp(prefix="pearl-mps-pipe-"), tempfile.mkdtemp(prefix="pearl-mps-log-")
     base = {"CUDA_MPS_PIPE_DIRECTORY": pipe, "CUDA_MPS_LOG_DIRECTORY": logs}
     env = {**os.environ, **base}
     done = subprocess.run([CONTROL, "-d"], env=env, capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
-        raise SystemExit(f"--mps: `{CONTROL} -d` failed (rc {done.returncode}): {done.stderr.strip()}")
+        output = " ".join((done.stderr or done.stdout).split())
+        raise UsageError(f"--mps: `{CONTROL} -d` failed (rc {done.returncode}): {output or 'no output'}")
     target, draft = shares
     log.warning("CUDA MPS is ON: daemon pipe %s, SM shares target %d%% / draft %d%%", pipe, target, draft)
     client = dict(base)

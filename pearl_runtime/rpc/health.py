@@ -32,6 +32,7 @@ class Health:
         self.serving = False
         self.reason = "starting"
         self.plain: grpc.aio.Server | None = None
+        self.stopped = False      # shutdown begun: readiness never comes back
 
     def add_to(self, server: grpc.aio.Server) -> None:
         """Register health and reflection on `server`, before it starts: readiness starts
@@ -44,6 +45,8 @@ class Health:
 
     async def set_ready(self, ready: bool, reason: str = "") -> None:
         """Readiness of the overall service and the pearl service; logged when it changes."""
+        if self.stopped:
+            return
         if ready == self.serving and (ready or reason == self.reason):
             return
         self.serving, self.reason = ready, "" if ready else reason
@@ -71,8 +74,9 @@ class Health:
             self.plain = None
 
     async def stopping(self) -> None:
-        """Shutdown begun: readiness NOT_SERVING, liveness stays SERVING until the process exits."""
+        """Shutdown begun: readiness NOT_SERVING for good, liveness SERVING until the process exits."""
         await self.set_ready(False, "shutting down")
+        self.stopped = True
 
 
 async def check(address: str, service: str = OVERALL, timeout_s: float = 5.0,

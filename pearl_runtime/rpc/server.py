@@ -1,14 +1,15 @@
 """Process plumbing shared by the services: the event loop, a grpc.aio server, serving until a signal."""
 import asyncio
+import errno
 import inspect
 import signal
 import socket
 
 import grpc
 
-from pearl_runtime.errors import PearlError
+from pearl_runtime.errors import PearlError, UsageError
 from pearl_runtime.log import get_logger
-from pearl_runtime.rpc.status import status_of
+from pearl_runtime.rpc.status import abort_with, status_of
 
 
 def run_async(main) -> None:
@@ -32,12 +33,41 @@ GRPC_OPTIONS = [
 ]
 
 
+# gRPC sets SO_REUSEPORT by default: on Linux a second server on a held port then binds and
+# silently shares its connections. Off, the second one fails at start.
+SO_REUSEPORT = 0
+
+
 def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:   # gRPC's "Failed to bind", without the cause
+        bound = 0
     if not bound:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise UsageError(f"cannot listen on {address}: port {port} is in use or the host is not local")
     return bound
+
+
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Fail at start, naming the port and its flag (the key), when another process holds one
+    of `ports` (0: any free port, skipped). Binds the way gRPC does (SO_REUSEADDR), then lets go."""
+    if SO_REUSEPORT:
+        return
+    for flag, port in ports.items():
+        if not port:
+            continue
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(addr)
+        except socket.gaierror as e:
+            raise UsageError(f"cannot resolve host {host!r}: {e.strerror}") from e
+        except OSError as e:
+            cause = "is in use by another process" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
+            raise UsageError(f"port {port} on {host} ({flag}) {cause}") from e
 
 
 def host_id() -> str:
@@ -64,12 +94,34 @@ async def serve_until_signal(coro) -> None:
 STOPPING_WINDOW_S = 0.5
 
 
-async def stop_serving(server: grpc.aio.Server, health, grace_s: float = 1.0) -> None:
-    """Shutdown in order: readiness NOT_SERVING, a moment for watchers to see it, then stop."""
+async def stop_serving(server: grpc.aio.Server, health, grace_s: float = 1.0, drained=None,
+                       drain_timeout_s: float = 0.0) -> None:
+    """Shutdown in order: readiness NOT_SERVING, a moment for watchers to see it, the drain
+    (until `drained()` holds or `drain_timeout_s` passed: the work in flight finishes), then
+    stop (what a closed stream leaves behind, its caller resubmits elsewhere)."""
     await health.stopping()
     await asyncio.sleep(STOPPING_WINDOW_S)
+    if drained is not None:
+        await drain(drained, drain_timeout_s)
     await server.stop(grace_s)
     await health.close_plain_port()
+
+
+async def drain(drained, timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Wait until `drained()` or `timeout_s`; logged either way. True when drained."""
+    log = get_logger(__name__)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    if not drained():
+        log.info("draining: in-flight work finishes before the port closes", timeout_s=timeout_s)
+    while not drained():
+        if loop.time() - start >= timeout_s:
+            log.warning("drain timeout: stopping with work in flight (its callers resubmit it)",
+                        timeout_s=timeout_s)
+            return False
+        await asyncio.sleep(poll_s)
+    log.info("drained", seconds=round(loop.time() - start, 3))
+    return True
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -126,7 +178,7 @@ async def _abort(context, error: Exception, method: str):
     else:
         get_logger(__name__).exception("unexpected error in a call", method=method)
         code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__} (logged)"
-    await context.abort(code, message)
+    await abort_with(context, code, message)
 
 
 def _is_abort(error: Exception) -> bool:
@@ -134,4 +186,5 @@ def _is_abort(error: Exception) -> bool:
 
 
 def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=GRPC_OPTIONS, interceptors=[ErrorInterceptor()])
+    return grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", SO_REUSEPORT)],
+                           interceptors=[ErrorInterceptor()])

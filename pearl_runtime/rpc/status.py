@@ -52,6 +52,17 @@ def code_from_int(value: int) -> grpc.StatusCode:
     return _BY_INT.get(value, grpc.StatusCode.UNKNOWN)
 
 
+# gRPC's retry pushback: a client with a retry policy waits this long before retrying a refusal
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+RETRY_PUSHBACK_MS = 1000
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: PearlError) -> NoReturn:
-    code, message = status_of(exc)
+    await abort_with(context, *status_of(exc))
+
+
+async def abort_with(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with `code`; a RESOURCE_EXHAUSTED (a full queue) carries the retry pushback."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(RETRY_PUSHBACK_MS)),))
     await context.abort(code, message)

@@ -132,7 +132,10 @@ def _until(predicate, what: str, timeout_s: float = 30.0) -> None:
 def scaled(llama_dir, tmp_path):
     """Two ar targets behind `targets.test:PORT` and a gateway resolving it every 0.2 s."""
     port = free_port()
-    engine = ["--model", str(llama_dir), "--mode", "ar", "--kv-cache-gb", "0.05", "--threads", "1"]
+    # a short drain: a SIGTERM'd replica hands its unfinished requests back (tests/services/test_drain.py
+    # shows the full drain)
+    engine = ["--model", str(llama_dir), "--mode", "ar", "--kv-cache-gb", "0.05", "--threads", "1",
+              "--drain-timeout", "0.2"]
     targets = [HostService("target", engine + ["--draft", f"127.0.0.1:{free_port()}"], tmp_path, f"target-{i}",
                            port=port, host=host) for i, host in enumerate(HOSTS)]
     metrics_port = free_port()
@@ -172,7 +175,7 @@ def test_the_gateway_spreads_over_both_replicas_of_one_name(scaled, llama_dir):
 def test_stopping_one_replica_moves_its_requests_to_the_other(scaled, llama_dir, sig):
     gateway, (victim, survivor) = scaled
     prompts = [[9 + i, 4, 21 + 2 * i] for i in range(6)]
-    max_tokens = 160
+    max_tokens = 400
     seen: list[int] = []
 
     def on_delta(text, ids):
