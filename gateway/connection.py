@@ -34,6 +34,9 @@ class Incompatible(Exception):
     """A target that serves another model or tokenizer than the gateway's."""
 
 
+INCOMPATIBLE_RETRY_S = 30.0
+
+
 class TargetConnection:
     """One target: Info at connect, then a Serve stream; re-dials with backoff when it breaks."""
 
@@ -132,7 +135,7 @@ class TargetConnection:
                 self._report_down(e)
             except Incompatible as e:
                 log.error("target refused", target=self.address, reason=str(e))
-                delay = self._redial_s[1]
+                delay = INCOMPATIBLE_RETRY_S      # it will not change by itself soon
             except Exception:
                 log.exception("target stream failed", target=self.address)
             finally:

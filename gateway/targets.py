@@ -34,6 +34,12 @@ def public_model_name(reported: str, served_model_name: str | None = None) -> st
     return reported
 
 
+# first and longest wait between dials of a target that is down: a dial to a stopped port fails
+# at once, so short retries are cheap, and a restarted target gets traffic within ~0.5 s of
+# its readiness
+REDIAL_S = (0.05, 0.5)
+
+
 class TargetRouter:
     """Admission, placement on the ready target with the fewest requests, and failover.
 
@@ -42,7 +48,7 @@ class TargetRouter:
 
     def __init__(self, addresses: list[str] = (), *, coalesce_s: float = 0.002, max_in_flight: int = 1024,
                  park_timeout_s: float = 30.0, max_resubmits: int = 5, tokenizer_hash: str = "",
-                 redial_s: tuple[float, float] = (0.05, 5.0), retire_grace_s: float = RETIRE_GRACE_S,
+                 redial_s: tuple[float, float] = REDIAL_S, retire_grace_s: float = RETIRE_GRACE_S,
                  sources: list[str] | None = None, served_model_name: str | None = None,
                  on_readiness: Callable[[], None] = lambda: None, on_resubmit: Callable[[], None] = lambda: None):
         self.served_model_name = served_model_name or None
