@@ -126,6 +126,9 @@ _declare("PEARL_HEALTH_PORT", int, 0, "a plaintext port serving only grpc.health
 _declare("PEARL_DRAIN_TIMEOUT_S", float, 30.0,
          "SIGTERM: how long the requests in flight may take to finish before the port closes", ("target", "gateway"),
          "--drain-timeout")
+_declare("PEARL_HUNG_ROUND_FLOOR_S", float, 30.0,
+         "the least time a round runs before the watchdog calls it hung (else 100x the mean round)", ("target",),
+         "--hung-round-floor")
 _declare("PEARL_MAX_QUEUED_REQUESTS", int, 1024,
          "requests a target holds waiting for a batch slot; past it RESOURCE_EXHAUSTED", ("target",),
          "--max-queued-requests")

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--drain-timeout", type=float, default=envs.default("PEARL_DRAIN_TIMEOUT_S"),
                    help="SIGTERM: seconds the requests in flight may take to finish (NOT_SERVING at once; what is "
                         "left when it passes, the gateway resubmits elsewhere)")
+    t.add_argument("--hung-round-floor", type=float, default=envs.default("PEARL_HUNG_ROUND_FLOOR_S"),
+                   help="a round running 100x the mean round, and at least this many seconds, is hung: the target "
+                        "goes NOT_SERVING and hands its requests back to the gateway")
     t.add_argument("--max-queued-requests", type=int, default=envs.default("PEARL_MAX_QUEUED_REQUESTS"),
                    help="requests waiting for a batch slot; past it a new one is refused RESOURCE_EXHAUSTED")
     t.add_argument("--served-model-name", default=envs.default("PEARL_SERVED_MODEL_NAME"),
@@ -84,7 +87,8 @@ def run(args) -> None:
                                       round_datagrams=args.round_datagrams == "on",
                                       metrics_port=args.metrics_port, served_model_name=args.served_model_name,
                                       health_port=args.health_port, drain_timeout_s=args.drain_timeout,
-                                      max_waiting=args.max_queued_requests)))
+                                      max_waiting=args.max_queued_requests,
+                                      hung_round_floor_s=args.hung_round_floor)))
 
 
 def main(argv=None) -> None:

@@ -22,7 +22,11 @@ from target_service.stats import TargetCollector, metrics_message
 log = get_logger(__name__)
 
 SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["Target"].full_name
-HUNG_STEP_S = 120.0   # a round running this long marks the target NOT_SERVING until it ends
+# the hung-round watchdog: a round running HUNG_SLOWDOWN times the mean round, and at least
+# HUNG_FLOOR_S (a first shape's kernel compile, a long prefill), is hung
+HUNG_SLOWDOWN = 100.0
+HUNG_FLOOR_S = 30.0
+HUNG = object()       # put on a stream's queue: end that Serve call, its requests go elsewhere
 
 
 class TargetServicer(target_pb2_grpc.TargetServicer):
@@ -30,6 +34,7 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
 
     def __init__(self, service: TargetService | None = None, model_name: str = ""):
         self.service = service
+        self.streams: dict[int, GatewayStream] = {}   # the Serve calls open now, by id
         self.model_name = model_name   # what Info reports: --served-model-name, else the directory's name
 
     def _ready(self) -> TargetService:
@@ -63,23 +68,48 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
                 stream.out.put_nowait(None)
 
         reader = asyncio.get_running_loop().create_task(read())
+        self.streams[id(stream)] = stream
         try:
             while (msg := await stream.out.get()) is not None:
+                if msg is HUNG:
+                    raise Unavailable("the target's round is hung; its requests go to another target")
                 yield msg
         finally:
+            self.streams.pop(id(stream), None)
             reader.cancel()
             service.drop_stream(stream)   # the gateway went away: free its sequences
 
 
-async def watch_steps(service: TargetService, health: Health, hung_s: float = HUNG_STEP_S) -> None:
-    """Readiness follows the round loop: NOT_SERVING while one round has run past `hung_s`."""
+def hung_after_s(service: TargetService, floor_s: float = HUNG_FLOOR_S) -> float:
+    """How long a round may run before the watchdog calls it hung."""
+    rounds = service.stats.rounds
+    mean_s = service.stats.round_ms / rounds / 1e3 if rounds else 0.0
+    return max(floor_s, HUNG_SLOWDOWN * mean_s)
+
+
+async def watch_steps(service: TargetService, health: Health, servicer: "TargetServicer",
+                      hung_after=hung_after_s, poll_s: float = 1.0) -> None:
+    """The hung-round watchdog. Past `hung_after(service)` seconds in one round: NOT_SERVING,
+    and every Serve call ends UNAVAILABLE, so the gateway resubmits its requests elsewhere
+    (the hung round's results, if it ever ends, go nowhere: its streams are gone). SERVING
+    again once the loop moves."""
+    stuck_at = None           # last_step_at of the round called hung
     while True:
-        started = service.last_step_at
-        if started is not None and time.monotonic() - started > hung_s:
-            await health.set_ready(False, f"a round has run for over {hung_s:.0f} s")
-        elif not health.serving and health.reason.startswith("a round"):
-            await health.set_ready(True)
-        await asyncio.sleep(1.0)
+        started, limit = service.last_step_at, hung_after(service)
+        if stuck_at is not None:
+            if started != stuck_at:
+                stuck_at = None
+                log.warning("round loop moving again: SERVING")
+                await health.set_ready(True)
+        elif started is not None and time.monotonic() - started > limit:
+            stuck_at = started
+            log.error("round hung: NOT_SERVING, handing its requests back to the gateways",
+                      seconds=round(time.monotonic() - started, 1), limit_s=round(limit, 1),
+                      streams=len(servicer.streams))
+            await health.set_ready(False, f"a round has run for over {limit:.0f} s")
+            for stream in list(servicer.streams.values()):
+                stream.out.put_nowait(HUNG)
+        await asyncio.sleep(poll_s)
 
 
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, mode: str = "pearl",
@@ -87,7 +117,8 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
                 max_gamma: int = 16, head_start: int = -1, head_start_quorum: float = HEAD_START_QUORUM,
                 device_tokens: bool = True, round_datagrams: bool = True, metrics_port: int = 0,
                 served_model_name: str | None = None, health_port: int = 0,
-                drain_timeout_s: float = 30.0, max_waiting: int = 1024) -> None:
+                drain_timeout_s: float = 30.0, max_waiting: int = 1024,
+                hung_round_floor_s: float = HUNG_FLOOR_S) -> None:
     """Serve until cancelled. The port answers health (NOT_SERVING) while the engine loads;
     `ready(port)` is called once it serves. Cancelled, it drains: NOT_SERVING at once, the
     requests in flight finish within `drain_timeout_s`, then the port closes."""
@@ -113,7 +144,8 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
         service.collector = TargetCollector(service, registry, model_name)
         endpoint = serve_metrics(registry, host, metrics_port)
         gc_pauses.freeze_and_watch()   # the start-up heap out of the collector's walks
-        tasks = [asyncio.create_task(service.run()), asyncio.create_task(watch_steps(service, health))]
+        tasks = [asyncio.create_task(service.run()), asyncio.create_task(watch_steps(
+            service, health, servicer, lambda svc: hung_after_s(svc, hung_round_floor_s)))]
         servicer.service = service
         await health.set_ready(True)
         log.info("target serving", address=f"{host}:{bound}", mode=mode, draft=draft_address,
