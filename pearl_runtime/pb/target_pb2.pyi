@@ -97,20 +97,24 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "max_model_len", "eos_token_ids", "tokenizer_hash", "mode")
+    __slots__ = ("model", "vocab_size", "max_model_len", "eos_token_ids", "tokenizer_hash", "mode", "draft_connected", "draft_address")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     max_model_len: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     tokenizer_hash: str
     mode: str
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_hash: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    draft_connected: bool
+    draft_address: str
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_hash: _Optional[str] = ..., mode: _Optional[str] = ..., draft_connected: _Optional[bool] = ..., draft_address: _Optional[str] = ...) -> None: ...
 
 class Submission(_message.Message):
     __slots__ = ("request_id", "prompt_ids", "params", "stop_token_ids", "traceparent")

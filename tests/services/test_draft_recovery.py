@@ -12,6 +12,14 @@ from pearl_runtime.rpc.health import check
 from tests.services.procs import free_port, reference_greedy, target_metrics
 
 
+def _info(target):
+    import grpc
+
+    from pearl_runtime.pb import target_pb2, target_pb2_grpc
+    with grpc.insecure_channel(target.address) as ch:
+        return target_pb2_grpc.TargetStub(ch).Info(target_pb2.InfoRequest(), timeout=10)
+
+
 def _until(predicate, what: str, timeout_s: float = 30.0, poll_s: float = 0.02) -> float:
     """Seconds until `predicate()` holds."""
     t0 = time.time()
@@ -41,6 +49,8 @@ def test_an_absent_draft_is_warned_and_counted_then_used_within_a_second_of_read
     time.sleep(2.0)
     assert target.count("draft unreachable") == 1, "the warning repeats at a low rate, not per dial"
     assert not target_metrics(target).draft_connected
+    info = _info(target)
+    assert not info.draft_connected and info.draft_address == f"127.0.0.1:{draft_port}"
 
     draft = cluster.service("draft", cluster.engine_args(cluster.draft_models["copy"]), "draft-late",
                             port=draft_port)
@@ -52,6 +62,7 @@ def test_an_absent_draft_is_warned_and_counted_then_used_within_a_second_of_read
     out = asyncio.run(generate(gateway.address, token_ids=prompt, max_tokens=48, ignore_eos=True, timeout_s=60))
     assert out.token_ids == reference_greedy(cluster.target_model, [prompt], [48])[0]
     assert target_metrics(target).speculative_rounds > 0
+    assert _info(target).draft_connected
 
 
 def test_a_stalled_draft_is_cut_off_by_the_watchdog_and_requests_finish_in_ar(cluster, lonely):
