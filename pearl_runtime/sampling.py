@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from pearl_runtime.errors import InvalidRequest
+from pearl_runtime.validation import check_sampling
 
 
 @dataclass(frozen=True)
@@ -21,14 +21,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise InvalidRequest("temperature", f"must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidRequest("top_k", f"must be >= 0, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise InvalidRequest("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.max_tokens)
 
     @property
     def greedy(self) -> bool:

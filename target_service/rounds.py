@@ -88,6 +88,7 @@ class TargetService:
         self.last_step_at = time.monotonic()   # when the loop last finished a round (or idled)
         self._chain_logged = False
         self._query_len = 1
+        self._in_round: list[Request] = []   # the round's requests, for _fail_round
 
     def accepted_per_position(self) -> dict[int, int]:
         return self.stats.accepted_per_position()
@@ -160,17 +161,18 @@ class TargetService:
                 await self.round()
             except Exception as e:   # a bug must not stop the loop and hang every stream
                 log.exception("round failed; failing the requests in it")
-                self._fail_running(f"internal error in the target's round: {type(e).__name__}: {e}")
+                self._fail_round(f"internal error in the target's round: {type(e).__name__}: {str(e)[:200]}")
             self.last_step_at = time.monotonic()
 
     async def round(self) -> None:
         loop = asyncio.get_running_loop()
         if (ahead := self._ahead) is not None:   # sd: this round's Round already went out
             self._ahead = None
+            self._in_round = ahead[0]
             await self._sd_round(*ahead)
             return
         t0 = time.perf_counter()
-        reqs = self.core.schedule()
+        reqs = self._in_round = self.core.schedule()
         if not reqs:
             await asyncio.sleep(0.001)
             return
@@ -304,16 +306,20 @@ class TargetService:
         self.executor.shutdown(wait=True)
         self.core.runner.close()
 
-    def _fail_running(self, message: str) -> None:
-        for seq in list(self.core.scheduler.running):
-            req = self.core.requests.get(seq.seq_id)
-            if req is None:
-                self.core.scheduler.finish(seq)
-                continue
-            req.sink.requests.pop(req.request_id, None)
-            self.core.cancel(req)
-            self._ended(req, "failed")
-            req.sink.out.put_nowait(wire.error_update(req.request_id, message, grpc.StatusCode.INTERNAL))
+    def _fail_round(self, message: str) -> None:
+        """A round raised: the requests it finished (or failed alone) left the scheduler untold, so
+        their ends go out first; every other one of the round, or still running, fails with `message`."""
+        running = [self.core.requests.get(s.seq_id) for s in self.core.scheduler.running]
+        reqs = {id(r): r for r in [*self._in_round, *running] if r and r.sink.requests.get(r.request_id) is r}
+        try:
+            self._publish([r for r in reqs.values() if r.finished or r.error is not None])
+        except Exception:
+            log.exception("publishing the ends of a failed round's requests failed")
+        for req in reqs.values():
+            if req.sink.requests.pop(req.request_id, None) is not None:   # not published just now
+                self.core.cancel(req)
+                self._ended(req, "failed")
+                req.sink.out.put_nowait(wire.error_update(req.request_id, message, grpc.StatusCode.INTERNAL))
 
     async def _verify_drafts(self, reqs: list[Request], batch):
         """sd: verify the round's draft tokens. Inline ones attach as they are. Ones left on the
@@ -390,14 +396,14 @@ class TargetService:
     def _publish(self, reqs: list[Request]) -> None:
         by_stream: dict[int, tuple[GatewayStream, list]] = {}
         for r in reqs:
-            if not r.new_tokens and not r.finished:
+            if not r.new_tokens and not r.finished and r.error is None:
                 continue
             upd = wire.token_update(r, self.last_path or "")
-            if r.finished:
+            if r.finished or r.error is not None:   # an error: it failed alone (verifier._fail)
                 r.sink.requests.pop(r.request_id, None)
                 log.info("request finished", request_id=r.request_id, finish=r.seq.finish_reason,
-                         new_tokens=r.seq.num_completion_tokens, forwards=r.forwards)
-                self._ended(r, r.seq.finish_reason)
+                         new_tokens=r.seq.num_completion_tokens, forwards=r.forwards, error=r.error)
+                self._ended(r, "failed" if r.error is not None else r.seq.finish_reason)
             r.new_tokens = []
             by_stream.setdefault(id(r.sink), (r.sink, []))[1].append(upd)
         for stream, updates in by_stream.values():

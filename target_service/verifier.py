@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pearl_runtime import validation
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.admission import check_prompt
 from pearl_runtime.engine.block_manager import BlockManager
@@ -38,6 +39,7 @@ class Request:
     trimmed: bool = False                # pending was cut short: the draft must drop what follows
     traceparent: str = ""                # W3C trace context the request came with (passed to the draft)
     span: object = None                  # its tracing span on this service, while it runs
+    error: str | None = None             # why it failed alone (its own judge or commit raised)
 
     @property
     def finished(self) -> bool:
@@ -106,6 +108,8 @@ class Verifier:
         `headroom`: tokens past the prompt a round may need at once."""
         check_prompt(req.seq.token_ids, self.max_model_len, self.runner.model_cfg.vocab_size, self.blocks,
                      field="prompt_ids", headroom=headroom)
+        validation.check_max_tokens(req.seq.params.max_tokens, len(req.seq), self.max_model_len)
+        validation.check_stop_token_ids(req.seq.params.stop_token_ids, self.runner.model_cfg.vocab_size)
         self.add(req)
         return req
 
@@ -118,8 +122,7 @@ class Verifier:
         self._forget(req)
 
     def _forget(self, req: Request) -> None:
-        self.requests.pop(req.seq.seq_id, None)
-        if req.on_draft:
+        if self.requests.pop(req.seq.seq_id, None) is not None and req.on_draft:
             self.removed.append(req.seq.seq_id)
 
     def has_work(self) -> bool:
@@ -221,12 +224,15 @@ class Verifier:
         out = self.runner.greedy_chain([r.seq for r in reqs], steps)
         done = []
         for req, toks in zip(reqs, out):
-            seq = req.seq
-            del seq.token_ids[len(seq) - steps:]
-            committed = commit(seq, toks, self.eos_ids, self.max_model_len)
-            req.new_tokens += committed
-            req.forwards += len(committed)   # the forwards that made its tokens
-            self._retire_or_trim(req, done)
+            committed_len = len(req.seq) - steps
+            try:
+                del req.seq.token_ids[committed_len:]
+                committed = commit(req.seq, toks, self.eos_ids, self.max_model_len)
+                req.new_tokens += committed
+                req.forwards += len(committed)   # the forwards that made its tokens
+                self._retire_or_trim(req, done)
+            except Exception as e:
+                self._fail(req, e, committed_len)
         return done
 
     def finish_round(self, reqs: list[Request], logits: list[tuple[torch.Tensor, list[int]]],
@@ -237,23 +243,38 @@ class Verifier:
         past the query bucket the rounds run in. Returns the requests that finished."""
         done = []
         for req, (rows, best) in zip(reqs, logits):
-            seq = req.seq
-            d = drafts.get(seq.seq_id) or DraftTokens([])
-            verdict = judge(rows, req.pending, req.pending_probs, d.tokens, d.probs, seq.params, seq.generator,
-                            argmax=best)
-            req.forwards += 1
-            req.drafted += len(req.pending) + min(1, len(d.tokens))
-            req.accepted += verdict.accepted
-            del seq.token_ids[len(seq) - len(req.pending):]      # back to the committed tokens
-            req.new_tokens += commit(seq, verdict.tokens, self.eos_ids, self.max_model_len)
-            req.pending, req.pending_probs = verdict.pending, verdict.pending_probs
-            if max_pending is not None and len(req.pending) > max_pending:
-                req.pending = req.pending[:max_pending]
-                if req.pending_probs is not None:
-                    req.pending_probs = req.pending_probs[:max_pending]
-                req.trimmed = True
-            self._retire_or_trim(req, done)
+            committed_len = len(req.seq) - len(req.pending)
+            try:
+                self._judge_one(req, rows, best, drafts.get(req.seq.seq_id) or DraftTokens([]), max_pending)
+                self._retire_or_trim(req, done)
+            except Exception as e:   # its sampling params or numbers: the others' verdicts stand
+                self._fail(req, e, committed_len)
         return done
+
+    def _judge_one(self, req: Request, rows, best: list[int], d: DraftTokens, max_pending: int | None) -> None:
+        seq = req.seq
+        verdict = judge(rows, req.pending, req.pending_probs, d.tokens, d.probs, seq.params, seq.generator,
+                        argmax=best)
+        req.forwards += 1
+        req.drafted += len(req.pending) + min(1, len(d.tokens))
+        req.accepted += verdict.accepted
+        del seq.token_ids[len(seq) - len(req.pending):]      # back to the committed tokens
+        req.new_tokens += commit(seq, verdict.tokens, self.eos_ids, self.max_model_len)
+        req.pending, req.pending_probs = verdict.pending, verdict.pending_probs
+        if max_pending is not None and len(req.pending) > max_pending:
+            req.pending = req.pending[:max_pending]
+            if req.pending_probs is not None:
+                req.pending_probs = req.pending_probs[:max_pending]
+            req.trimmed = True
+
+    def _fail(self, req: Request, error: Exception, committed_len: int) -> None:
+        """One request's judge or commit raised: it leaves the batch (and the draft) with
+        `error` set, back at its committed tokens; the round goes on for the others."""
+        log.exception("a request failed in its round; the others go on", request_id=req.request_id)
+        del req.seq.token_ids[committed_len:]
+        req.pending, req.pending_probs, req.new_tokens = [], None, []
+        req.error = f"{type(error).__name__}: {str(error)[:200]}"
+        self.cancel(req)
 
     def _retire_or_trim(self, req: Request, done: list[Request]) -> None:
         """After a commit the cache keeps what it computed of the committed tokens, all but

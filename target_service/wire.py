@@ -2,7 +2,9 @@
 DraftBatch -> DraftTokens, committed tokens -> TokenBatch, RoundStats -> TargetMetrics."""
 import grpc
 
+from pearl_runtime import validation
 from pearl_runtime.engine.sequence import Sequence
+from pearl_runtime.errors import InvalidRequest
 from pearl_runtime.pb import common_pb2, draft_pb2, target_pb2
 from pearl_runtime.rpc import params as wire_params
 from pearl_runtime.rpc import tensors
@@ -13,18 +15,29 @@ FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REA
 
 
 def request_from(item: target_pb2.Submission, sink) -> Request:
-    params = wire_params.from_proto(item.params, item.stop_token_ids)
+    """A Submission as a Request, its fields checked by the gateway's rules (a caller may
+    reach Serve without the gateway); the rules that need the model are the verifier's."""
+    validation.check_request_id(item.request_id)
+    try:
+        params = wire_params.from_proto(item.params, item.stop_token_ids)
+    except InvalidRequest as e:   # SamplingParams names its own field; the caller knows it as params.*
+        raise validation.nested("params.", e) from None
     return Request(item.request_id, Sequence(list(item.prompt_ids), params), sink=sink,
                    traceparent=item.traceparent)
 
 
+def error_seq(request_id: str, message: str, code: grpc.StatusCode) -> target_pb2.SeqUpdate:
+    return target_pb2.SeqUpdate(request_id=request_id, error=message, error_code=code.value[0])
+
+
 def error_update(request_id: str, message: str, code: grpc.StatusCode) -> target_pb2.TargetOut:
-    return target_pb2.TargetOut(tokens=target_pb2.TokenBatch(updates=[
-        target_pb2.SeqUpdate(request_id=request_id, error=message, error_code=code.value[0])]))
+    return token_batch([error_seq(request_id, message, code)])
 
 
 def token_update(req: Request, path: str) -> target_pb2.SeqUpdate:
-    """The request's tokens committed since its last update (and its end, once finished)."""
+    """The request's tokens committed since its last update (and its end, once finished, or its error)."""
+    if req.error is not None:   # it failed alone in its round
+        return error_seq(req.request_id, f"the target failed on this request: {req.error}", grpc.StatusCode.INTERNAL)
     upd = target_pb2.SeqUpdate(request_id=req.request_id, token_ids=req.new_tokens, target_forwards=req.forwards,
                                path=path)
     if req.finished:
