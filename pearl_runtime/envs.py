@@ -102,7 +102,8 @@ _declare("PEARL_GC_FREEZE", bool, True, "freeze the start-up heap out of the col
          SERVICES, "--no-gc-freeze")
 
 # -- speculation ----------------------------------------------------------------------------
-_declare("PEARL_MODE", str, "pearl", "pearl | sd | ar", ("target",), "--mode")
+_declare("PEARL_MODE", str, "pearl", "pearl | sd | ar | auto (per batch size, the fastest by measured speeds)",
+         ("target",), "--mode")
 _declare("PEARL_GAMMA", str, "auto", "draft tokens per round, or auto", ("target", "up"), "--gamma")
 _declare("PEARL_MAX_GAMMA", int, 16, "ceiling of auto gamma", ("target",), "--max-gamma")
 _declare("PEARL_HEAD_START", str, "auto", "pearl: draft tokens waited for in pre-verify (auto: gamma // 2)",

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--served-model-name", default=envs.default("PEARL_SERVED_MODEL_NAME"),
                    help="the model name the target reports (Info, metrics) and clients see through a gateway "
                         "without its own (default: the model directory's name)")
-    t.add_argument("--mode", choices=("pearl", "sd", "ar"), default=envs.default("PEARL_MODE"))
+    t.add_argument("--mode", choices=("pearl", "sd", "ar", "auto"), default=envs.default("PEARL_MODE"),
+                   help="auto: per batch size, whichever of ar, sd and pearl the measured step times and the "
+                        "observed acceptance make fastest (pearl only where the draft has its own GPU)")
     t.add_argument("--draft", default=envs.default("PEARL_DRAFT_ADDRESS"), help="draft service address")
     t.add_argument("--gamma", default=envs.default("PEARL_GAMMA"),
                    help="draft tokens per round, or 'auto': balance measured draft and verify step times (GPU)")

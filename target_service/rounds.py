@@ -60,11 +60,13 @@ class TargetService:
                         max_gamma=max(graphs.q_buckets) - 1)
             max_gamma = max(graphs.q_buckets) - 1
         verify_cost = VerifyCost()   # verify step time by batch and query length, for auto gamma
-        if gamma is None and graphs is not None:
+        if (gamma is None or mode == "auto") and graphs is not None:
             # the query lengths whose batches fill a token bucket (graphs pack a step's tokens),
-            # one for each bucket that gamma 1..max_gamma verify in (gamma + 1 tokens a sequence)
+            # one for each bucket that gamma 1..max_gamma verify in (gamma + 1 tokens a sequence);
+            # auto also prices ar, at one token a sequence
             per_seq = graphs.token_buckets[1]
-            buckets = sorted({next(t for t in per_seq if t >= q) for q in range(2, max_gamma + 2)})
+            first = 1 if mode == "auto" else 2
+            buckets = sorted({next(t for t in per_seq if t >= q) for q in range(first, max_gamma + 2)})
             verify_cost = measure_verify_cost(self.core.runner, buckets)
         self.policy = SpecPolicy(mode, gamma, max_gamma, head_start, head_start_quorum, verify_cost)
         self.gamma = self.policy.gamma_for(1)
@@ -73,7 +75,7 @@ class TargetService:
         if mode != "ar" and draft_address:
             runner = self.core.runner
             hello = wire.hello(f"target-{id(self):x}", self.tok_hash, runner.model_cfg.vocab_size, runner.device,
-                               device_tokens and mode == "sd" and runner.chains_on_device, round_datagrams)
+                               device_tokens and mode in ("sd", "auto") and runner.chains_on_device, round_datagrams)
             self.link = DraftLink(draft_address, hello, device=runner.device)
         self.token_paths = Counter()   # sd rounds by how their draft tokens came, for logs and tests
         self.inbox: deque = deque()           # ("submit", stream, Submission) | ("cancel", stream, id)
@@ -176,19 +178,21 @@ class TargetService:
         if not reqs:
             await asyncio.sleep(0.001)
             return
-        if self.mode == "ar" and (steps := self.core.chain_length(reqs, self.ar_steps)) > 1:
+        speculate = self.link is not None and self.link.connected
+        path = self._path_for(reqs) if speculate else "ar"
+        if path == "ar" and (self.mode == "ar" or speculate) and \
+                (steps := self.core.chain_length(reqs, self.ar_steps)) > 1:
             await self._ar_chain(reqs, steps, t0)
             return
-        speculate = self.link is not None and self.link.connected
-        self._log_path("pearl" if speculate and self.mode == "pearl" else "sd" if speculate else "ar")
-        if not speculate:
+        self._log_path(path)
+        if path == "ar":
             logits, target_ms, _ = await loop.run_in_executor(self.executor, self._timed_forward, reqs)
             before = self._judge(reqs, logits, {}, None)
-            self.stats.rounds_without_draft += self.mode != "ar"
+            self.stats.rounds_without_draft += self.mode != "ar" and not speculate
             self._account(reqs, None, None, before, target_ms, 0.0, 0.0, t0, phase="decode")
             return
         rnd = self._build_round(reqs)
-        if self.mode == "sd":
+        if path == "sd":
             sent = time.perf_counter()
             await self._sd_round(reqs, rnd, sent if await self.link.send(rnd) else None, t0)
             return
@@ -255,7 +259,8 @@ class TargetService:
         and cancellations that came in meanwhile are taken first, as at the top of a round."""
         t0 = time.perf_counter()
         self._drain_inbox()
-        if not self.link.connected or not self.core.has_work():
+        if not self.link.connected or not self.core.has_work() or \
+                self.policy.mode_for(len(self.core.scheduler.running)) != "sd":
             return
         reqs = self.core.schedule()
         if not reqs:
@@ -274,6 +279,7 @@ class TargetService:
         self._publish(reqs)
         round_s = time.perf_counter() - t0
         self.stats.count_chain(reqs, before, steps, target_ms, round_s * 1e3)
+        self._observe_mode(reqs, sum(len(r.seq) - n for r, n in zip(reqs, before)), round_s)
         if self.collector is not None:
             self.collector.observe_round("ar", "decode", round_s)
 
@@ -292,6 +298,7 @@ class TargetService:
         self.stats.add_round(rnd if batch is not None else None, batch.draft_ms if batch is not None else 0.0,
                              target_ms, wait_ms, exchange_ms, round_s * 1e3)
         judged, accepted = self.stats.count(reqs, before, batch is not None)
+        self._observe_mode(reqs, sum(len(r.seq) - b[0] for r, b in zip(reqs, before)), round_s)
         if self.collector is not None:
             self.collector.observe_round(self.last_path or self.mode, phase, round_s)
         if batch is not None:
@@ -370,6 +377,31 @@ class TargetService:
         self.core.chain_round(reqs, steps)   # ends in a device sync (the tokens to host)
         return (time.perf_counter() - t) * 1e3
 
+    def _path_for(self, reqs: list[Request]) -> str:
+        """The path of a round with the draft up: the mode, or auto's pick for the batch. An auto
+        target serving ar takes its sequences off the draft (its mirror would fall behind what
+        ar commits); they join it again, whole, when speculation resumes."""
+        path = self.policy.choose(len(reqs))
+        if path == "ar" and self.mode == "auto":
+            for r in self.core.requests.values():
+                if r.on_draft:
+                    self.core.removed.append(r.seq.seq_id)
+                    r.on_draft = False
+        return path
+
+    def _observe_mode(self, reqs: list[Request], committed: int, round_s: float) -> None:
+        """A round's tokens and time, for --mode auto's choice."""
+        self.policy.observe_mode(self.last_path or self.mode, len(reqs), committed, round_s * 1e3)
+
+    def _shares_gpu(self) -> bool:
+        """Whether the draft shares this target's GPU (for auto: pearl then pays nothing on
+        sd): the GPU of the buffer it shares, where it shares one; else assumed, as on one GPU."""
+        buffers = self.link.info.ipc_buffers if self.link.info is not None else ()
+        if not buffers or not buffers[0].gpu_uuid or self.core.runner.device.type != "cuda":
+            return True
+        from pearl_runtime.rpc.ipc import gpu_uuid
+        return buffers[0].gpu_uuid == gpu_uuid(self.core.runner.device)
+
     def _log_path(self, path: str) -> None:
         if path != self.last_path:
             log.info("round path", path=path, mode=self.mode)
@@ -378,8 +410,8 @@ class TargetService:
     def _build_round(self, reqs: list[Request]) -> draft_pb2.Round:
         if self.link.generation != self.draft_generation:   # a new draft mirror: replay everything
             self.draft_generation = self.link.generation
-            if self.policy.auto:
-                self.policy.seed_from_draft(dict(zip(self.link.info.step_batch_sizes, self.link.info.step_ms)))
+            self.policy.seed_from_draft(dict(zip(self.link.info.step_batch_sizes, self.link.info.step_ms)),
+                                        shared_gpu=self.mode != "auto" or self._shares_gpu())
             for r in self.core.requests.values():
                 r.on_draft = False
             self.core.removed.clear()
@@ -389,7 +421,7 @@ class TargetService:
         for r in adds:
             r.on_draft = True
         rnd = wire.round_message(self.round_id, self.gamma, self.core.removed, self.core.draft_verdicts(), adds,
-                                 device_tokens=self.mode == "sd" and self.link.tokens_in is not None)
+                                 device_tokens=self.policy.path == "sd" and self.link.tokens_in is not None)
         self.core.removed = []
         return rnd
 

@@ -46,7 +46,7 @@ class TargetServicer(target_pb2_grpc.TargetServicer):
         s = self._ready()
         return target_pb2.ModelInfo(model=self.model_name or s.cfg.model, vocab_size=s.core.runner.model_cfg.vocab_size,
                                     max_model_len=s.core.max_model_len, eos_token_ids=list(s.core.eos_ids),
-                                    tokenizer_hash=s.tok_hash, mode=s.mode,
+                                    tokenizer_hash=s.tok_hash, mode=s.policy.shown_mode(s.last_path),
                                     draft_connected=s.link is not None and s.link.connected,
                                     draft_address=s.link.address if s.link is not None else "")
 

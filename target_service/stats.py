@@ -142,6 +142,12 @@ class TargetCollector:
         yield counter("pearl:target_committed_tokens", "tokens the target committed", s.committed_tokens)
         yield counter("pearl:head_start_rounds", "PEARL rounds that waited for a head start", s.head_start_rounds)
         yield gauge("pearl:spec_gamma", "gamma of the last speculative round", svc.gamma)
+        if (chooser := svc.policy.chooser) is not None:   # --mode auto: 1 for each bucket's mode
+            chosen = GaugeMetricFamily("pearl:mode_chosen", "--mode auto: the mode each batch bucket runs (1)",
+                                       labels=["model_name", "batch_bucket", "mode"])
+            for b, mode in chooser.picks.items():
+                chosen.add_metric([self.model, str(b), mode], 1)
+            yield chosen
         yield gauge("pearl:draft_link_up", "1 while the draft link is up", int(link is not None and link.connected))
         yield counter("pearl:draft_unreachable", "dials of the draft that failed (none there, or not ready)",
                       link.unreachable if link is not None else 0)

@@ -13,6 +13,7 @@ and gamma start steps) and prices a round as fixed + gamma x step + verify.
 """
 from dataclasses import dataclass
 
+from pearl_runtime.spec.mode_choice import ModeChooser
 from pearl_runtime.spec.verify_cost import VerifyCost
 from pearl_runtime.spec.round_model import (HEAD_START_QUORUM, SD_PRIOR_ALPHA, fit_alpha, head_start_for,
                                             pearl_gamma, pearl_tokens_per_ms, sd_gamma, sd_tokens_per_ms)
@@ -215,14 +216,15 @@ class GammaTuner:
 
 
 DEFAULT_GAMMA = 4   # a fixed gamma's default, and auto gamma's before anything is measured
-MODES = ("pearl", "sd", "ar")
+MODES = ("pearl", "sd", "ar", "auto")
+SPECULATIVE = ("sd", "pearl")
 
 
 class SpecPolicy:
     """What a target decides about speculation, in one place: gamma per batch bucket (fixed, or
     auto: start picks from measured step times, then the tuner), PEARL's head start and the
-    quorum that earns it, and the pending cap of a round. Pure: the round loop asks, the
-    policy answers."""
+    quorum that earns it, the pending cap of a round, and under --mode auto which path a batch
+    takes (spec/mode_choice.py). Pure: the round loop asks, the policy answers."""
 
     def __init__(self, mode: str, gamma: int | None = None, max_gamma: int = 16, head_start: int = -1,
                  quorum: float = HEAD_START_QUORUM, verify_cost: VerifyCost | None = None):
@@ -238,12 +240,23 @@ class SpecPolicy:
             raise ValueError(f"head_start_quorum must be in (0, 1], got {quorum}")
         self.mode, self.fixed_gamma, self.max_gamma = mode, gamma, max_gamma
         self.head_start, self.quorum = head_start, quorum
-        self.tuner = GammaTuner(mode, max_gamma, default=gamma or DEFAULT_GAMMA, head_start=head_start,
-                                verify_cost=verify_cost)
+        verify_cost = verify_cost or VerifyCost()
+        # auto runs sd and pearl rounds, each with its own gamma picks
+        paths = SPECULATIVE if mode == "auto" else (mode,)
+        self.tuners = {p: GammaTuner(p, max_gamma, default=gamma or DEFAULT_GAMMA, head_start=head_start,
+                                     verify_cost=verify_cost) for p in paths}
+        self.path = paths[0] if mode != "auto" else "sd"   # the speculative path the rounds run now
+        self.chooser = ModeChooser(verify_cost, max_gamma=max_gamma, gamma=gamma, head_start=head_start) \
+            if mode == "auto" else None
 
     @property
     def auto(self) -> bool:
+        """Auto gamma (not to be confused with --mode auto: `chooser`)."""
         return self.fixed_gamma is None
+
+    @property
+    def tuner(self) -> GammaTuner:
+        return self.tuners[self.path]
 
     @property
     def verify_cost(self) -> VerifyCost:
@@ -252,15 +265,57 @@ class SpecPolicy:
     def gamma_for(self, batch: int) -> int:
         return self.tuner.gamma_for(batch)
 
-    def seed_from_draft(self, draft_ms: dict[int, float]) -> None:
+    @property
+    def alpha(self) -> float:
+        """The acceptance of the path that judged the most tokens lately (the prior before any)."""
+        return max(self.tuners.values(), key=lambda t: t.drafted).alpha
+
+    def mode_for(self, batch: int) -> str:
+        """The path a round of `batch` sequences takes with the draft up: the mode, or auto's
+        pick for the batch's bucket."""
+        return self.mode if self.chooser is None else self.chooser.mode_for(batch)
+
+    def choose(self, batch: int) -> str:
+        """mode_for, and the rounds' gamma and observations follow it when it speculates."""
+        path = self.mode_for(batch)
+        if path in self.tuners:
+            self.path = path
+        return path
+
+    def observe_mode(self, path: str, batch: int, tokens: int, round_ms: float) -> str | None:
+        """A round's committed tokens and wall time, for --mode auto (a no-op otherwise).
+        Returns the batch bucket's new mode when it moves."""
+        if self.chooser is None:
+            return None
+        sd = self.tuners["sd"]
+        obs = sd.observed.get(sd.bucket(batch))
+        return self.chooser.observe(path, batch, tokens, round_ms, self.alpha,
+                                    obs.fixed_ms if obs is not None and obs.fixed_ms is not None else 0.0)
+
+    def shown_mode(self, last_path: str | None) -> str:
+        """The mode as Info reports it: auto with the path its last round took (auto:sd)."""
+        return self.mode if self.chooser is None else f"auto:{last_path or self.path}"
+
+    def seed_from_draft(self, draft_ms: dict[int, float], shared_gpu: bool = True) -> None:
         """Start-time gamma per batch size from the draft's measured step times (its handshake)
         and the prior acceptance: the gamma with the most expected tokens per ms by the mode's
         round model, each gamma's verify priced at its own query length. The rounds then
-        retune it."""
-        tuner = self.tuner
+        retune it. --mode auto prices its modes with the same step times; `shared_gpu`: draft
+        and target share a GPU's bandwidth (pearl is then left out until measured)."""
+        if self.chooser is not None:
+            self.chooser.draft_ms, self.chooser.shared_gpu = dict(draft_ms), shared_gpu
+            self.chooser.buckets.clear()
+            log.info("auto mode: priced from the step times", shared_gpu=shared_gpu,
+                     draft_ms={b: round(t, 3) for b, t in draft_ms.items()})
+        if not self.auto:
+            return
+        for path, tuner in self.tuners.items():
+            self._seed_tuner(path, tuner, draft_ms)
+
+    def _seed_tuner(self, path: str, tuner: GammaTuner, draft_ms: dict[int, float]) -> None:
         tuner.seed_measured(draft_ms)
         if tuner.picks:
-            log.info("auto gamma by batch size", mode=self.mode, **{f"bs{b}": g for b, g in tuner.picks.items()},
+            log.info("auto gamma by batch size", mode=path, **{f"bs{b}": g for b, g in tuner.picks.items()},
                      verify_ms={f"q{q}": {b: round(t, 2) for b, t in row.items()}
                                 for q, row in tuner.verify_cost.table.items()},
                      draft_ms={b: round(t, 2) for b, t in draft_ms.items()})
@@ -275,7 +330,7 @@ class SpecPolicy:
         on one token; post-verify sequences of that round take none but wait all the same.
         Never in a round that prefills a prompt (`prefills`): the draft's prefill then runs
         beside the target's instead of before it. 0: plain PEARL."""
-        if self.mode != "pearl" or self.head_start == 0 or prefills or pre_verify < self.quorum * batch:
+        if self.path != "pearl" or self.head_start == 0 or prefills or pre_verify < self.quorum * batch:
             return 0
         return head_start_for(gamma, self.head_start)
 
