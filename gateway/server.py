@@ -5,6 +5,7 @@ import inspect
 import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -13,14 +14,15 @@ from prometheus_client import CollectorRegistry
 
 from pearl_runtime.pb import gateway_pb2, gateway_pb2_grpc
 from pearl_runtime import gc_pauses, tracing
-from pearl_runtime.errors import PearlError
+from pearl_runtime.errors import InvalidRequest, PearlError
 from pearl_runtime.rpc.identity import tokenizer_hash
 from pearl_runtime.rpc.security import authorize, server_credentials
 from pearl_runtime.log import setup as setup_logging
-from pearl_runtime.rpc.server import bind, new_server, run_async
+from pearl_runtime.rpc.server import bind, run_async
 from pearl_runtime.metrics_http import MetricsEndpoint, serve_metrics
 from pearl_runtime.rpc.health import Health
 from pearl_runtime.rpc.status import abort, status_of
+from pearl_runtime.validation import check_request_id
 
 from gateway import wire
 from gateway.detokenizer import Detokenizer
@@ -30,7 +32,8 @@ from gateway.readiness import GATEWAY_SERVICE, Readiness
 from gateway.resolver import GetAddrInfo, Resolver, parse_targets
 from gateway.targets import RETIRE_GRACE_S, TargetRouter
 from gateway.tokenizer import GatewayTokenizer
-from gateway.validation import validate
+from gateway import validation
+from gateway.public_port import Undecodable, add_gateway_servicer, public_server
 from pearl_runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -43,11 +46,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._tokenizer = tokenizer
         self._metrics = metrics
         self._token = auth_token
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-tokenize")
 
     async def Generate(self, request, context):
         await authorize(context, self._token)
         meta = dict(context.invocation_metadata() or ())
-        request_id = meta.get("x-request-id") or request.request_id or uuid.uuid4().hex
+        try:
+            request_id, refused = _request_id(request, meta), None
+        except InvalidRequest as e:   # answered below, under an id of our own
+            request_id, refused = uuid.uuid4().hex, e
         # grpc aio runs each RPC in a fresh context, so the binding ends with this call
         structlog.contextvars.bind_contextvars(request_id=request_id)
         await context.send_initial_metadata((("x-request-id", request_id),))
@@ -55,6 +62,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # the request's span; its traceparent goes on to the target (the client's when tracing is off)
         span = tracing.start("gateway.request", meta.get("traceparent") or None, request_id=request_id)
         try:
+            if refused is not None:
+                raise refused
             async for reply in self._generate(request, request_id, span.traceparent or meta.get("traceparent", ""),
                                               measured):
                 yield reply
@@ -77,10 +86,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _generate(self, request, request_id: str, traceparent: str, measured):
         t0 = time.perf_counter()
         info = await self._router.info()
-        # tokenization runs on the loop: a fast tokenizer shared across threads can fail
-        # with "Already borrowed", and prompts tokenize in well under a millisecond per KB
         req = dataclasses.replace(wire.request_from_proto(request), request_id=request_id)
-        job = dataclasses.replace(validate(req, self._tokenizer, info), traceparent=traceparent)
+        params = validation.check(req, info)   # sizes first: nothing below reads an unbounded field
+        # tokenization on the one tokenizer thread (serial: a tokenizer is not shared across threads)
+        prompt = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize, validation.tokenize, req, self._tokenizer)
+        job = dataclasses.replace(validation.job(req, params, prompt, info), traceparent=traceparent)
         measured.accepted(len(job.prompt_ids))
 
         detok = Detokenizer(self._tokenizer, job.stop)
@@ -121,6 +132,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except PearlError as e:
             await abort(context, e)
         return gateway_pb2.ListModelsResponse(models=[info.model])
+
+
+def _request_id(request, meta: dict) -> str:
+    """The client's id (the x-request-id header, else the field), checked before anything
+    echoes it; "" when it gave none. An undecodable request is refused here."""
+    if isinstance(request, Undecodable):
+        raise InvalidRequest("request", f"is not a {request.message_type} (its bytes do not decode)")
+    if header := meta.get("x-request-id"):
+        return check_request_id(header, "x-request-id")
+    return check_request_id(request.request_id) or uuid.uuid4().hex
 
 
 @dataclass
@@ -186,8 +207,8 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
                           sources=[e.text for e in entries], served_model_name=served_model_name,
                           on_readiness=readiness.changed, on_resubmit=metrics.resubmitted)
     resolver = Resolver(entries, router, resolve_interval_s, getaddrinfo)
-    server = new_server()
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(router, tokenizer, metrics, auth_token), server)
+    server = public_server()
+    add_gateway_servicer(GatewayServicer(router, tokenizer, metrics, auth_token), server)
     health.add_to(server)
     port = bind(server, host, port, server_credentials(tls_cert, tls_key) if tls_cert else None)
     bound_metrics = serve_metrics(metrics.registry, host, metrics_port)
