@@ -13,6 +13,7 @@ from pearl_runtime.flags import export_flags
 from pearl_runtime.log import setup as setup_logging
 from pearl_runtime.models.default_model import default_draft, default_model
 from pearl_runtime.models.check import check_model_dir
+from pearl_runtime.security_flags import add_serving_args
 from pearl_runtime.rpc.server import check_ports, run_async, serve_until_signal
 from pearl_runtime.usage import pop_debug, user_errors
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(lossless: the target verifies); auto: on where the Triton skinny kernels run on a GPU "
                         "of compute capability >= 8.9")
     d.add_argument("--port", type=int, default=envs.default("PEARL_DRAFT_PORT"))
+    add_serving_args(d)
     m = d.add_argument_group("measurement")
     m.add_argument("--profile-rounds", type=int, default=envs.default("PEARL_PROFILE_ROUNDS"),
                    help="profile this many rounds after a warm-up with the torch profiler, log the table (0: off)")
@@ -34,12 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    from draft_service.server import serve
     setup_logging("draft", args.log_level, args.log_format)
     model = args.model or default_draft(default_model())
     check_model_dir(model)
     check_ports(args.host, {"--port": args.port, "--metrics-port": args.metrics_port,
                 "--health-port": args.health_port})
+    from draft_service.server import serve   # after the checks: it loads the engine's modules
     # the draft's steps feed one token, two after a bonus token, and a new request's first
     # round feeds the prompt's tail past the prefix cache's full blocks: up to a block. Out of
     # a graph that catch-up ran eagerly (host-bound: a draft round ~28 ms longer once per
@@ -49,7 +51,9 @@ def run(args) -> None:
                               fp8_weights=args.fp8_weights)
     with keep_awake.for_service(args.keep_awake, args.device):
         run_async(serve_until_signal(serve(cfg, args.host, args.port, metrics_port=args.metrics_port,
-                                         health_port=args.health_port)))
+                                         health_port=args.health_port, auth_token=args.auth_token,
+                                         tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                         tls_client_ca=args.tls_client_ca)))
 
 
 def main(argv=None) -> None:

@@ -3,7 +3,13 @@ sequence, hand back DraftBatches (an early part first when the round asks for on
 
 One model serves many target streams, so drafts run one at a time under one lock: on the
 event loop itself when the drafter is free (the target waits for this batch, and a hop to a
-thread and back costs more than the round's host work), else on the forward thread."""
+thread and back costs more than the round's host work), else on the forward thread.
+
+Fair among streams: each has at most one round in at a time (one in, one out), the forward
+thread takes its rounds in arrival order, and the event loop drafts inline only while none
+waits there, so a stream that sends its next round the moment it has an answer cannot keep
+another's waiting round behind it. Round sizes are bounded (round_bounds.py), so a turn is
+bounded too."""
 import asyncio
 import threading
 import time
@@ -23,6 +29,7 @@ class RoundRunner:
         self.drafter = Drafter(cfg)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-forward")
         self.lock = threading.Lock()   # held by whoever drafts or releases a mirror
+        self.queued = 0                # rounds waiting for the forward thread: inline waits behind them
         self.profiler = RoundProfiler.from_env(cuda=self.drafter.runner.device.type == "cuda")
         self.clock = RoundClock.from_env()
 
@@ -72,7 +79,7 @@ class RoundRunner:
     def try_inline(self, fn, *args):
         """fn(*args) right here on the event loop when the drafter is free; None when it is busy
         (use `on_thread`). The profiler stays on the forward thread, where it starts and stops."""
-        if self.profiler is not None or not self.lock.acquire(blocking=False):
+        if self.profiler is not None or self.queued or not self.lock.acquire(blocking=False):
             return None
         try:
             return fn(*args)
@@ -80,8 +87,14 @@ class RoundRunner:
             self.lock.release()
 
     def on_thread(self, fn, *args) -> asyncio.Future:
-        """fn(*args) on the forward thread, under the lock."""
-        return asyncio.get_running_loop().run_in_executor(self.executor, self._locked, fn, *args)
+        """fn(*args) on the forward thread, under the lock, after the rounds queued before it."""
+        self.queued += 1   # counted on the event loop only, so no lock
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, self._locked, fn, *args)
+        fut.add_done_callback(self._dequeued)
+        return fut
+
+    def _dequeued(self, _fut) -> None:
+        self.queued -= 1
 
     def release(self, mirror: Mirror) -> None:
         """Free a gone target's mirror on the forward thread (a cancelled stream cannot await)."""

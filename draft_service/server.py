@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, 
 from pearl_runtime import gc_pauses, tracing
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.llm_engine import load_tokenizer
+from pearl_runtime.errors import InvalidRequest
 from pearl_runtime.engine.step_timer import measure_step_ms
 from pearl_runtime.log import get_logger
 from pearl_runtime.metrics_http import serve_metrics
@@ -18,9 +19,11 @@ from pearl_runtime.pb import draft_pb2, draft_pb2_grpc
 from pearl_runtime.rpc.health import Health
 from pearl_runtime.rpc.identity import PROTOCOL_VERSION, tokenizer_hash
 from pearl_runtime.rpc.ipc import TokenExport
-from pearl_runtime.rpc.round_datagrams import RoundInbox
+from pearl_runtime.rpc.round_datagrams import RoundInbox, datagram_host
+from pearl_runtime.rpc.security import serving_credentials
 from pearl_runtime.rpc.server import bind, new_server, stop_serving
 from draft_service.drafter import Mirror
+from draft_service.round_bounds import RoundBounds
 from draft_service.rounds import RoundRunner
 
 log = get_logger(__name__)
@@ -67,6 +70,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         self.tok_hash = tokenizer_hash(load_tokenizer(cfg.model))
         self.runner = RoundRunner(cfg)
         self.drafter = self.runner.drafter
+        self.bounds = RoundBounds(self.drafter.vocab_size)
         self.metrics = metrics or DraftMetrics(CollectorRegistry())
         self.streams = 0
         self.closing = False
@@ -147,6 +151,11 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         first, it asks for an early part, or the drafter is busy with another stream (then
         the stream's copy runs it, as without datagrams)."""
         if 0 < rnd.early < rnd.gamma or not ahead.claim(rnd.round_id):
+            return
+        try:
+            self.bounds.check(rnd)
+        except InvalidRequest:   # the stream's copy is refused; a datagram gets no answer
+            ahead.claimed = rnd.round_id - 1
             return
         try:
             batch = self.runner.try_inline(self.runner.whole, mirror, rnd, None, arrived, export)
@@ -232,6 +241,7 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
                 if msg.WhichOneof("kind") != "round":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a Round after the Hello")
                 rnd = msg.round
+                self.bounds.check(rnd)   # INVALID_ARGUMENT, before any of it is applied
                 _log_adds(rnd)
                 if (done := ahead.ready.pop(rnd.round_id, None)) is not None:   # its datagram came first
                     if isinstance(done, Exception):
@@ -280,24 +290,28 @@ def _sent(batch: draft_pb2.DraftBatch) -> draft_pb2.FromDraft:
 
 
 async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50052, ready=None,
-                metrics_port: int = 0, health_port: int = 0) -> None:
+                metrics_port: int = 0, health_port: int = 0, auth_token: str | None = None,
+                tls_cert: str | None = None, tls_key: str | None = None, tls_client_ca: str | None = None) -> None:
     """Serve until cancelled. The port answers health (NOT_SERVING) while the engine loads
-    and its steps are timed; `ready(port)` is called once it serves."""
+    and its steps are timed; `ready(port)` is called once it serves. `auth_token`, `tls_*`:
+    what callers must present; with either, Round datagrams are off (round_datagrams.py)."""
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
     tracing.setup("draft")
-    health, server, registry = Health(SERVICE_NAME), new_server(), CollectorRegistry()
+    credentials = serving_credentials(tls_cert, tls_key, tls_client_ca)
+    health, server, registry = Health(SERVICE_NAME), new_server(auth_token), CollectorRegistry()
     servicer = endpoint = None
     health.add_to(server)
     loading = _Loading()
     draft_pb2_grpc.add_DraftServicer_to_server(loading, server)
-    bound = bind(server, host, port)
+    bound = bind(server, host, port, credentials)
     await server.start()
     await health.open_plain_port(host, health_port)
     log.info("draft port open; loading", address=f"{host}:{bound}", model=cfg.model)
     try:
         servicer = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: DraftServicer(cfg, round_host=host, metrics=DraftMetrics(registry)))
+            None, lambda: DraftServicer(cfg, round_host=datagram_host(host, auth_token, credentials),
+                                        metrics=DraftMetrics(registry)))
         loading.servicer = servicer
         endpoint = serve_metrics(registry, host, metrics_port)
         gc_pauses.freeze_and_watch()   # the start-up heap out of the collector's walks

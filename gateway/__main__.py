@@ -9,6 +9,7 @@ import sys
 from pearl_runtime import envs
 from pearl_runtime.flags import add_operating_args, export_flags
 from pearl_runtime.models.default_model import default_model
+from pearl_runtime.security_flags import add_caller_args, add_serving_args, caller_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=envs.default("PEARL_MODEL"), help="model directory for the tokenizer")
     g.add_argument("--host", default=envs.default("PEARL_HOST"))
     g.add_argument("--port", type=int, default=envs.default("PEARL_GATEWAY_PORT"))
+    g.add_argument("--http-port", type=int, default=envs.default("PEARL_HTTP_PORT"),
+                   help="serve the OpenAI-compatible HTTP API here, beside gRPC (0: off)")
     g.add_argument("--targets", default=envs.default("PEARL_TARGETS"),
                    help="comma-separated HOST:PORT; a HOST that is a DNS name stands for every address it "
                         "resolves to (one connection each), re-resolved every --resolve-interval")
@@ -29,10 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-concurrent-requests", type=int, default=envs.default("PEARL_MAX_CONCURRENT_REQUESTS"),
                    help="Generate calls served at once; past it a new one is refused RESOURCE_EXHAUSTED")
     g.add_argument("--coalesce-ms", type=float, default=envs.default("PEARL_COALESCE_MS"))
-    g.add_argument("--tls-cert", default=envs.default("PEARL_TLS_CERT"), help="PEM certificate: serve over TLS")
-    g.add_argument("--tls-key", default=envs.default("PEARL_TLS_KEY"), help="PEM private key of --tls-cert")
-    g.add_argument("--auth-token", default=envs.default("PEARL_AUTH_TOKEN"),
-                   help="require 'authorization: Bearer <token>' on every call")
+    add_serving_args(g)
+    add_caller_args(g, "target")
     add_operating_args(g)
     return g
 
@@ -57,13 +58,15 @@ def main(argv=None) -> None:
         model_dir = args.model or default_model()
         tokenizer = GatewayTokenizer.from_dir(model_dir)   # a bad model directory fails before any log line
         check_ports(args.host, {"--port": args.port, "--metrics-port": args.metrics_port,
-                    "--health-port": args.health_port})
+                    "--health-port": args.health_port,
+                    "--http-port": args.http_port})
         run(host=args.host, port=args.port, targets=args.targets, model_dir=model_dir, tokenizer=tokenizer,
             coalesce_ms=args.coalesce_ms, log_level=args.log_level, tls_cert=args.tls_cert, tls_key=args.tls_key,
-            auth_token=args.auth_token, metrics_port=args.metrics_port, log_format=args.log_format,
+            auth_token=args.auth_token, tls_client_ca=args.tls_client_ca, **caller_options(args, "target"),
+            metrics_port=args.metrics_port, log_format=args.log_format,
             resolve_interval_s=args.resolve_interval, served_model_name=args.served_model_name,
             health_port=args.health_port, drain_timeout_s=args.drain_timeout,
-            max_in_flight=args.max_concurrent_requests)
+            max_in_flight=args.max_concurrent_requests, http_port=args.http_port or None)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import grpc
 
 from pearl_runtime.log import get_logger
 from pearl_runtime.pb import target_pb2, target_pb2_grpc
-from pearl_runtime.rpc.server import GRPC_OPTIONS
+from pearl_runtime.rpc.security import PLAINTEXT, Dialer
 
 from gateway import wire
 from gateway.flight import Flight
@@ -42,8 +42,9 @@ class TargetConnection:
 
     # router: the TargetRouter that owns it (gateway/targets.py imports this module, not back)
     def __init__(self, address: str, router, coalesce_s: float,
-                 redial_s: tuple[float, float], info_timeout_s: float = 5.0):
+                 redial_s: tuple[float, float], info_timeout_s: float = 5.0, dialer: Dialer = PLAINTEXT):
         self.address = address
+        self._dialer = dialer
         self.info: TargetInfo | None = None
         self.live = False
         self.flights: dict[str, Flight] = {}
@@ -61,7 +62,7 @@ class TargetConnection:
         self._started_at = 0.0
         self.retiring = False
         self._retire_task: asyncio.Task | None = None
-        self.health = TargetHealth(address, lambda: router.readiness_changed(self), redial_s)
+        self.health = TargetHealth(address, lambda: router.readiness_changed(self), redial_s, dialer)
 
     @property
     def ready(self) -> bool:
@@ -117,14 +118,15 @@ class TargetConnection:
     async def _run(self) -> None:
         delay = self._redial_s[0]
         while True:
-            channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+            channel = self._dialer.channel(self.address)
             try:
                 stub = target_pb2_grpc.TargetStub(channel)
+                token = self._dialer.metadata
                 info = wire.info_from_proto(
-                    await stub.Info(target_pb2.InfoRequest(), timeout=self._info_timeout_s))
+                    await stub.Info(target_pb2.InfoRequest(), timeout=self._info_timeout_s, metadata=token))
                 self._router.check_compatible(info)
                 # no deadline: the stream lives as long as the target; keepalive notices a dead peer
-                call = stub.Serve()
+                call = stub.Serve(metadata=token)
                 self.info, self.live, self._down_reported, self._ever_up = info, True, False, True
                 delay = self._redial_s[0]
                 log.info("target up", target=self.address, model=info.model, mode=info.mode)

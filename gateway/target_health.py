@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pearl_runtime.log import get_logger
-from pearl_runtime.rpc.server import GRPC_OPTIONS
+from pearl_runtime.rpc.security import PLAINTEXT, Dialer
 
 log = get_logger(__name__)
 TARGET_SERVICE = "pearl.v1.Target"
@@ -22,8 +22,11 @@ _NAME = health_pb2.HealthCheckResponse.ServingStatus.Name
 class TargetHealth:
     """`status`: the last health status name, or UNREACHABLE; `legacy`: the target has no health."""
 
-    def __init__(self, address: str, on_change: Callable[[], None], redial_s: tuple[float, float]):
+    def __init__(self, address: str, on_change: Callable[[], None], redial_s: tuple[float, float],
+                 dialer: Dialer = PLAINTEXT):
+        """dialer: the Serve stream's, so the watch goes over the same TLS (it needs no token)."""
         self.address = address
+        self._dialer = dialer
         self.status = "UNKNOWN"
         self.legacy = False
         self._on_change = on_change
@@ -47,7 +50,7 @@ class TargetHealth:
     async def _run(self) -> None:
         delay = self._redial_s[0]
         while True:
-            channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+            channel = self._dialer.channel(self.address)
             try:
                 # no deadline: the stream lives as long as the target; keepalive notices a dead peer
                 call = health_pb2_grpc.HealthStub(channel).Watch(

@@ -16,6 +16,7 @@ from pathlib import PurePath
 from pearl_runtime.log import get_logger
 from pearl_runtime.rpc.status import Overloaded, Unavailable
 
+from pearl_runtime.rpc.security import PLAINTEXT, Dialer
 from gateway.connection import STARTUP_GRACE_S, Incompatible, TargetConnection  # noqa: F401  (re-exported)
 from gateway.flight import Flight
 from gateway.job import LENGTH, STOP, Job, TargetInfo
@@ -50,8 +51,10 @@ class TargetRouter:
                  park_timeout_s: float = 30.0, max_resubmits: int = 5, tokenizer_hash: str = "",
                  redial_s: tuple[float, float] = REDIAL_S, retire_grace_s: float = RETIRE_GRACE_S,
                  sources: list[str] | None = None, served_model_name: str | None = None,
-                 on_readiness: Callable[[], None] = lambda: None, on_resubmit: Callable[[], None] = lambda: None):
+                 on_readiness: Callable[[], None] = lambda: None, on_resubmit: Callable[[], None] = lambda: None,
+                 dialer: Dialer = PLAINTEXT):
         self.served_model_name = served_model_name or None
+        self.dialer = dialer     # TLS and token of the hop to every target
         self._coalesce_s = coalesce_s
         self._redial_s = redial_s
         self._retire_grace_s = retire_grace_s
@@ -94,7 +97,7 @@ class TargetRouter:
 
     def add(self, address: str) -> TargetConnection:
         """One more replica (a connection and its health watch), started if the router is."""
-        conn = TargetConnection(address, self, self._coalesce_s, self._redial_s)
+        conn = TargetConnection(address, self, self._coalesce_s, self._redial_s, dialer=self.dialer)
         self.targets.append(conn)
         if self._started:
             conn.start()

@@ -6,7 +6,7 @@ import signal
 import sys
 
 from pearl_runtime import envs, launch
-from pearl_runtime.launch import Stack
+from pearl_runtime.launch import Stack, new_auth_token
 from pearl_runtime.models.default_model import default_draft, default_model
 
 
@@ -44,11 +44,12 @@ def _check_up(args) -> None:
 
 
 def _run_up(args, stack: Stack) -> None:
+    args.auth_token = new_auth_token()   # every hop of this run requires it; never printed
     address = stack.start()
     print(f"pearl is up: gateway at {address} (Ctrl-C stops all three)", flush=True)
     try:
         if args.prompt:
-            _print_generation(address, args.prompt, args.max_tokens)
+            _print_generation(address, args.prompt, args.max_tokens, auth_token=args.auth_token)
         else:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
     except KeyboardInterrupt:

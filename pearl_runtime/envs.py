@@ -60,6 +60,9 @@ _declare("PEARL_HOST", str, "127.0.0.1", "address the service binds (loopback un
 _declare("PEARL_DRAFT_PORT", int, 50052, "the draft's gRPC port", ("draft",), "--port")
 _declare("PEARL_TARGET_PORT", int, 50051, "the target's gRPC port", ("target",), "--port")
 _declare("PEARL_GATEWAY_PORT", int, 50050, "the gateway's gRPC port", ("gateway",), "--port")
+_declare("PEARL_HTTP_PORT", int, 0,
+         "the gateway's OpenAI-compatible HTTP port (/v1/completions, /v1/chat/completions, /health, /metrics; 0: off)",
+         ("gateway",), "--http-port")
 _declare("PEARL_DRAFT_ADDRESS", str, "127.0.0.1:50052", "the draft service the target dials", ("target",), "--draft")
 _declare("PEARL_TARGETS", str, "127.0.0.1:50051", "comma-separated target addresses the gateway routes over",
          ("gateway",), "--targets")
@@ -142,13 +145,29 @@ _declare("PEARL_COALESCE_MS", float, 2.0, "how long the gateway gathers new requ
 # -- security -------------------------------------------------------------------------------
 _declare("PEARL_AUTH_TOKEN", str, None,
          "the stack's shared secret: servers require `authorization: Bearer <token>`, clients present it",
-         ("gateway", "generate"), "--auth-token")
-_declare("PEARL_TLS_CERT", str, None, "PEM certificate: serve over TLS", ("gateway",), "--tls-cert")
-_declare("PEARL_TLS_KEY", str, None, "PEM private key of the certificate", ("gateway",), "--tls-key")
+         SERVICES + ("generate",), "--auth-token")
+_declare("PEARL_TLS_CERT", str, None, "PEM certificate: serve over TLS", SERVICES, "--tls-cert")
+_declare("PEARL_TLS_KEY", str, None, "PEM private key of the certificate", SERVICES, "--tls-key")
+_declare("PEARL_TLS_CLIENT_CA", str, None, "PEM CA a caller's certificate must be signed by (mTLS)", SERVICES,
+         "--tls-client-ca")
 _declare("PEARL_TLS_CA", str, None, "PEM certificate to trust as a client (connect over TLS)",
          ("generate", "health"), "--tls-ca")
 _declare("PEARL_TLS_SERVER_NAME", str, None, "name the server certificate is issued for", ("generate",),
          "--tls-server-name")
+_declare("PEARL_TARGET_TLS_CA", str, None, "PEM CA the gateway trusts for its targets (dial them over TLS)",
+         ("gateway",), "--target-tls-ca")
+_declare("PEARL_TARGET_TLS_CERT", str, None, "the gateway's client certificate for targets that require one",
+         ("gateway",), "--target-tls-cert")
+_declare("PEARL_TARGET_TLS_KEY", str, None, "private key of --target-tls-cert", ("gateway",), "--target-tls-key")
+_declare("PEARL_TARGET_AUTH_TOKEN", str, None, "the token the gateway presents to targets (default: --auth-token)",
+         ("gateway",), "--target-auth-token")
+_declare("PEARL_DRAFT_TLS_CA", str, None, "PEM CA the target trusts for its draft (dial it over TLS)",
+         ("target",), "--draft-tls-ca")
+_declare("PEARL_DRAFT_TLS_CERT", str, None, "the target's client certificate for a draft that requires one",
+         ("target",), "--draft-tls-cert")
+_declare("PEARL_DRAFT_TLS_KEY", str, None, "private key of --draft-tls-cert", ("target",), "--draft-tls-key")
+_declare("PEARL_DRAFT_AUTH_TOKEN", str, None, "the token the target presents to its draft (default: --auth-token)",
+         ("target",), "--draft-auth-token")
 
 # -- measurement (benchmarks and probes) ----------------------------------------------------
 _declare("PEARL_PROFILE_ROUNDS", int, 0, "profile N rounds after a warm-up (torch profiler)", ("draft",),

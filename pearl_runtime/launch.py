@@ -5,6 +5,7 @@ process (`python -m target_service ...`), as in compose: the runtime never impor
 """
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,6 +19,11 @@ log = get_logger(__name__)
 
 DRAFT_WAIT_S = 60.0   # how long start() waits for the target's draft link
 MODULES = {"draft": "draft_service", "target": "target_service", "gateway": "gateway"}
+
+
+def new_auth_token() -> str:
+    """A fresh secret for one stack's run."""
+    return secrets.token_urlsafe(32)
 
 
 def service_argv(what: str, argv: list[str]) -> list[str]:
@@ -93,7 +99,8 @@ class Stack:
     per service ("draft", "target", "gateway"), e.g. CUDA MPS settings; `log_dir`: each
     service's output goes to <log_dir>/<service>.log instead of this terminal. Optional
     attributes of `args`: dtype, target_device, draft_device, target_argv, draft_argv
-    (extra engine flags), start_timeout_s, draft_wait_s (0: do not wait for the draft link)."""
+    (extra engine flags), start_timeout_s, draft_wait_s (0: do not wait for the draft link),
+    auth_token (every hop requires it: `pearl up` makes one a run, new_auth_token())."""
 
     def __init__(self, args, env: dict | None = None, log_dir=None):
         self.args, self.procs, self.env, self.log_dir = args, [], env or {}, log_dir
@@ -126,9 +133,15 @@ class Stack:
                          timeout_s=getattr(a, "start_timeout_s", 300))
         return address
 
+    @property
+    def auth_token(self) -> str | None:
+        return getattr(self.args, "auth_token", None)
+
     def child_env(self, what: str) -> dict[str, str]:
-        """The service's environment: ours plus its extra; an extra None unsets a variable."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env.get(what, {})}
+        """The service's environment: ours plus its extra; an extra None unsets a variable. The
+        token goes by the environment, never the command line (`ps` and the logs show that), and
+        only the stack's own: one inherited from this shell would lock out the stack's callers."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PEARL_AUTH_TOKEN": self.auth_token, **self.env.get(what, {})}
         return {k: v for k, v in env.items() if v is not None}
 
     def _spawn(self, what: str, argv: list[str]) -> None:
@@ -162,7 +175,8 @@ class Stack:
         while time.time() < deadline:
             self._check_alive()
             try:
-                if asyncio.run(read_metrics(self.target_address, timeout_s=2)).draft_connected:
+                if asyncio.run(read_metrics(self.target_address, timeout_s=2,
+                                            auth_token=self.auth_token)).draft_connected:
                     return
             except (grpc.RpcError, TimeoutError):   # not answering yet: ask again
                 pass

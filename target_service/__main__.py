@@ -11,6 +11,7 @@ from pearl_runtime.config import add_engine_args, engine_config_from_args
 from pearl_runtime.log import setup as setup_logging
 from pearl_runtime.models.default_model import default_model
 from pearl_runtime.models.check import check_model_dir
+from pearl_runtime.security_flags import add_caller_args, add_serving_args, caller_options
 from pearl_runtime.rpc.server import check_ports, run_async, serve_until_signal
 from pearl_runtime.usage import pop_debug, user_errors
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = argparse.ArgumentParser(prog="pearl target", description="run the target service")
     add_engine_args(t)
     t.add_argument("--port", type=int, default=envs.default("PEARL_TARGET_PORT"))
+    add_serving_args(t)
+    add_caller_args(t, "draft")
     t.add_argument("--drain-timeout", type=float, default=envs.default("PEARL_DRAIN_TIMEOUT_S"),
                    help="SIGTERM: seconds the requests in flight may take to finish (NOT_SERVING at once; what is "
                         "left when it passes, the gateway resubmits elsewhere)")
@@ -72,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    from target_service.server import serve
     setup_logging("target", args.log_level, args.log_format)
     model = args.model or default_model()
     check_model_dir(model)
     check_ports(args.host, {"--port": args.port, "--metrics-port": args.metrics_port,
                 "--health-port": args.health_port})
+    from target_service.server import serve   # after the checks: it loads the engine's modules
     draft = None if args.mode == "ar" else args.draft
     gamma = None if str(args.gamma) == "auto" else int(args.gamma)
     with keep_awake.for_service(args.keep_awake, args.device):
@@ -90,7 +93,9 @@ def run(args) -> None:
                                       metrics_port=args.metrics_port, served_model_name=args.served_model_name,
                                       health_port=args.health_port, drain_timeout_s=args.drain_timeout,
                                       max_waiting=args.max_queued_requests,
-                                      hung_round_floor_s=args.hung_round_floor)))
+                                      hung_round_floor_s=args.hung_round_floor, auth_token=args.auth_token,
+                                      tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                      tls_client_ca=args.tls_client_ca, **caller_options(args, "draft"))))
 
 
 def main(argv=None) -> None:

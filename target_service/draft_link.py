@@ -16,7 +16,8 @@ from pearl_runtime.pb import draft_pb2, draft_pb2_grpc
 from pearl_runtime.rpc.ipc import IpcUnavailable, TokenImport
 from pearl_runtime.rpc.round_datagrams import RoundSender
 from pearl_runtime.rpc.identity import protocol_mismatch
-from pearl_runtime.rpc.server import GRPC_OPTIONS, host_id
+from pearl_runtime.rpc.security import PLAINTEXT, Dialer
+from pearl_runtime.rpc.server import host_id
 from pearl_runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -66,6 +67,7 @@ class DraftLink:
         self.hello.host_id = self.hello.host_id or host_id()
         self.round_timeout_s = round_timeout_s
         self.channel: grpc.aio.Channel | None = None
+        self.dialer = PLAINTEXT
         self.call = None
         self.connected = False
         self.generation = 0          # bumps on every (re)connect: the draft's mirror is new
@@ -78,10 +80,17 @@ class DraftLink:
         self._round_s: float | None = None  # a running mean of round times, for the watchdog
         self._written = 0.0         # when the last Round went to the stream (time.monotonic)
 
+    def use(self, dialer: Dialer) -> None:
+        """Dial with `dialer`'s TLS and token (before `maintain`). A secured hop asks for no Round
+        datagrams: they would go beside it in plaintext, unauthenticated (round_datagrams.py)."""
+        self.dialer = dialer
+        if dialer.tls or dialer.token:
+            self.hello.round_datagrams = False
+
     async def _connect(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+        self.channel = self.dialer.channel(self.address)
         stub = draft_pb2_grpc.DraftStub(self.channel)
-        self.call = stub.Speculate()
+        self.call = stub.Speculate(metadata=self.dialer.metadata)
         await self.call.write(draft_pb2.ToDraft(hello=self.hello))
         msg = await asyncio.wait_for(self.call.read(), timeout=10)
         if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "hello":

@@ -13,6 +13,7 @@ from pearl_runtime.log import get_logger
 from pearl_runtime.metrics_http import serve_metrics
 from pearl_runtime.pb import target_pb2, target_pb2_grpc
 from pearl_runtime.rpc.health import Health
+from pearl_runtime.rpc.security import Dialer, serving_credentials
 from pearl_runtime.rpc.server import bind, new_server, stop_serving
 from pearl_runtime.rpc.status import Unavailable
 from pearl_runtime.spec.round_model import HEAD_START_QUORUM
@@ -120,18 +121,24 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
                 device_tokens: bool = True, round_datagrams: bool = True, metrics_port: int = 0,
                 served_model_name: str | None = None, health_port: int = 0,
                 drain_timeout_s: float = 30.0, max_waiting: int = 1024,
-                hung_round_floor_s: float = HUNG_FLOOR_S) -> None:
-    """Serve until cancelled. The port answers health (NOT_SERVING) while the engine loads;
+                hung_round_floor_s: float = HUNG_FLOOR_S, auth_token: str | None = None,
+                tls_cert: str | None = None, tls_key: str | None = None, tls_client_ca: str | None = None,
+                draft_tls_ca: str | None = None, draft_tls_cert: str | None = None,
+                draft_tls_key: str | None = None, draft_auth_token: str | None = None) -> None:
+    """Serve until cancelled. `auth_token`, `tls_*`: what callers must present (rpc/auth.py,
+    rpc/security.py); `draft_*`: how the draft is dialed (its token defaults to `auth_token`). The port answers health (NOT_SERVING) while the engine loads;
     `ready(port)` is called once it serves. Cancelled, it drains: NOT_SERVING at once, the
     requests in flight finish within `drain_timeout_s`, then the port closes."""
     if cfg.device == "cpu":
         torch.set_num_threads(max(1, int(cfg.extra.get("threads", 1))))
     tracing.setup("target")
     model_name = served_model_name or Path(cfg.model).name or cfg.model
-    servicer, health, server = TargetServicer(model_name=model_name), Health(SERVICE_NAME), new_server()
+    credentials = serving_credentials(tls_cert, tls_key, tls_client_ca)
+    draft_dialer = Dialer(draft_tls_ca, draft_tls_cert, draft_tls_key, draft_auth_token or auth_token)
+    servicer, health, server = TargetServicer(model_name=model_name), Health(SERVICE_NAME), new_server(auth_token)
     target_pb2_grpc.add_TargetServicer_to_server(servicer, server)
     health.add_to(server)
-    bound = bind(server, host, port)
+    bound = bind(server, host, port, credentials)
     await server.start()
     await health.open_plain_port(host, health_port)
     log.info("target port open; loading", address=f"{host}:{bound}", model=cfg.model, mode=mode)
@@ -142,6 +149,8 @@ async def serve(cfg: EngineConfig, host: str = "127.0.0.1", port: int = 50051, m
             cfg, mode, draft_address, gamma, ar_steps=ar_steps, max_gamma=max_gamma, head_start=head_start,
             head_start_quorum=head_start_quorum, device_tokens=device_tokens, round_datagrams=round_datagrams,
             max_waiting=max_waiting))
+        if service.link is not None:
+            service.link.use(draft_dialer)
         registry = CollectorRegistry()
         service.collector = TargetCollector(service, registry, model_name)
         endpoint = serve_metrics(registry, host, metrics_port)

@@ -56,6 +56,7 @@ import grpc
 
 from pearl_runtime.pb import target_pb2, target_pb2_grpc
 from pearl_runtime.bench.projection import acceptance_by_position
+from pearl_runtime.rpc.security import token_metadata
 from pearl_runtime.rpc.server import GRPC_OPTIONS
 
 COUNTERS = ("rounds", "speculative_rounds", "draft_ms", "target_ms", "wait_ms", "exchange_ms", "round_ms",
@@ -67,9 +68,11 @@ class BenchError(RuntimeError):
     pass
 
 
-async def read_metrics(target_address: str, timeout_s: float = 10.0) -> target_pb2.TargetMetrics:
+async def read_metrics(target_address: str, timeout_s: float = 10.0,
+                       auth_token: str | None = None) -> target_pb2.TargetMetrics:
     async with grpc.aio.insecure_channel(target_address, options=GRPC_OPTIONS) as ch:
-        return await target_pb2_grpc.TargetStub(ch).Metrics(target_pb2.MetricsRequest(), timeout=timeout_s)
+        return await target_pb2_grpc.TargetStub(ch).Metrics(target_pb2.MetricsRequest(), timeout=timeout_s,
+                                                             metadata=token_metadata(auth_token))
 
 
 def diff(after: target_pb2.TargetMetrics, before: target_pb2.TargetMetrics) -> dict:
@@ -121,7 +124,7 @@ async def measure(gateway: str, target: str, batches: list[list[list[int]]], max
     if m["committed_tokens"] != tokens:
         raise BenchError(f"{mode} bs={bs}: the target committed {m['committed_tokens']} tokens, the clients "
                          f"received {tokens} (another client on this target?)")
-    if mode != "ar" and m["speculative_rounds"] != m["rounds"]:
+    if mode not in ("ar", "auto") and m["speculative_rounds"] != m["rounds"]:   # auto serves ar by choice
         raise BenchError(f"{mode} bs={bs}: {m['rounds'] - m['speculative_rounds']} of {m['rounds']} rounds ran "
                          f"without the draft (the draft link dropped; see the service logs)")
     return row(mode, bs, max_tokens, runs, m)
@@ -180,6 +183,8 @@ def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float, list]
         "gamma": round(m["gamma_sum"] / m["speculative_rounds"]) if m["speculative_rounds"] else m["gamma"],
         "gamma_mean": m["gamma_sum"] / m["speculative_rounds"] if m["speculative_rounds"] else None,
         "gamma_by_batch": m["gamma_by_batch"], "path": m["path"], "metrics_diff": m,
+        # the round paths each request took (the gateway's stats: "sd+ar" when it met both)
+        "paths": dict(Counter(c.stats.mode for c in completions)),
         "accept_by_position": acceptance_by_position(m["judged_runs"]),
         "outputs_sha256": hashlib.sha256(repr([c.token_ids for c in completions]).encode()).hexdigest(),
         "_outputs": [list(c.token_ids) for c in completions],   # kept in memory, not in the JSON

@@ -11,6 +11,12 @@ benchmarks/journal/BENCHMARKS.md).
 
 The draft opens one socket beside its gRPC port and gives each target stream a random key
 (HelloReply.round_port / round_key); a datagram is the key, then the serialized Round.
+
+A secured hop has no datagrams: with a bearer token or TLS on the draft, it opens no port,
+and a target dialing with either does not ask for one. The stream's TLS cannot cover a
+datagram (its token ids would travel in the clear), and a key sent once, seen on the wire,
+would let anyone on the path forge rounds: an HMAC per datagram fixes the second but not the
+first, and the datagram only ever saves a fraction of a round's hop.
 """
 import asyncio
 import os
@@ -26,6 +32,11 @@ log = get_logger(__name__)
 
 KEY_BYTES = 8
 MAX_DATAGRAM = 8192   # a steady sd round is ~50 bytes; one whose adds carry long prompts goes by the stream
+
+
+def datagram_host(host: str, auth_token: str | None, credentials) -> str | None:
+    """Where the draft opens its datagram port: beside its gRPC port, unless the hop is secured."""
+    return None if auth_token or credentials is not None else host
 
 
 class RoundSender:

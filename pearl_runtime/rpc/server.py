@@ -9,6 +9,7 @@ import grpc
 
 from pearl_runtime.errors import PearlError, UsageError
 from pearl_runtime.log import get_logger
+from pearl_runtime.rpc.auth import interceptors as auth_interceptors
 from pearl_runtime.rpc.status import abort_with, status_of
 
 
@@ -185,6 +186,7 @@ def _is_abort(error: Exception) -> bool:
     return isinstance(error, grpc.aio.AbortError)
 
 
-def new_server() -> grpc.aio.Server:
+def new_server(auth_token: str | None = None) -> grpc.aio.Server:
+    """`auth_token`: every call but health and reflection must present it (rpc/auth.py)."""
     return grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", SO_REUSEPORT)],
-                           interceptors=[ErrorInterceptor()])
+                           interceptors=[*auth_interceptors(auth_token), ErrorInterceptor()])

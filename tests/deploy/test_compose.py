@@ -16,13 +16,27 @@ from pearl_runtime.launch import MODULES
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = (ROOT / "compose.yaml").read_text()
 DRAIN_S = 30.0   # the drain a stopping service may take: the grace periods must outlast it
-_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+_VAR = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
+TOKEN = "a-token-from-the-environment"
+
+
+class Unset(Exception):
+    """A ${VAR:?message} whose VAR is unset: compose refuses the file with the message."""
+
+
+def _value(m, env: dict[str, str]) -> str:
+    name, kind, rest = m.groups()
+    if env.get(name):
+        return env[name]
+    if kind == "?":
+        raise Unset(f"{name}: {rest.replace('$$', '$')}")
+    return rest or ""
 
 
 def interpolate(value, env: dict[str, str]):
-    """compose's ${VAR} / ${VAR:-default} over every string of the file."""
+    """compose's ${VAR} / ${VAR:-default} / ${VAR:?error} over every string of the file."""
     if isinstance(value, str):
-        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+        return _VAR.sub(lambda m: _value(m, env), value)
     if isinstance(value, list):
         return [interpolate(v, env) for v in value]
     if isinstance(value, dict):
@@ -31,7 +45,8 @@ def interpolate(value, env: dict[str, str]):
 
 
 def compose(**env: str) -> dict:
-    return interpolate(yaml.safe_load(TEXT), env)
+    """The file as compose reads it, with a token in the environment unless `env` unsets it."""
+    return interpolate(yaml.safe_load(TEXT), {"PEARL_AUTH_TOKEN": TOKEN, **env})
 
 
 COMPOSE = compose()
@@ -180,3 +195,15 @@ def test_images_and_builds():
     for n in ("draft", "target", "prepare", "mps", "ns"):
         assert SERVICES[n]["build"]["target"] == "gpu", n
         assert SERVICES[n]["image"] == SERVICES["target"]["image"]
+
+
+def test_every_service_gets_the_token_from_the_environment():
+    """The secret comes from the host's environment or .env (compose reads both), never the
+    file: every pearl service gets it, and without it compose refuses to start anything."""
+    for name in ("draft", "target", "gateway"):
+        assert SERVICES[name]["environment"]["PEARL_AUTH_TOKEN"] == TOKEN, name
+    assert TOKEN not in TEXT
+    with pytest.raises(Unset, match="PEARL_AUTH_TOKEN.*openssl rand"):
+        compose(PEARL_AUTH_TOKEN="")
+    readme = (ROOT / "README.md").read_text()
+    assert "PEARL_AUTH_TOKEN=$(openssl rand -hex 32) > .env" in readme

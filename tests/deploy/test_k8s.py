@@ -242,11 +242,16 @@ def test_model_cache_pvc(variant):
 
 
 def test_auth_token_from_secret(variant):
+    """Every service (gateway, target, draft) takes the stack's token from the Secret, and no
+    manifest carries a token of its own."""
     _, docs = variant
+    assert {c["name"] for _, c, _ in pearl_containers(docs)} >= {"gateway", "target", "draft"}
+    assert not [d for d in docs if d["kind"] == "Secret"], "a secret baked into a manifest"
     for _, c, _ in pearl_containers(docs):
         (env,) = [e for e in c["env"] if e["name"] == "PEARL_AUTH_TOKEN"]
         ref = env["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "pearl-auth" and ref["key"] == "token"
+        assert not ref.get("optional"), f"{c['name']}: would start without a token"
         assert {e["name"]: e.get("value") for e in c["env"]}["PEARL_HOST"] == "0.0.0.0"
 
 
