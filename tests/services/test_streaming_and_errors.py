@@ -3,11 +3,14 @@ import asyncio
 import random
 import shutil
 import signal
+import sys
 import time
+from unittest import mock
 
 import grpc
 import pytest
 
+from pearl_runtime import launch
 from pearl_runtime.client import generate
 from pearl_runtime.pb import common_pb2, target_pb2, target_pb2_grpc
 from pearl_runtime.rpc.server import GRPC_OPTIONS
@@ -243,11 +246,22 @@ def start_all(address, prompts, max_tokens, rec=None, timeout_s=120):
             for i, (p, m) in enumerate(zip(prompts, max_tokens))]
 
 
+# gRPC's SO_REUSEPORT, which the services turn off (a second one on a held port fails at start),
+# opted into for the two drafts of step 3 alone: both sockets must set it to share a port
+REUSEPORT_DRAFT = ("from pearl_runtime import log; log.quiet_native_stderr(); import draft_service.__main__ as d; "
+                   "from pearl_runtime.rpc import server; server.SO_REUSEPORT = 1; d.main()")
+
+
+def start_sharing_port(draft) -> None:
+    with mock.patch.object(launch, "service_argv", lambda _, argv: [sys.executable, "-c", REUSEPORT_DRAFT, *argv]):
+        draft.start()
+
+
 def test_draft_killed_mid_run_falls_back_to_ar_then_pearl_resumes(restart_stack, reference):
     """1. requests A1 run; the draft is SIGKILLed mid-run: the target falls back to ar (B,
     sent while it is down, takes one forward per token) and A1's output is unchanged.
     2. the draft restarts on the same port: the target re-dials, PEARL resumes (C).
-    3. a second draft process listens on the same port (SO_REUSEPORT, gRPC's default) and
+    3. a second draft process listens on the same port (SO_REUSEPORT: REUSEPORT_DRAFT) and
     the running one is killed while the target is idle; A2 is sent: its first rounds are ar,
     the target re-dials, re-syncs the replacement with A2's sequences mid-generation, and A2
     continues speculatively. (Before the fix in DraftLink.exchange, the write on the dead
@@ -273,8 +287,8 @@ def test_draft_killed_mid_run_falls_back_to_ar_then_pearl_resumes(restart_stack,
             await asyncio.sleep(0.02)
         b = await asyncio.gather(*start_all(address, prompts["b"], maxes["b"]))
         assert not draft.alive()
-        # 2. restart on the same port
-        draft.start()
+        # 2. restart on the same port (sharing it with the spare of step 3)
+        start_sharing_port(draft)
         await asyncio.to_thread(draft.wait_ready, time.time() + START_TIMEOUT_S)
         await asyncio.to_thread(wait_handshakes, draft, 2, time.time() + 30)
         c = await asyncio.gather(*start_all(address, prompts["c"], maxes["c"]))
@@ -283,7 +297,7 @@ def test_draft_killed_mid_run_falls_back_to_ar_then_pearl_resumes(restart_stack,
         spare = cluster.new_draft(cluster.draft_models["copy"], "draft-restart-spare")
         spare.port = draft.port
         spare.argv[spare.argv.index("--port") + 1] = str(draft.port)
-        spare.start()
+        start_sharing_port(spare)
         # not wait_ready: the port answers already (the running draft)
         await asyncio.to_thread(spare.wait_log, "draft serving")
         draft.kill(signal.SIGKILL)
