@@ -28,7 +28,7 @@ COPY requirements.lock ./
 # the gateway's own dependencies, versions from the lock (pyproject.toml's full list pulls torch)
 RUN pip install -c requirements.lock \
       grpcio protobuf grpcio-health-checking grpcio-reflection structlog prometheus-client uvloop \
-      tokenizers Jinja2 tqdm opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc
+      tokenizers Jinja2 tqdm opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc aiohttp
 COPY pyproject.toml README.md ./
 COPY pearl_runtime pearl_runtime
 COPY draft_service draft_service
@@ -37,7 +37,7 @@ COPY gateway gateway
 # --no-deps: the package's declared dependencies include torch, which the gateway never imports
 RUN pip install --no-deps . && rm -rf build *.egg-info
 USER pearl
-EXPOSE 50050
+EXPOSE 50050 8000
 # PEARL_HEALTH_ADDRESS: the address the image's HEALTHCHECK asks (the gateway's gRPC port here)
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
   CMD pearl health "${PEARL_HEALTH_ADDRESS}" --timeout 4 || exit 1

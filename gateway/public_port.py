@@ -8,6 +8,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from pearl_runtime.pb import gateway_pb2
+from pearl_runtime.rpc.auth import interceptors as auth_interceptors
 from pearl_runtime.rpc.server import GRPC_OPTIONS, SO_REUSEPORT, ErrorInterceptor
 
 # a request's bytes: the largest text prompt (validation.MAX_TEXT_BYTES) and its fields fit
@@ -15,12 +16,12 @@ MAX_REQUEST_BYTES = 4 * 2**20
 SERVICE = "pearl.v1.Gateway"
 
 
-def public_server() -> grpc.aio.Server:
-    """new_server()'s options and interceptor, with the client-facing receive limit."""
+def public_server(auth_token: str | None = None) -> grpc.aio.Server:
+    """new_server()'s options and interceptors, with the client-facing receive limit."""
     options = [(k, v) for k, v in GRPC_OPTIONS if k != "grpc.max_receive_message_length"]
     return grpc.aio.server(options=[*options, ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                                     ("grpc.so_reuseport", SO_REUSEPORT)],
-                           interceptors=[ErrorInterceptor()])
+                           interceptors=[*auth_interceptors(auth_token), ErrorInterceptor()])
 
 
 class Undecodable:

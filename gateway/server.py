@@ -1,11 +1,10 @@
 """The Gateway gRPC service: validate, route to a target, stream text deltas, then final stats."""
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import signal
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -16,23 +15,23 @@ from pearl_runtime.pb import gateway_pb2, gateway_pb2_grpc
 from pearl_runtime import gc_pauses, tracing
 from pearl_runtime.errors import InvalidRequest, PearlError
 from pearl_runtime.rpc.identity import tokenizer_hash
-from pearl_runtime.rpc.security import authorize, server_credentials
+from pearl_runtime.rpc.security import Dialer, serving_credentials
 from pearl_runtime.log import setup as setup_logging
 from pearl_runtime.rpc.server import bind, run_async
 from pearl_runtime.metrics_http import MetricsEndpoint, serve_metrics
 from pearl_runtime.rpc.health import Health
-from pearl_runtime.rpc.status import abort, status_of
+from pearl_runtime.rpc.status import abort
 from pearl_runtime.validation import check_request_id
 
 from gateway import wire
-from gateway.detokenizer import Detokenizer
-from gateway.job import STOP_STRING, Stats
+from gateway.generation import Delta, Generation
+from gateway.http import HttpFront, OpenAIFront, serve_http
+from gateway.kserve import add_kserve_servicer
 from gateway.metrics import GatewayMetrics
 from gateway.readiness import GATEWAY_SERVICE, Readiness
 from gateway.resolver import GetAddrInfo, Resolver, parse_targets
 from gateway.targets import RETIRE_GRACE_S, TargetRouter
 from gateway.tokenizer import GatewayTokenizer
-from gateway import validation
 from gateway.public_port import Undecodable, add_gateway_servicer, public_server
 from pearl_runtime.log import get_logger
 
@@ -41,15 +40,13 @@ STOPPING_WINDOW_S = 0.5     # on SIGTERM, readiness answers NOT_SERVING this lon
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, router: TargetRouter, tokenizer, metrics: GatewayMetrics, auth_token: str | None = None):
-        self._router = router
-        self._tokenizer = tokenizer
-        self._metrics = metrics
-        self._token = auth_token
-        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-tokenize")
+    """pearl.v1.Gateway: converts its messages to and from gateway/generation.py's path."""
+
+    def __init__(self, generation: Generation):
+        self._generation = generation
+        self._router = generation.router
 
     async def Generate(self, request, context):
-        await authorize(context, self._token)
         meta = dict(context.invocation_metadata() or ())
         try:
             request_id, refused = _request_id(request, meta), None
@@ -58,75 +55,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # grpc aio runs each RPC in a fresh context, so the binding ends with this call
         structlog.contextvars.bind_contextvars(request_id=request_id)
         await context.send_initial_metadata((("x-request-id", request_id),))
-        measured = self._metrics.request(self._router.model)
-        # the request's span; its traceparent goes on to the target (the client's when tracing is off)
-        span = tracing.start("gateway.request", meta.get("traceparent") or None, request_id=request_id)
-        try:
-            if refused is not None:
-                raise refused
-            async for reply in self._generate(request, request_id, span.traceparent or meta.get("traceparent", ""),
-                                              measured):
-                yield reply
-        except PearlError as e:
-            code = status_of(e)[0]
-            measured.failed(code.name)
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                log.info("request rejected", reason=str(e))
-            else:
-                log.warning("request failed", code=code.name, reason=str(e))
-            await abort(context, e)
-        except Exception:
-            measured.failed(grpc.StatusCode.INTERNAL.name)
-            raise
-        finally:    # a client that went away (cancel, deadline) ends the call here; else a no-op
-            span.end()
+        if refused is not None:
+            self._generation.refused(refused)
+            await abort(context, refused)
+
+        def ended() -> str:     # why a call left early: its deadline, else the client's cancel
             left = context.time_remaining()
-            measured.failed("DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED")
+            return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
 
-    async def _generate(self, request, request_id: str, traceparent: str, measured):
-        t0 = time.perf_counter()
-        info = await self._router.info()
-        req = dataclasses.replace(wire.request_from_proto(request), request_id=request_id)
-        params = validation.check(req, info)   # sizes first: nothing below reads an unbounded field
-        # tokenization on the one tokenizer thread (serial: a tokenizer is not shared across threads)
-        prompt = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize, validation.tokenize, req, self._tokenizer)
-        job = dataclasses.replace(validation.job(req, params, prompt, info), traceparent=traceparent)
-        measured.accepted(len(job.prompt_ids))
-
-        detok = Detokenizer(self._tokenizer, job.stop)
-        ttft_ms, new_tokens, forwards, paths, reason = 0.0, 0, 0, [], None
-        async with self._router.open(job) as flight:
-            log.info("request accepted", prompt_tokens=len(job.prompt_ids),
-                     target=flight.target.address if flight.target else "parked: no ready target")
-            async for p in flight:
-                if not new_tokens and p.token_ids:
-                    ttft_ms = (time.perf_counter() - t0) * 1e3
-                new_tokens += len(p.token_ids)
-                forwards = p.target_forwards
-                if p.mode and p.mode not in paths:
-                    paths.append(p.mode)    # e.g. pearl, then ar while the draft was down
-                text = detok.push(p.token_ids)
-                if p.finish_reason is not None:
-                    text += detok.finish()
-                if text or p.token_ids:
-                    yield wire.delta(request_id, text, p.token_ids)
-                    measured.streamed(len(p.token_ids))
-                if detok.stopped:
-                    reason = STOP_STRING
-                    break           # leaving `open` cancels the request on its target
-                reason = p.finish_reason
-
-        total_ms = (time.perf_counter() - t0) * 1e3
-        stats = Stats.measure(len(job.prompt_ids), new_tokens, forwards, ttft_ms, total_ms,
-                              "+".join(paths) or info.mode)
-        log.info("request finished", finish=reason, new_tokens=new_tokens, target_forwards=forwards,
-                 ms=round(total_ms, 1))
-        measured.finished(reason)
-        yield wire.final(request_id, detok.text, reason, stats)
+        try:
+            req = dataclasses.replace(wire.request_from_proto(request), request_id=request_id)
+            async with contextlib.aclosing(self._generation.stream(req, meta.get("traceparent", ""),
+                                                                   ended)) as outs:
+                async for out in outs:
+                    yield (wire.delta(request_id, out.text, out.token_ids) if isinstance(out, Delta)
+                           else wire.final(request_id, out.text, out.finish_reason, out.stats))
+        except PearlError as e:
+            await abort(context, e)
 
     async def ListModels(self, request, context):
-        await authorize(context, self._token)
         try:
             info = self._router.ready_info()
         except PearlError as e:
@@ -154,10 +101,15 @@ class RunningGateway:
     metrics: GatewayMetrics
     resolver: Resolver
     metrics_endpoint: MetricsEndpoint | None = None     # None: /metrics off
+    http: HttpFront | None = None                       # None: the OpenAI HTTP front off
 
     @property
     def metrics_port(self) -> int | None:
         return self.metrics_endpoint.port if self.metrics_endpoint else None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http else None
 
     @property
     def address(self) -> str:
@@ -169,6 +121,8 @@ class RunningGateway:
         await self.readiness.stopping()
         await asyncio.sleep(window_s)
         await self.server.stop(grace_s)
+        if self.http:
+            await self.http.close()
         await self.readiness.health.close_plain_port()
         await self.resolver.close()
         await self.router.close()
@@ -180,24 +134,29 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
                         model_dir: str | None = None, *, tokenizer=None, coalesce_ms: float = 2.0,
                         max_in_flight: int = 1024, park_timeout_s: float = 30.0,
                         max_resubmits: int = 5, tls_cert: str | None = None, tls_key: str | None = None,
-                        auth_token: str | None = None, metrics_port: int = 0,
+                        auth_token: str | None = None, tls_client_ca: str | None = None,
+                        target_tls_ca: str | None = None, target_tls_cert: str | None = None,
+                        target_tls_key: str | None = None, target_auth_token: str | None = None,
+                        metrics_port: int = 0,
                         resolve_interval_s: float = 5.0, served_model_name: str | None = None,
                         health_port: int = 0, retire_grace_s: float = RETIRE_GRACE_S,
-                        getaddrinfo: GetAddrInfo | None = None) -> RunningGateway:
+                        http_port: int | None = None, getaddrinfo: GetAddrInfo | None = None) -> RunningGateway:
     """Start a gateway over `targets` (HOST:PORT each, or one comma-separated string; a HOST
     that is a DNS name stands for every address it resolves to, re-resolved every
     `resolve_interval_s`); port 0 picks a free one. The tokenizer comes from `model_dir` (the
     target's model directory; tokenizers + Jinja2, no transformers or torch) unless given.
     `served_model_name`: the model name clients see (default: what the targets report).
-    `metrics_port`: serve /metrics on `host` there (0: off). `getaddrinfo`: the name lookup
+    `metrics_port`: serve /metrics on `host` there (0: off). `http_port`: the OpenAI-compatible
+    HTTP front there (0: a free port; None: off). `getaddrinfo`: the name lookup
     (default: the event loop's)."""
     entries = parse_targets(targets)
     if tokenizer is None:
         if model_dir is None:
             raise ValueError("model_dir (or tokenizer) is required for tokenization")
         tokenizer = GatewayTokenizer.from_dir(model_dir)
-    if bool(tls_cert) != bool(tls_key):
-        raise ValueError("TLS needs both tls_cert and tls_key")
+    credentials = serving_credentials(tls_cert, tls_key, tls_client_ca)
+    # the targets' token defaults to the gateway's own: one secret serves a whole stack
+    dialer = Dialer(target_tls_ca, target_tls_cert, target_tls_key, target_auth_token or auth_token)
     metrics = GatewayMetrics(CollectorRegistry(), served_model_name or None)
     health = Health(GATEWAY_SERVICE)
     readiness = Readiness(health, metrics)
@@ -205,12 +164,14 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
                           park_timeout_s=park_timeout_s, max_resubmits=max_resubmits,
                           tokenizer_hash=tokenizer_hash(tokenizer), retire_grace_s=retire_grace_s,
                           sources=[e.text for e in entries], served_model_name=served_model_name,
-                          on_readiness=readiness.changed, on_resubmit=metrics.resubmitted)
+                          on_readiness=readiness.changed, on_resubmit=metrics.resubmitted, dialer=dialer)
     resolver = Resolver(entries, router, resolve_interval_s, getaddrinfo)
-    server = public_server()
-    add_gateway_servicer(GatewayServicer(router, tokenizer, metrics, auth_token), server)
+    server = public_server(auth_token)
+    generation = Generation(router, tokenizer, metrics)     # the one path every front below calls
+    add_gateway_servicer(GatewayServicer(generation), server)
+    add_kserve_servicer(generation, health, server)
     health.add_to(server)
-    port = bind(server, host, port, server_credentials(tls_cert, tls_key) if tls_cert else None)
+    port = bind(server, host, port, credentials)
     bound_metrics = serve_metrics(metrics.registry, host, metrics_port)
     await router.start()
     await resolver.start()
@@ -218,11 +179,13 @@ async def serve_gateway(host: str = "127.0.0.1", port: int = 0, targets: list[st
     gc_pauses.freeze_and_watch()   # the start-up heap out of the collector's walks
     await server.start()
     await health.open_plain_port(host, health_port)
+    http = None if http_port is None else \
+        await serve_http(OpenAIFront(generation, health, metrics.registry, auth_token), host, http_port)
     log.info("gateway listening", address=f"{host}:{port}", targets=router.sources, replicas=router.addresses,
              tls=bool(tls_cert), auth=bool(auth_token))
     if host not in ("127.0.0.1", "localhost", "::1") and not (tls_cert and auth_token):
         log.warning("gateway reachable beyond loopback without TLS and a bearer token", host=host)
-    return RunningGateway(server, router, host, port, readiness, metrics, resolver, bound_metrics)
+    return RunningGateway(server, router, host, port, readiness, metrics, resolver, bound_metrics, http)
 
 
 _SERVE_ARGS = set(inspect.signature(serve_gateway).parameters) - {"getaddrinfo"}
