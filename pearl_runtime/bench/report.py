@@ -2,6 +2,9 @@
 projection, the printed tables."""
 from pearl_runtime.engine.step_timer import VerifyCost
 from pearl_runtime.bench import projection, roofline
+from pearl_runtime.bench.near_ties import same_text
+
+ORDER = ("ar", "sd", "pearl", "auto")   # rows of a batch size, in this order
 
 
 def add_speedups(rows: list[dict], greedy: bool = True) -> None:
@@ -16,16 +19,24 @@ def add_speedups(rows: list[dict], greedy: bool = True) -> None:
         full, full_ar = r.get("full_batch_tokens_per_s"), base and base.get("full_batch_tokens_per_s")
         r["full_batch_speedup_vs_ar"] = full / full_ar if full and full_ar else None
         r["outputs_match_ar"] = base["outputs_sha256"] == r["outputs_sha256"] if base and greedy else None
-        if r["outputs_match_ar"] is False and "_outputs" in base and "_outputs" in r:
+        if r["outputs_match_ar"] is False and "_outputs" in base and "_outputs" in r and "divergence" not in r:
             r["divergence"] = divergence(base["_outputs"], r["_outputs"])
 
 
 def divergence(ref: list[list[int]], got: list[list[int]]) -> dict:
     """Where greedy outputs part from ar's: how many requests differ, and the first differing
-    token index of each (bf16 near-ties flip a token, then the continuations differ)."""
-    firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
-              for x, y in zip(ref, got) if x != y]
-    return {"requests": len(ref), "differing": len(firsts), "first_index": sorted(firsts)}
+    token of each (request, index, ar's token, the mode's), for near_ties to judge (bf16
+    near-ties flip a token, then the continuations differ)."""
+    firsts = []
+    for r, (x, y) in enumerate(zip(ref, got)):
+        if x != y:
+            i = next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+            if i < min(len(x), len(y)):
+                firsts.append({"request": r, "index": i, "ar_token": x[i], "token": y[i]})
+            else:
+                firsts.append({"request": r, "index": i})
+    return {"requests": len(ref), "differing": len(firsts), "first_index": sorted(f["index"] for f in firsts),
+            "firsts": firsts}
 
 
 def public(rows: list[dict]) -> list[dict]:
@@ -147,11 +158,9 @@ def table(rows: list[dict]) -> str:
             f"{'target':>8}{'wait':>8}{'host':>8}{'xfer':>8}{'xfer%':>7}{'ttft':>8}{'dec tok/s':>11}{'dec x':>7}"
             f"{'full x':>8}  same")
     lines = [head, "-" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["batch_size"], ("ar", "sd", "pearl").index(r["mode"]))):
-        same = {True: "yes", False: "NO", None: "-"}[r.get("outputs_match_ar")]
-        if "divergence" in r:   # "NO 2/16@37": 2 of 16 requests differ, the earliest at token 37
-            d = r["divergence"]
-            same = f"NO {d['differing']}/{d['requests']}@{d['first_index'][0]}"
+    for r in sorted(rows, key=lambda r: (r["batch_size"], ORDER.index(r["mode"]))):
+        # "NO 2/16@37": 2 of 16 requests differ past the near-tie bound, the earliest at token 37
+        same = same_text(r.get("divergence"), r.get("outputs_match_ar"))
         lines.append(f"{r['mode']:<6}{r['batch_size']:>4}{r['tokens_per_s']:>10.1f}{_f(r.get('speedup_vs_ar')):>9}"
                      f"{_f(r['mat']):>6}{_f(r['accept_rate']):>8}{r['round_ms']:>8.2f}{r['draft_ms']:>8.2f}"
                      f"{r['target_ms']:>8.2f}{r['wait_ms']:>8.2f}{r['host_ms']:>8.2f}{_f(r['xfer_ms']):>8}"
@@ -161,11 +170,36 @@ def table(rows: list[dict]) -> str:
                  "dec: the rate once every request is decoding (first tokens left out); "
                  "full x: the rate while every request of the batch is decoding (until the first one ends), over ar's; "
                  "xfer = draft round trip minus the draft's own time (overlapped with the forward in pearl), "
-                 "xfer% of the round; same = greedy outputs identical to ar")
+                 "xfer% of the round; same = greedy outputs identical to ar, or near-tie k/n: k requests "
+                 "part from ar where ar's and the mode's tokens were within the dtype's near-tie bound "
+                 "(bench/near_ties.py), NO past it")
     if any(r.get("metrics_diff", {}).get("device_token_rounds") for r in rows if r["mode"] == "sd"):
         lines.append("sd with draft tokens left on the device: draft is the draft's device time, xfer the two "
                      "hops (out + back), host the rest of the round (host work and the GPU's idle gaps)")
     return "\n".join(lines)
+
+
+def divergence_text(rows: list[dict]) -> list[str]:
+    """Each divergence's first differing token: its index and the target's logit gap there."""
+    lines = []
+    for r in sorted(rows, key=lambda r: (r["batch_size"], ORDER.index(r["mode"]))):
+        for f in (r.get("divergence") or {}).get("firsts", []):
+            j = f.get("judged")
+            what = "unjudged" if j is None else (f"gap {j['gap']:.4g} (top-2 {j['top2_gap']:.4g}) vs bound "
+                                                f"{j['bound']:.4g}: {'near-tie' if j['near_tie'] else 'NO'}")
+            lines.append(f"  {r['mode']:<6}{r['batch_size']:>4}  request {f['request']} token {f['index']}: {what}")
+    if lines:
+        lines.insert(0, "first differing tokens against ar (the target's logits of ar's token and the mode's "
+                        "there; a near-tie is a gap within the bound):")
+    return lines
+
+
+def auto_choice_text(rows: list[dict]) -> list[str]:
+    """What --mode auto ran at each batch size: its requests' round paths (a request's path
+    reads sd+ar when it met both) and how many requests took each."""
+    picks = [f"bs {r['batch_size']}: " + ", ".join(f"{p} x{n}" for p, n in sorted(r["paths"].items()))
+             for r in sorted(rows, key=lambda r: r["batch_size"]) if r["mode"] == "auto" and r.get("paths")]
+    return ["auto chose (round paths of its requests): " + "; ".join(picks)] if picks else []
 
 
 def acceptance_text(rows: list[dict], positions: int = 12, min_reached: int = 4) -> list[str]:
@@ -173,7 +207,7 @@ def acceptance_text(rows: list[dict], positions: int = 12, min_reached: int = 4)
     `min_reached` sequence-rounds are left out): under the round model's independent
     acceptance the numbers would all read alpha."""
     lines = []
-    for r in sorted(rows, key=lambda r: (r["batch_size"], ("ar", "sd", "pearl").index(r["mode"]))):
+    for r in sorted(rows, key=lambda r: (r["batch_size"], ORDER.index(r["mode"]))):
         prof = [(a, n) for a, n in (r.get("accept_by_position") or [])[:positions] if n >= min_reached]
         if r["mode"] != "ar" and prof:
             lines.append(f"  {r['mode']:<6}{r['batch_size']:>4}  " + " ".join(f"{a:.2f}" for a, _ in prof)
@@ -189,7 +223,7 @@ def transport_text(rows: list[dict]) -> list[str]:
     the rest (inside the draft's process, outside its own reported time)."""
     lines = [f"  {r['mode']:<6}{r['batch_size']:>4}  out {r['xfer_out_ms']:.3f}  back {r['xfer_back_ms']:.3f}  "
              f"rest {r['xfer_ms'] - r['xfer_out_ms'] - r['xfer_back_ms']:.3f}"
-             for r in sorted(rows, key=lambda r: (r["batch_size"], ("ar", "sd", "pearl").index(r["mode"])))
+             for r in sorted(rows, key=lambda r: (r["batch_size"], ORDER.index(r["mode"])))
              if r["mode"] != "ar" and r.get("xfer_out_ms") is not None]
     if lines:
         lines.insert(0, "xfer by hop, ms a round (the draft's stamps on this host's monotonic clock): out = "

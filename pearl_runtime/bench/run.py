@@ -28,7 +28,7 @@ from pearl_runtime.log import get_logger
 
 log = get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
-MODES = ("ar", "sd", "pearl")
+MODES = ("ar", "sd", "pearl", "auto")
 
 
 def _service_flag(extra_args: str, flag: str) -> str | None:
@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--target-device", default=None, help="default: --device")
     r.add_argument("--draft-device", default=None, help="default: --device (the same GPU)")
     r.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    r.add_argument("--modes", default="ar,sd,pearl")
+    r.add_argument("--modes", default="ar,sd,pearl",
+                   help="any of ar, sd, pearl, auto (the target's --mode auto: its pick per batch size)")
     r.add_argument("--batch-sizes", default="1,8,16,32,64")
     r.add_argument("--max-tokens", type=int, default=256, help="tokens every request generates (ignore_eos)")
     r.add_argument("--min-seqs", type=int, default=8,
@@ -100,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<date>_<gpu>_<pair>.json)")
     o.add_argument("--label", default="")
+    o.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also draw tokens/s and speedup over ar against batch size per mode (needs matplotlib: "
+                        "the `plot` extra)")
     o.add_argument("--git-commit", default=envs.default("PEARL_GIT_COMMIT"),
                    help="the commit to record (default: git rev-parse HEAD; for a copy of the tree without .git)")
 
@@ -210,7 +214,8 @@ async def wait_serving(stack, gateway: str, mode: str, prompt: list[int], timeou
 
 
 async def wait_for_draft(stack, gateway: str, mode: str, prompt: list[int], timeout_s: float) -> None:
-    """Until a request's rounds take the `mode` path (the target dialed the draft and uses it)."""
+    """Until a request's rounds take the `mode` path (the target dialed the draft and uses it);
+    auto: until the target's draft link is up (its path is its own choice)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
@@ -218,7 +223,7 @@ async def wait_for_draft(stack, gateway: str, mode: str, prompt: list[int], time
             raise BenchError(f"{mode}: a service exited while waiting for the draft")
         await submit_batch(gateway, [prompt], 4, timeout_s)
         m = await read_metrics(stack.target_address)
-        if m.path == mode:
+        if m.path == mode or (mode == "auto" and m.draft_connected):
             return
         if loop.time() > deadline:
             raise BenchError(f"{mode}: the target never used the draft in {timeout_s:.0f}s (last round path "
@@ -244,8 +249,9 @@ async def run_session(stack, gateway: str, mode: str, prompts: list[list[int]], 
             await submit_batch(gateway, batch, args.warmup_tokens, args.start_timeout, args.temperature)
     rows = []
     for bs in batch_sizes:
-        r = await measure(gateway, stack.target_address, bench_prompts.batches(prompts, bs, args.min_seqs),
-                          args.max_tokens, mode, args.temperature)
+        batches = bench_prompts.batches(prompts, bs, args.min_seqs)
+        r = await measure(gateway, stack.target_address, batches, args.max_tokens, mode, args.temperature)
+        r["_prompts"] = [p for b in batches for p in b]   # each output's prompt, for near_ties
         log.info("%s bs=%d: %.1f tokens/s, MAT %.2f, round %.2f ms", mode, bs, r["tokens_per_s"], r["mat"] or 0,
                  r["round_ms"])
         rows.append(r)
@@ -286,6 +292,9 @@ def main(args) -> None:
     if bad := [m for m in modes if m not in MODES]:
         raise SystemExit(f"--modes: unknown {bad}; choose from {MODES}")
     modes.sort(key=MODES.index)
+    if args.plot:
+        from pearl_runtime.bench import plot
+        plot.check()   # before the run: a missing matplotlib should not cost one
     batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b})
     target_dir, draft_dir, pair, synthetic = resolve_models(args)
     if draft_dir is None and any(m != "ar" for m in modes):
@@ -356,6 +365,7 @@ def main(args) -> None:
             # written after every mode: a run cut short by a time limit keeps what it measured
             out.write_text(json.dumps(describe(complete=False), indent=2))
 
+    judge_near_ties(rows, target_dir, tdev.split(",")[0], dtype)
     result = describe(complete=True)
     out.write_text(json.dumps(result, indent=2))
     note = (f"synthetic pair {synthetic['target']} -> {synthetic['draft']} (random weights, acceptance calibrated "
@@ -365,7 +375,8 @@ def main(args) -> None:
           f"{', one GPU shared' if one_gpu else ''}, keep-awake target {'on' if awake['target'] else 'off'} "
           f"/ draft {'on' if awake['draft'] else 'off'}")
     print(report.table(rows))
-    for line in report.start_notes(rows) + report.acceptance_text(rows) + report.transport_text(rows):
+    for line in (report.start_notes(rows) + report.auto_choice_text(rows) + report.divergence_text(rows)
+                 + report.acceptance_text(rows) + report.transport_text(rows)):
         print(line)
     print()
     print(report.hbm_text(result["hbm"]))
@@ -373,6 +384,30 @@ def main(args) -> None:
         print()
         print(report.projection_text(result["projection"]))
     print(f"\nwrote {out}")
+    if args.plot:
+        print(f"plotted {plot.draw(rows, args.plot, note)}")
+
+
+def judge_near_ties(rows: list[dict], target_dir: str, device: str, dtype: str) -> None:
+    """Each greedy divergence from ar, judged at its first differing token by the target's logits
+    there (bench/near_ties.py), in a child process like the probe's."""
+    report.add_speedups(rows)
+    ar = {r["batch_size"]: r for r in rows if r["mode"] == "ar"}
+    todo = [(f, ar[r["batch_size"]]["_prompts"][f["request"]] + ar[r["batch_size"]]["_outputs"][f["request"]][:f["index"]])
+            for r in rows for f in (r.get("divergence") or {}).get("firsts", []) if "ar_token" in f]
+    if not todo:
+        return
+    with tempfile.TemporaryDirectory(prefix="pearl-bench-ties-") as tmp:
+        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps({"model": target_dir, "device": device, "dtype": dtype,
+                                   "queries": [[prefix, f["ar_token"], f["token"]] for f, prefix in todo]}))
+        log.info("judging %d divergences from ar at their first differing token", len(todo))
+        done = subprocess.run([sys.executable, "-m", "pearl_runtime.bench.near_ties", str(req), str(res)], cwd=ROOT)
+        if done.returncode != 0:
+            log.warning("judging the divergences failed (rc %d): they count as NO", done.returncode)
+            return
+        for (f, _), judged in zip(todo, json.loads(res.read_text())["judged"]):
+            f["judged"] = judged
 
 
 def _git_commit() -> str | None:

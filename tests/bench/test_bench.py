@@ -169,7 +169,8 @@ def test_divergence_reports_where_outputs_part():
     rows = ar + [sd]
     report.add_speedups(rows)
     assert sd["outputs_match_ar"] is False and sd["speedup_vs_ar"] == 2.0
-    assert sd["divergence"] == {"requests": 2, "differing": 1, "first_index": [1]}
+    assert sd["divergence"] == {"requests": 2, "differing": 1, "first_index": [1],
+                                "firsts": [{"request": 1, "index": 1, "ar_token": 5, "token": 9}]}
     assert "NO 1/2@1" in report.table([{**r, "mat": None, "accept_rate": None, "round_ms": 0, "draft_ms": 0,
                                        "target_ms": 0, "wait_ms": 0, "host_ms": 0, "xfer_ms": None,
                                        "ttft_ms": {"mean": 0}, "tokens_per_s": 1} for r in rows])
