@@ -185,8 +185,6 @@ def row(mode: str, bs: int, max_tokens: int, runs: list[tuple[list, float, list]
         "gamma_by_batch": m["gamma_by_batch"], "path": m["path"], "metrics_diff": m,
         # the round paths each request took (the gateway's stats: "sd+ar" when it met both)
         "paths": dict(Counter(getattr(c.stats, "mode", "") for c in completions)),
-        # the round paths each request took (the gateway's stats: "sd+ar" when it met both)
-        "paths": dict(Counter(c.stats.mode for c in completions)),
         "accept_by_position": acceptance_by_position(m["judged_runs"]),
         "outputs_sha256": hashlib.sha256(repr([c.token_ids for c in completions]).encode()).hexdigest(),
         "_outputs": [list(c.token_ids) for c in completions],   # kept in memory, not in the JSON
