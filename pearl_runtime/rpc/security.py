@@ -75,9 +75,3 @@ def channel(address: str, tls_ca: str | None = None, server_name: str | None = N
 
 def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-async def authorize(context, token: str | None) -> None:
-    """Kept until the gateway's servicer drops its per-method check: the interceptor
-    (rpc/auth.py) already refused a call without the token, so this passes what reaches it."""
-    from pearl_runtime.rpc.auth import AuthInterceptor  # noqa: F401  (the check lives there)
