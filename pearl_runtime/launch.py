@@ -141,7 +141,8 @@ class Stack:
         """The service's environment: ours plus its extra; an extra None unsets a variable. The
         token goes by the environment, never the command line (`ps` and the logs show that), and
         only the stack's own: one inherited from this shell would lock out the stack's callers."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PEARL_AUTH_TOKEN": self.auth_token, **self.env.get(what, {})}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.update({"PEARL_AUTH_TOKEN": self.auth_token}, **self.env.get(what, {}))   # a write: the child reads it
         return {k: v for k, v in env.items() if v is not None}
 
     def _spawn(self, what: str, argv: list[str]) -> None:

@@ -23,6 +23,7 @@ def test_the_drafts_graphs_reach_a_block(monkeypatch):
         seen.append(cfg)
     monkeypatch.setattr(draft_service.server, "serve", fake_serve)
     monkeypatch.setattr(draft_main, "serve_until_signal", lambda coro: coro)
+    monkeypatch.setattr(draft_main, "check_model_dir", lambda _dir: None)   # "m" is no model: only the flags matter here
     monkeypatch.setattr(draft_main, "setup_logging", lambda *a, **k: None)   # the test's logging stays
     monkeypatch.setattr(draft_main, "run_async", lambda coro: __import__("asyncio").run(coro))
     for block in (16, 32):
