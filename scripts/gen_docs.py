@@ -52,7 +52,8 @@ def _default(action: argparse.Action) -> str:
         return "off" if isinstance(action, argparse._StoreTrueAction) else "on"
     if action.default in (None, "", []):
         return ""
-    return f"`{action.default}`"
+    # a path inside the checkout reads relative to it, so the page is the same in every clone
+    return f"`{str(action.default).replace(str(ROOT) + os.sep, '')}`"
 
 
 def render() -> str:

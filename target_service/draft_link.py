@@ -108,6 +108,15 @@ class DraftLink:
         log.info("draft connected; speculation on", draft=self.address, draft_model=msg.hello.draft_model,
                  generation=self.generation)
 
+    def shares_gpu(self) -> bool:
+        """Whether the draft shares this target's GPU (for --mode auto: pearl then pays nothing
+        on sd): the GPU of the buffer it shares, where it shares one; else assumed, as on one GPU."""
+        buffers = self.info.ipc_buffers if self.info is not None else ()
+        if not buffers or not buffers[0].gpu_uuid or self.device.type != "cuda":
+            return True
+        from pearl_runtime.rpc.ipc import gpu_uuid
+        return buffers[0].gpu_uuid == gpu_uuid(self.device)
+
     def _open_tokens(self, reply: draft_pb2.HelloReply) -> TokenImport | None:
         if not self.hello.device_tokens:
             return None

@@ -5,13 +5,12 @@ import asyncio
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import grpc
 
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.engine.llm_engine import load_tokenizer
-from pearl_runtime.engine.step_timer import measure_verify_cost
+from pearl_runtime.engine.step_timer import measure_policy_verify_cost
 from pearl_runtime.errors import InvalidRequest, OutOfBlocks
 from pearl_runtime import tracing
 from pearl_runtime.log import get_logger
@@ -23,16 +22,10 @@ from pearl_runtime.spec.verify_cost import VerifyCost
 from target_service import wire
 from target_service.draft_link import DraftLink
 from target_service.stats import RoundStats
+from target_service.streams import GatewayStream, end_span, publish
 from target_service.verifier import DraftTokens, Request, Verifier
 
 log = get_logger(__name__)
-
-
-@dataclass
-class GatewayStream:
-    """One gateway's Serve stream: its requests and its outbound queue."""
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    requests: dict[str, Request] = field(default_factory=dict)
 
 
 class TargetService:
@@ -61,13 +54,7 @@ class TargetService:
             max_gamma = max(graphs.q_buckets) - 1
         verify_cost = VerifyCost()   # verify step time by batch and query length, for auto gamma
         if (gamma is None or mode == "auto") and graphs is not None:
-            # the query lengths whose batches fill a token bucket (graphs pack a step's tokens),
-            # one for each bucket that gamma 1..max_gamma verify in (gamma + 1 tokens a sequence);
-            # auto also prices ar, at one token a sequence
-            per_seq = graphs.token_buckets[1]
-            first = 1 if mode == "auto" else 2
-            buckets = sorted({next(t for t in per_seq if t >= q) for q in range(first, max_gamma + 2)})
-            verify_cost = measure_verify_cost(self.core.runner, buckets)
+            verify_cost = measure_policy_verify_cost(self.core.runner, max_gamma, with_ar=mode == "auto")
         self.policy = SpecPolicy(mode, gamma, max_gamma, head_start, head_start_quorum, verify_cost)
         self.gamma = self.policy.gamma_for(1)
         self.tok_hash = tokenizer_hash(self.tokenizer)
@@ -119,7 +106,7 @@ class TargetService:
                 if req is not None:
                     log.info("request cancelled", request_id=req.request_id)
                     self.core.cancel(req)
-                    self._ended(req, "cancelled")
+                    end_span(req, "cancelled")
                 continue
             try:
                 if len(self.core.scheduler.waiting) >= self.max_waiting:
@@ -139,12 +126,6 @@ class TargetService:
         log.info("request admitted", request_id=req.request_id, prompt_tokens=len(req.seq),
                  max_tokens=req.seq.params.max_tokens)
         return req
-
-    def _ended(self, req: Request, why: str) -> None:
-        if req.span is not None:
-            req.span.set("finish", why)
-            req.span.end()
-            req.span = None
 
     # -- the round loop ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -325,7 +306,7 @@ class TargetService:
         for req in reqs.values():
             if req.sink.requests.pop(req.request_id, None) is not None:   # not published just now
                 self.core.cancel(req)
-                self._ended(req, "failed")
+                end_span(req, "failed")
                 req.sink.out.put_nowait(wire.error_update(req.request_id, message, grpc.StatusCode.INTERNAL))
 
     async def _verify_drafts(self, reqs: list[Request], batch):
@@ -393,15 +374,6 @@ class TargetService:
         """A round's tokens and time, for --mode auto's choice."""
         self.policy.observe_mode(self.last_path or self.mode, len(reqs), committed, round_s * 1e3)
 
-    def _shares_gpu(self) -> bool:
-        """Whether the draft shares this target's GPU (for auto: pearl then pays nothing on
-        sd): the GPU of the buffer it shares, where it shares one; else assumed, as on one GPU."""
-        buffers = self.link.info.ipc_buffers if self.link.info is not None else ()
-        if not buffers or not buffers[0].gpu_uuid or self.core.runner.device.type != "cuda":
-            return True
-        from pearl_runtime.rpc.ipc import gpu_uuid
-        return buffers[0].gpu_uuid == gpu_uuid(self.core.runner.device)
-
     def _log_path(self, path: str) -> None:
         if path != self.last_path:
             log.info("round path", path=path, mode=self.mode)
@@ -411,7 +383,7 @@ class TargetService:
         if self.link.generation != self.draft_generation:   # a new draft mirror: replay everything
             self.draft_generation = self.link.generation
             self.policy.seed_from_draft(dict(zip(self.link.info.step_batch_sizes, self.link.info.step_ms)),
-                                        shared_gpu=self.mode != "auto" or self._shares_gpu())
+                                        shared_gpu=self.mode != "auto" or self.link.shares_gpu())
             for r in self.core.requests.values():
                 r.on_draft = False
             self.core.removed.clear()
@@ -426,17 +398,4 @@ class TargetService:
         return rnd
 
     def _publish(self, reqs: list[Request]) -> None:
-        by_stream: dict[int, tuple[GatewayStream, list]] = {}
-        for r in reqs:
-            if not r.new_tokens and not r.finished and r.error is None:
-                continue
-            upd = wire.token_update(r, self.last_path or "")
-            if r.finished or r.error is not None:   # an error: it failed alone (verifier._fail)
-                r.sink.requests.pop(r.request_id, None)
-                log.info("request finished", request_id=r.request_id, finish=r.seq.finish_reason,
-                         new_tokens=r.seq.num_completion_tokens, forwards=r.forwards, error=r.error)
-                self._ended(r, "failed" if r.error is not None else r.seq.finish_reason)
-            r.new_tokens = []
-            by_stream.setdefault(id(r.sink), (r.sink, []))[1].append(upd)
-        for stream, updates in by_stream.values():
-            stream.out.put_nowait(wire.token_batch(updates))
+        publish(reqs, self.last_path or "")

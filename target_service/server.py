@@ -17,7 +17,8 @@ from pearl_runtime.rpc.security import Dialer, serving_credentials
 from pearl_runtime.rpc.server import bind, new_server, stop_serving
 from pearl_runtime.rpc.status import Unavailable
 from pearl_runtime.spec.round_model import HEAD_START_QUORUM
-from target_service.rounds import GatewayStream, TargetService
+from target_service.rounds import TargetService
+from target_service.streams import GatewayStream
 from target_service.stats import TargetCollector, metrics_message
 
 log = get_logger(__name__)

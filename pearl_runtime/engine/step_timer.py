@@ -70,3 +70,12 @@ def measure_verify_cost(runner, query_lens: list[int], context_len: int = 256) -
         if times:
             table[q] = times
     return VerifyCost(table)
+
+
+def measure_policy_verify_cost(runner, max_gamma: int, with_ar: bool) -> VerifyCost:
+    """The verify table auto gamma (and --mode auto) prices with: one query length for each token
+    bucket that gamma 1..max_gamma verify in (gamma + 1 tokens a sequence; graphs pack a step's
+    tokens), and one token a sequence when ar is priced too."""
+    per_seq = runner.graphs.token_buckets[1]
+    first = 1 if with_ar else 2
+    return measure_verify_cost(runner, sorted({next(t for t in per_seq if t >= q) for q in range(first, max_gamma + 2)}))

@@ -22,6 +22,18 @@ def _tp_workers(pid: int) -> list[int]:
     return found
 
 
+def _wait_routable(gateway, address: str, timeout_s: float = 30.0) -> None:
+    """Until the gateway has logged `address` up (its Serve stream) and SERVING (its health watch)."""
+    deadline = time.time() + timeout_s
+    while True:
+        lines = [line for line in gateway.log().splitlines() if address in line]
+        if any("target up" in line for line in lines) and \
+                any("target health" in line and "SERVING" in line and "NOT_SERVING" not in line for line in lines):
+            return
+        assert time.time() < deadline, f"gateway never routed to {address}:\n{gateway.log_tail()}"
+        time.sleep(0.05)
+
+
 def test_a_hung_round_hands_its_requests_to_the_other_target(cluster):
     engine = cluster.engine_args(cluster.target_model) + ["--mode", "ar", "--draft", f"127.0.0.1:{free_port()}"]
     wedged = cluster.service("target", engine + ["--tp", "2", "--hung-round-floor", "2"], "target-wedges",
@@ -31,6 +43,8 @@ def test_a_hung_round_hands_its_requests_to_the_other_target(cluster):
                                           "--targets", f"{wedged.address},{healthy.address}"], "gateway-wedge",
                               log_level="info")
     cluster.launch([wedged, healthy, gateway])
+    for target in (wedged, healthy):   # both in the gateway's rotation, or every request goes to one
+        _wait_routable(gateway, target.address)
     workers = _tp_workers(wedged.proc.pid)
     assert len(workers) == 1, workers
     prompts = [[13 + i, 5, 8] for i in range(6)]
@@ -54,6 +68,7 @@ def test_a_hung_round_hands_its_requests_to_the_other_target(cluster):
         assert on_delta.frozen
         assert [o.token_ids for o in outs] == reference_greedy(cluster.target_model, prompts, [200] * 6)
         assert took < 45, f"{took:.1f} s"
+        assert "request admitted" in wedged.log()      # the frozen round held requests
         assert "round hung: NOT_SERVING" in wedged.log()
         assert asyncio.run(check(wedged.address, timeout_s=2)) == "NOT_SERVING"
         assert "resubmitting" in gateway.log()
