@@ -7,10 +7,11 @@ import numpy as np
 
 from pearl_runtime.errors import InvalidRequest
 from pearl_runtime.pb import draft_pb2
+from pearl_runtime.spec.round_model import MAX_ROUND_STEPS
 
-# above any gamma a target drafts (auto gamma stops at its --max-gamma, 16 by default; the
-# stream's device token buffer holds 64 columns): each drafted token is a step of every sequence
-MAX_GAMMA = 64
+# a Round's draft steps (gamma, early part included): each is a step of every sequence; a target
+# refuses to start with settings past it
+MAX_GAMMA = MAX_ROUND_STEPS
 # sequences a round may add, remove or judge: a target's batch is far smaller
 MAX_ROUND_SEQS = 4096
 # tokens one add may carry: past any model's window (a sequence longer than the draft's own is

@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="start draft, target and gateway locally")
     u.add_argument("--model", default=envs.default("PEARL_MODEL"))
     u.add_argument("--draft-model", default=envs.default("PEARL_DRAFT_MODEL"))
-    u.add_argument("--mode", choices=("pearl", "sd", "ar"), default="pearl")
+    u.add_argument("--mode", choices=("auto", "pearl", "sd", "ar"), default=envs.default("PEARL_MODE"),
+                   help="auto: per batch size, whichever of ar, sd and pearl measures fastest (pearl only where "
+                        "the draft has its own GPU, or under --mps where its rounds measure it faster)")
     u.add_argument("--gamma", default=envs.default("PEARL_GAMMA"),
                    help="draft tokens per round, or auto (the target's default)")
     u.add_argument("--device", default="cpu")

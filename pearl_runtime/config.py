@@ -106,6 +106,7 @@ class EngineConfig:
     num_blocks: int = 0              # 0: size the cache from kv_cache_gb
     kv_cache_gb: float = 0.5
     max_num_seqs: int = 64
+    max_prefill_tokens: int = 0      # a target step's prompt tokens (engine/scheduler.py); 0: no limit
     max_model_len: int = 0           # 0: the model's max_position_embeddings
     enable_prefix_cache: bool = True
     attention_backend: str = "auto"  # auto | reference | triton | flash-attn

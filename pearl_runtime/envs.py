@@ -105,8 +105,8 @@ _declare("PEARL_GC_FREEZE", bool, True, "freeze the start-up heap out of the col
          SERVICES, "--no-gc-freeze")
 
 # -- speculation ----------------------------------------------------------------------------
-_declare("PEARL_MODE", str, "pearl", "pearl | sd | ar | auto (per batch size, the fastest by measured speeds)",
-         ("target",), "--mode")
+_declare("PEARL_MODE", str, "auto", "auto (per batch size, the fastest of ar, sd and pearl by measured speeds) | "
+         "pearl | sd | ar", ("target", "up"), "--mode")
 _declare("PEARL_GAMMA", str, "auto", "draft tokens per round, or auto", ("target", "up"), "--gamma")
 _declare("PEARL_MAX_GAMMA", int, 16, "ceiling of auto gamma", ("target",), "--max-gamma")
 _declare("PEARL_HEAD_START", str, "auto", "pearl: draft tokens waited for in pre-verify (auto: gamma // 2)",
@@ -136,6 +136,9 @@ _declare("PEARL_HUNG_ROUND_FLOOR_S", float, 30.0,
 _declare("PEARL_MAX_QUEUED_REQUESTS", int, 1024,
          "requests a target holds waiting for a batch slot; past it RESOURCE_EXHAUSTED", ("target",),
          "--max-queued-requests")
+_declare("PEARL_MAX_PREFILL_TOKENS", str, "auto",
+         "prompt tokens one target step admits (whole sequences, one at least): auto (8192 on a GPU, 512 on CPU), "
+         "N, or 0 for no limit", ("target",), "--max-prefill-tokens")
 _declare("PEARL_MAX_CONCURRENT_REQUESTS", int, 1024,
          "Generate calls the gateway serves at once; past it RESOURCE_EXHAUSTED", ("gateway",),
          "--max-concurrent-requests")

@@ -49,8 +49,8 @@ def check_count(items, limit: int, field: str) -> None:
 
 def check_request_id(request_id: str, field: str = "request_id") -> str:
     check_bytes(request_id, MAX_REQUEST_ID_BYTES, field)
-    if not request_id.isprintable():
-        raise InvalidRequest(field, "must be printable text (it travels in headers and logs)")
+    if not (request_id.isascii() and request_id.isprintable()):   # gRPC metadata values are ASCII
+        raise InvalidRequest(field, "must be printable ASCII (it travels in headers and logs)")
     return request_id
 
 

@@ -21,6 +21,7 @@ from pearl_runtime.spec.round_model import HEAD_START_QUORUM
 from pearl_runtime.spec.verify_cost import VerifyCost
 from target_service import wire
 from target_service.draft_link import DraftLink
+from target_service.rejoin import Rejoin
 from target_service.stats import RoundStats
 from target_service.streams import GatewayStream, end_span, publish
 from target_service.verifier import DraftTokens, Request, Verifier
@@ -71,6 +72,7 @@ class TargetService:
         self.round_id = 0
         self._ahead = None   # sd: (reqs, Round, sent, t0) of the next round, its Round already sent
         self.stats = RoundStats()
+        self.rejoin = Rejoin()
         self.collector = None          # the Prometheus collector, when /metrics is served
         self.draft_generation = 0
         self.last_path = None
@@ -283,6 +285,7 @@ class TargetService:
         if self.collector is not None:
             self.collector.observe_round(self.last_path or self.mode, phase, round_s)
         if batch is not None:
+            self.rejoin.observe(rnd.round_id, batch.draft_ms)
             self.policy.observe(batch=len(reqs), gamma=rnd.gamma - rnd.early, draft_ms=batch.draft_ms,
                                 verify_ms=target_ms, drafted=judged, accepted=accepted, query_len=self._query_len,
                                 draft_steps=rnd.gamma, round_ms=round_s * 1e3)
@@ -368,6 +371,7 @@ class TargetService:
                 if r.on_draft:
                     self.core.removed.append(r.seq.seq_id)
                     r.on_draft = False
+                    self.rejoin.left(r.seq.seq_id)
         return path
 
     def _observe_mode(self, reqs: list[Request], committed: int, round_s: float) -> None:
@@ -380,16 +384,17 @@ class TargetService:
             self.last_path = path
 
     def _build_round(self, reqs: list[Request]) -> draft_pb2.Round:
-        if self.link.generation != self.draft_generation:   # a new draft mirror: replay everything
+        if self.link.generation != self.draft_generation:   # a new draft mirror: all rejoin (rejoin.py)
             self.draft_generation = self.link.generation
             self.policy.seed_from_draft(dict(zip(self.link.info.step_batch_sizes, self.link.info.step_ms)),
                                         shared_gpu=self.mode != "auto" or self.link.shares_gpu())
             for r in self.core.requests.values():
                 r.on_draft = False
+            self.rejoin.all_back(self.core.requests)
             self.core.removed.clear()
         self.round_id += 1
         self.gamma = self.policy.gamma_for(len(reqs))
-        adds = [r for r in reqs if not r.on_draft]
+        adds = self.rejoin.adds(reqs, self.round_id)
         for r in adds:
             r.on_draft = True
         rnd = wire.round_message(self.round_id, self.gamma, self.core.removed, self.core.draft_verdicts(), adds,

@@ -98,7 +98,7 @@ class Verifier:
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = self.runner.model_cfg.eos_token_ids
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_prefill_tokens)
         self.requests: dict[int, Request] = {}     # by seq_id
         self.removed: list[int] = []               # seq ids the draft must forget
 

@@ -27,6 +27,8 @@ def request_from(item: target_pb2.Submission, sink) -> Request:
 
 
 def error_seq(request_id: str, message: str, code: grpc.StatusCode) -> target_pb2.SeqUpdate:
+    # a refused id may be the unbounded input itself: echoed no longer than a valid one can be
+    request_id = request_id[:validation.MAX_REQUEST_ID_BYTES]
     return target_pb2.SeqUpdate(request_id=request_id, error=message, error_code=code.value[0])
 
 

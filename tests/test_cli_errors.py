@@ -205,3 +205,22 @@ def test_debug_brings_the_traceback_back(tmp_path):
     done = _run("gateway", "--model", str(tmp_path / "nope"), "--port", "0", "--targets", "127.0.0.1:1",
                 env={**ENV, "PEARL_LOG_LEVEL": "debug"})
     assert done.returncode == 2 and "Traceback" in done.stderr and "ModelLoadError" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--gamma", "100"], ["--gamma 100", "64"]),
+    (["--mode", "auto", "--max-gamma", "50"], ["--max-gamma 50", "64"]),
+    (["--mode", "sd", "--gamma", "65"], ["--gamma 65", "64"]),
+])
+def test_target_refuses_rounds_longer_than_a_draft_takes(good_model, flags, names):
+    """A gamma the draft would refuse (more than 64 draft steps a round, head start counted) stops
+    the target before it loads anything."""
+    assert_one_line(_run("target_service", "--model", str(good_model), "--draft", "127.0.0.1:1", *flags), *names)
+
+
+@pytest.mark.parametrize("flag, value", [("--gamma", "0"), ("--gamma", "x"), ("--head-start", "-2"),
+                                         ("--head-start-quorum", "2")])
+def test_target_flag_values_are_usage_errors(good_model, flag, value):
+    done = _run("target_service", "--model", str(good_model), flag, value)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"pearl target: error: argument {flag}: wants"), done.stderr

@@ -53,7 +53,7 @@ def same_gpu(target_device: str, draft_device: str) -> bool:
 
 def sharing_warning(modes, target_device: str, draft_device: str, mps: bool) -> str | None:
     """What to tell a user whose draft and target share one GPU without MPS (None otherwise)."""
-    if mps or not same_gpu(target_device, draft_device) or all(m == "ar" for m in modes):
+    if mps or not same_gpu(target_device, draft_device) or "pearl" not in modes:   # auto leaves pearl out here
         return None
     return (f"draft and target share {target_device} WITHOUT MPS: they time-slice the GPU, so PEARL cannot "
             f"overlap drafting with verifying (on one GPU sd was faster in our runs, benchmarks/journal/BENCHMARKS.md); "

@@ -7,9 +7,13 @@ from pearl_runtime.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_prefill_tokens: int = 0):
+        """max_prefill_tokens: the prompt tokens (whole sequences, one at least) a step admits; 0: no
+        limit. A burst of long sequences (a restart's resubmissions) then prefills over several
+        steps, the first of them streaming after one step's worth instead of after all of it."""
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -26,10 +30,14 @@ class Scheduler:
         for seq in list(self.running):
             while seq in self.running and not self.blocks.ensure_capacity(seq, len(seq)):
                 self.preempt(self.running[-1])
+        admitted = 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self.blocks.blocks_needed(len(seq)) > self.blocks.num_free:
                 break
+            if admitted and self.max_prefill_tokens and admitted + len(seq) > self.max_prefill_tokens:
+                break
+            admitted += len(seq)
             self.waiting.popleft()
             self.blocks.allocate(seq)          # blocks for every token, cached prefix reused
             seq.status = Status.RUNNING

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pearl_runtime.spec.mode_choice import ModeChooser
 from pearl_runtime.spec.verify_cost import VerifyCost
-from pearl_runtime.spec.round_model import (HEAD_START_QUORUM, SD_PRIOR_ALPHA, fit_alpha, head_start_for,
+from pearl_runtime.spec.round_model import (HEAD_START_QUORUM, MAX_ROUND_STEPS, SD_PRIOR_ALPHA, fit_alpha, head_start_for,
                                             pearl_gamma, pearl_tokens_per_ms, sd_gamma, sd_tokens_per_ms)
 from pearl_runtime.log import get_logger
 
@@ -236,6 +236,7 @@ class SpecPolicy:
             raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
         if head_start < -1:
             raise ValueError(f"head_start must be -1 (auto), 0 (off) or a number of tokens, got {head_start}")
+        check_round_steps(mode, gamma, max_gamma, head_start)
         if not 0 < quorum <= 1:
             raise ValueError(f"head_start_quorum must be in (0, 1], got {quorum}")
         self.mode, self.fixed_gamma, self.max_gamma = mode, gamma, max_gamma
@@ -347,6 +348,19 @@ class SpecPolicy:
             self.tuner.observe(**round_)
 
 
+def check_round_steps(mode: str, gamma: int | None, max_gamma: int, head_start: int = -1) -> None:
+    """Raise ValueError, naming the flag, when a Round of these settings could ask the draft for
+    more than MAX_ROUND_STEPS draft steps (gamma, and in PEARL rounds its head start)."""
+    if mode == "ar":
+        return
+    flag, top = ("--gamma", gamma) if gamma is not None else ("--max-gamma", max_gamma)
+    early = head_start_for(top, head_start) if mode in ("pearl", "auto") and head_start != 0 else 0
+    if top + early > MAX_ROUND_STEPS:
+        head = f" plus its head start of {early}" if early else ""
+        raise ValueError(f"{flag} {top}{head} is {top + early} draft steps a round; a draft takes at most "
+                         f"{MAX_ROUND_STEPS}")
+
+
 def parse_gamma(text) -> int | None:
     """--gamma: 'auto' (None: the start-time picks and the tuner) or a fixed number of draft tokens."""
     return None if str(text) == "auto" else int(text)
@@ -357,7 +371,7 @@ def parse_head_start(text: str) -> int:
     if text == "auto":
         return -1
     if not text.isdigit():
-        raise ValueError(f"--head-start wants 'auto' or a number of tokens >= 0, got {text!r}")
+        raise ValueError(f"wants 'auto' or a number of tokens >= 0, got {text!r}")
     return int(text)
 
 
@@ -368,5 +382,5 @@ def parse_quorum(text: str) -> float:
     except ValueError:
         q = -1.0
     if not 0 < q <= 1:
-        raise ValueError(f"--head-start-quorum wants a share of the batch in (0, 1], got {text!r}")
+        raise ValueError(f"wants a share of the batch in (0, 1], got {text!r}")
     return q

@@ -45,6 +45,9 @@ while a PEARL verify feeds at most g.
 # sequences idle for the few; bench/projection.simulate_pearl_batch replays the batch rules
 # that chose it. At batch 1 any share grants it.
 HEAD_START_QUORUM = 0.75
+# draft steps one Round may ask for (gamma + its head start): the draft refuses more, and its
+# device token buffer holds this many columns
+MAX_ROUND_STEPS = 64
 
 
 def sd_tokens_per_round(alpha: float, gamma: int) -> float:

@@ -179,3 +179,22 @@ def test_sequence_longer_than_whole_cache_finishes(llama_dir, hf_model):
     assert seq.finish_reason == "length"
     assert 1 <= len(seq.completion_ids) <= 6
     assert seq.completion_ids == hf_greedy(hf_model(llama_dir), prompt, 64)[:len(seq.completion_ids)]
+
+
+def test_a_step_admits_prompt_tokens_up_to_its_budget():
+    """max_prefill_tokens: whole sequences while they fit the budget, one at least however long;
+    the rest wait for the next steps, in order."""
+    from pearl_runtime.engine.scheduler import Scheduler
+    sched = Scheduler(BlockManager(num_blocks=100, block_size=4, enable_prefix_cache=False), max_num_seqs=8,
+                      max_prefill_tokens=10)
+    seqs = [Sequence(toks(n, start=100 * i)) for i, n in enumerate([4, 5, 3, 12, 2])]
+    for s in seqs:
+        sched.add(s)
+    assert sched.schedule() == seqs[:2]              # 4 + 5; a third would make 12
+    assert sched.schedule() == seqs[:3]              # 3 more (12 waits: 3 + 12 > 10)
+    assert sched.schedule() == seqs[:4]              # longer than the budget, alone: it still goes
+    assert sched.schedule() == seqs
+    unlimited = Scheduler(BlockManager(num_blocks=100, block_size=4, enable_prefix_cache=False), max_num_seqs=8)
+    for s in [Sequence(toks(n, start=1000 + 100 * i)) for i, n in enumerate([40, 50])]:
+        unlimited.add(s)
+    assert len(unlimited.schedule()) == 2

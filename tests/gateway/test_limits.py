@@ -36,6 +36,7 @@ BIG = rules.MAX_TEXT_BYTES + 1
 @pytest.mark.parametrize("req, field", [
     (Request(text="hi", request_id="r" * (rules.MAX_REQUEST_ID_BYTES + 1)), "request_id"),
     (Request(text="hi", request_id="a\nb"), "request_id"),
+    (Request(text="hi", request_id="r\u00e9q"), "request_id"),       # printable, but not ASCII: no header holds it
     (Request(text="hi", model="m" * (rules.MAX_MODEL_NAME_BYTES + 1)), "model"),
     (Request(text="hi", stop=("x",) * (rules.MAX_STOP_STRINGS + 1)), "stop"),
     (Request(text="hi", stop=("s" * (rules.MAX_STOP_BYTES + 1),)), "stop"),

@@ -68,3 +68,22 @@ def test_a_reused_id_in_flight_twice_keeps_the_jobs_apart(tokenizer_dir):
         assert len(set(submitted)) == 2 and "dup" in submitted
         assert all(rid.startswith("dup") for rid in submitted)
     run(body())
+
+
+def test_a_request_id_no_header_can_hold_is_invalid_argument(tokenizer_dir):
+    """Printable but not ASCII: refused by name before anything echoes it in the initial metadata
+    (which would fail the call INTERNAL), and the gateway serves the next request."""
+    async def body():
+        fake = FakeTarget()
+        async with gateway_over(tokenizer_dir, fake) as (gw, _):
+            for rid in ("r\u00e9q-\u4e2d", "tab\there"):
+                try:
+                    await _call(gw.address, request_id=rid)
+                except grpc.aio.AioRpcError as e:
+                    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in e.details(), e
+                else:
+                    raise AssertionError(f"{rid!r} was accepted")
+            _, ids = await _call(gw.address, request_id="plain-ascii")
+        assert ids == expected_tokens(2, 4)
+        assert [b[0].request_id for b in fake.batches] == ["plain-ascii"]
+    run(body())

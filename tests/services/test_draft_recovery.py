@@ -94,3 +94,48 @@ def test_a_stalled_draft_is_cut_off_by_the_watchdog_and_requests_finish_in_ar(cl
     assert [o.token_ids for o in outs] == reference_greedy(cluster.target_model, prompts, [300] * 4)
     assert took < 30, f"{took:.1f} s: the watchdog should cut a stalled draft off in seconds, not a minute"
     assert "draft link lost; falling back to ar" in target.log()
+
+
+def test_a_restarted_draft_takes_running_sequences_back_a_budget_at_a_time(cluster):
+    """kill -9 the draft mid-run with 8 long sequences, restart it: the target takes them back over
+    several rounds (target_service/rejoin.py: 256 tokens, then doubling), verifying the rest
+    without drafts meanwhile; speculation resumes within 2 s of the draft's readiness and every
+    output == ar."""
+    import threading
+
+    draft = cluster.service("draft", cluster.engine_args(cluster.draft_models["copy"]), "draft-rejoin")
+    target = cluster.service("target", cluster.engine_args(cluster.target_model) + [
+        "--mode", "pearl", "--gamma", "3", "--draft", draft.address], "target-rejoin", log_level="info")
+    gateway = cluster.service("gateway", ["--model", str(cluster.target_model), "--targets", target.address],
+                              "gateway-rejoin")
+    cluster.launch([draft, target, gateway], handshakes=[draft])
+    prompts = [list(range(10 + i, 70 + i)) for i in range(8)]     # 60 tokens each, more once generating
+    seen, times = [], {}
+
+    def restart():
+        base = target_metrics(target).speculative_rounds
+        draft.kill()
+        draft.start()
+        _until(lambda: asyncio.run(check(draft.address, timeout_s=1)) == "SERVING", "the draft SERVING", 120)
+        times["ready"] = time.time()
+        _until(lambda: target_metrics(target).speculative_rounds > base, "a speculative round", 30)
+        times["speculating"] = time.time()
+
+    watcher = threading.Thread(target=restart)
+
+    def on_delta(_text, ids):
+        seen.extend(ids)
+        if len(seen) >= 200 and not watcher.is_alive() and not times:
+            watcher.start()
+
+    async def all_of():
+        return await asyncio.gather(*(generate(gateway.address, token_ids=p, max_tokens=200, ignore_eos=True,
+                                               on_delta=on_delta, timeout_s=120) for p in prompts))
+    outs = asyncio.run(all_of())
+    watcher.join(60)
+    assert [o.token_ids for o in outs] == reference_greedy(cluster.target_model, prompts, [200] * 8)
+    assert "speculating" in times, "no speculative round after the restart (the requests ended first?)"
+    took = times["speculating"] - times["ready"]
+    assert took < 2.0, f"speculation back {took:.2f} s after the draft's readiness"
+    back = [line for line in target.log().splitlines() if "every sequence back on the draft" in line]
+    assert back and any(f"rounds={n}" in back[-1] for n in range(2, 20)), back

@@ -314,8 +314,8 @@ def test_flag_parsers_read_the_flag_texts():
     assert parse_gamma("auto") is None and parse_gamma("6") == 6
     assert parse_head_start("auto") == -1 and parse_head_start("0") == 0 and parse_head_start("3") == 3
     assert parse_quorum("0.75") == 0.75 and parse_quorum("1") == 1.0
-    with pytest.raises(ValueError, match="--head-start wants 'auto' or a number of tokens >= 0, got '-1'"):
+    with pytest.raises(ValueError, match="wants 'auto' or a number of tokens >= 0, got '-1'"):
         parse_head_start("-1")
     for bad in ("0", "1.5", "half"):
-        with pytest.raises(ValueError, match=r"--head-start-quorum wants a share of the batch in \(0, 1\]"):
+        with pytest.raises(ValueError, match=r"wants a share of the batch in \(0, 1\]"):
             parse_quorum(bad)

@@ -2,7 +2,7 @@
 quarters) of the batch is in pre-verify; the flag is validated where it is read."""
 import pytest
 
-from target_service.__main__ import _quorum
+from target_service.__main__ import build_parser
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.spec.round_model import HEAD_START_QUORUM
 from target_service.rounds import TargetService
@@ -26,7 +26,9 @@ def test_quorum_decides_which_rounds_wait(llama_dir):
 
 
 @pytest.mark.parametrize("text", ["0", "1.5", "half", ""])
-def test_quorum_flag_names_itself_when_wrong(text):
-    with pytest.raises(SystemExit, match="--head-start-quorum"):
-        _quorum(text)
-    assert _quorum("0.5") == 0.5 and _quorum("1") == 1.0
+def test_quorum_flag_names_itself_when_wrong(text, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--head-start-quorum", text])
+    assert e.value.code == 2 and "argument --head-start-quorum: wants a share" in capsys.readouterr().err
+    assert build_parser().parse_args(["--head-start-quorum", "0.5"]).head_start_quorum == 0.5
+    assert build_parser().parse_args([]).head_start_quorum == 0.75

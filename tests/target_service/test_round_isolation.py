@@ -131,18 +131,18 @@ def test_the_target_refuses_what_the_gateway_refuses(service):
             p = dict(max_tokens=4, ignore_eos=True) | params
             svc.submit(stream, target_pb2.Submission(request_id=name, prompt_ids=[5, 6, 7],
                                                      params=common_pb2.SamplingParams(**p)))
-        svc.submit(stream, submission("x" * 300, [5, 6, 7], 4))
+        svc.submit(stream, submission("x" * 300, [5, 6, 7], 4))   # its refusal echoes the id cut to 256
         svc.submit(stream, target_pb2.Submission(request_id="stops", prompt_ids=[5, 6, 7],
                                                  stop_token_ids=list(range(300)),
                                                  params=common_pb2.SamplingParams(max_tokens=4)))
         svc.submit(stream, submission("fine", [5, 6, 7], 4, temperature=0.7, seed=1))
-        got = await collect(stream, set(POISONS) | {"x" * 300, "stops", "fine"})
+        got = await collect(stream, set(POISONS) | {"x" * 256, "stops", "fine"})
         loop_task.cancel()
         return got
 
     got = asyncio.run(main())
     assert got.pop("fine")["finish"] == common_pb2.FINISH_REASON_LENGTH
-    want = {name: field for name, (_, field) in POISONS.items()} | {"x" * 300: "request_id",
+    want = {name: field for name, (_, field) in POISONS.items()} | {"x" * 256: "request_id",
                                                                     "stops": "stop_token_ids"}
     for name, field in want.items():
         g = got[name]
