@@ -46,7 +46,7 @@ def _engine_config(args, model: str):
     cfg = engine_config_from_args(args, model)
     tokens = args.max_prefill_tokens
     if tokens == "auto":
-        tokens = 512 if args.device == "cpu" else 8192   # CPU: about half a second of a small model's prefill
+        tokens = 512 if args.device == "cpu" else 8192   # a CPU prefills slowly: small steps keep streams moving
     return dataclasses.replace(cfg, max_prefill_tokens=tokens)
 
 

@@ -38,6 +38,9 @@ def make_runner(cfg: EngineConfig) -> ModelRunner:
     return TPModelRunner(cfg) if cfg.tp_size > 1 else ModelRunner(cfg)
 
 
+JOIN_TIMEOUT_S = 600.0
+
+
 def _rank_cfg(cfg: EngineConfig, rank: int) -> EngineConfig:
     return dataclasses.replace(cfg, device=cfg.rank_device(rank), devices=None)
 
@@ -49,6 +52,10 @@ def _join_group(cfg: EngineConfig, rank: int, store: dist.Store) -> None:
     device = torch.device(cfg.rank_device(rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # every rank reaches the store before the group forms: forming it waits only the collective
+    # timeout below, and a spawned rank first imports torch, longer than that on a loaded host
+    store.set(f"pearl/joined/{rank}", "1")
+    store.wait([f"pearl/joined/{r}" for r in range(cfg.tp_size)], timedelta(seconds=JOIN_TIMEOUT_S))
     # PEARL_TP_TIMEOUT_S: how long a collective may wait (torch's default: NCCL 10 min, gloo 30)
     timeout = envs.get("PEARL_TP_TIMEOUT_S")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
