@@ -137,7 +137,7 @@ _declare("PEARL_MAX_QUEUED_REQUESTS", int, 1024,
          "requests a target holds waiting for a batch slot; past it RESOURCE_EXHAUSTED", ("target",),
          "--max-queued-requests")
 _declare("PEARL_MAX_PREFILL_TOKENS", str, "auto",
-         "prompt tokens one target step admits (whole sequences, one at least): auto (8192 on a GPU, 512 on CPU), "
+         "prompt tokens one target step admits (whole sequences, one at least): auto (8192 on a GPU, 256 on CPU), "
          "N, or 0 for no limit", ("target",), "--max-prefill-tokens")
 _declare("PEARL_MAX_CONCURRENT_REQUESTS", int, 1024,
          "Generate calls the gateway serves at once; past it RESOURCE_EXHAUSTED", ("gateway",),

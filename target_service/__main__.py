@@ -46,7 +46,7 @@ def _engine_config(args, model: str):
     cfg = engine_config_from_args(args, model)
     tokens = args.max_prefill_tokens
     if tokens == "auto":
-        tokens = 512 if args.device == "cpu" else 8192   # a CPU prefills slowly: small steps keep streams moving
+        tokens = 256 if args.device == "cpu" else 8192   # a CPU prefills slowly: small steps keep streams moving
     return dataclasses.replace(cfg, max_prefill_tokens=tokens)
 
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=envs.default("PEARL_MAX_PREFILL_TOKENS"),
                    help="prompt tokens one step admits (whole sequences, one at least), so a burst of long "
                         "sequences, as a restart resubmits, streams after its first step: auto (8192 on a GPU, "
-                        "512 on CPU), N, or 0 for no limit")
+                        "256 on CPU), N, or 0 for no limit")
     t.add_argument("--served-model-name", default=envs.default("PEARL_SERVED_MODEL_NAME"),
                    help="the model name the target reports (Info, metrics) and clients see through a gateway "
                         "without its own (default: the model directory's name)")

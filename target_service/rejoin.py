@@ -14,7 +14,7 @@ log = get_logger(__name__)
 
 
 class Rejoin:
-    START_TOKENS = 256
+    START_TOKENS = 64          # one sequence, mostly: the first round back stays short
     MAX_TOKENS = 1 << 20       # the draft's bound on one add (draft_service/round_bounds.py)
     QUICK_MS = 250.0           # a rejoining round's draft time under this grows the budget
 

@@ -98,7 +98,7 @@ def test_a_stalled_draft_is_cut_off_by_the_watchdog_and_requests_finish_in_ar(cl
 
 def test_a_restarted_draft_takes_running_sequences_back_a_budget_at_a_time(cluster):
     """kill -9 the draft mid-run with 8 long sequences, restart it: the target takes them back over
-    several rounds (target_service/rejoin.py: 256 tokens, then doubling), verifying the rest
+    several rounds (target_service/rejoin.py: one sequence, then a doubling budget), verifying the rest
     without drafts meanwhile; speculation resumes within 2 s of the draft's readiness and every
     output == ar."""
     import threading

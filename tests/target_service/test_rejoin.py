@@ -2,7 +2,11 @@
 budget a round (one at least), the budget doubling after quick rounds and halving after slow."""
 from dataclasses import dataclass, field
 
-from target_service.rejoin import Rejoin
+from target_service import rejoin as rejoin_module
+
+
+class Rejoin(rejoin_module.Rejoin):
+    START_TOKENS = 256     # round numbers for the arithmetic below; the rule is the module's
 
 
 @dataclass
