@@ -387,7 +387,7 @@ def parse_args(argv=None):
     p.add_argument("--draft-model", default=None, help="default: the draft derived from --model")
     p.add_argument("--rev", default=None, help="run from `git archive REV` instead of the working tree")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<date>_cpu_reliability.json)")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<date>_cpu_reliability_<commit>.json)")
     p.add_argument("--log-dir", default=None, help="the services' logs (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -460,9 +460,12 @@ def main(argv=None) -> None:
     date = datetime.datetime.now(datetime.timezone.utc)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pearl-reliability-"))
     results = asyncio.run(run(args, model, draft, log_dir))
-    out = Path(args.out or RESULTS / f"{date:%Y-%m-%d}_cpu_reliability{'_quick' if args.quick else ''}.json")
+    git = git_commit()
+    # the commit in the name: a second run on one day keeps the first's record
+    name = f"{date:%Y-%m-%d}_cpu_reliability{'_quick' if args.quick else ''}_{str(git.get('commit') or 'nogit')[:7]}"
+    out = Path(args.out or RESULTS / f"{name}.json")
     record = {"schema": "pearl-reliability/1", "date": date.isoformat(timespec="seconds"),
-              "command": " ".join(["python", *sys.argv]), "machine": machine(), "git": git_commit(),
+              "command": " ".join(["python", *sys.argv]), "machine": machine(), "git": git,
               "model": model, "draft_model": draft, "quick": args.quick, "seed": args.seed,
               "synthetic": "nothing: the real embedded SmolLM2-135M-Instruct and its int4-derived draft; "
                            "prompts are generated templates, fuzz requests are hypothesis-generated",
