@@ -26,7 +26,7 @@ demo: install
 
 test: install
 	PYTHON=$(PY) scripts/gen_proto.sh --check
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -rs -m "not gpu"   # -rs: each skip and its reason in the summary
 
 # GPU checks (lossless on GPU, attention backends vs reference, CUDA graphs); run on a GPU machine
 test-gpu: install
