@@ -25,7 +25,7 @@ class Rejoin:
         self.rounds = self.tokens = 0     # of the rejoin under way, for its log line
 
     def all_back(self, seq_ids) -> None:
-        """A new draft mirror: every sequence running now rejoins under the budget."""
+        """A new draft mirror: these sequences (the target already holds their KV) rejoin under the budget."""
         self.waiting = set(seq_ids)
         self.budget = self.START_TOKENS
         self.spent.clear()

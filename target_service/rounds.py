@@ -390,7 +390,7 @@ class TargetService:
                                         shared_gpu=self.mode != "auto" or self.link.shares_gpu())
             for r in self.core.requests.values():
                 r.on_draft = False
-            self.rejoin.all_back(self.core.requests)
+            self.rejoin.all_back(sid for sid, r in self.core.requests.items() if r.seq.num_kv)   # new ones: at once
             self.core.removed.clear()
         self.round_id += 1
         self.gamma = self.policy.gamma_for(len(reqs))
