@@ -5,8 +5,9 @@ runs beside its own. A sequence the draft must take back whole (every running on
 draft answers, or once --mode auto speculates again after serving ar) rejoins a token budget at
 a time, so the first rounds after a draft's return are normal rounds rather than one prefill of
 every running sequence that the whole batch waits for; the others are verified without drafts
-meanwhile. The budget doubles after each quick rejoining round and halves after a slow one, so
-a GPU draft takes everything back within a few rounds and a CPU one a few hundred tokens at a time."""
+meanwhile. The budget doubles after each quick rejoining round (the draft's time under a
+floor or under the target's forward of that round) and halves after a slow one, so a draft
+takes everything back within a few rounds without one round the batch waits on."""
 from pearl_runtime.log import get_logger
 from target_service.verifier import Request
 
@@ -16,7 +17,7 @@ log = get_logger(__name__)
 class Rejoin:
     START_TOKENS = 64          # one sequence, mostly: the first round back stays short
     MAX_TOKENS = 1 << 20       # the draft's bound on one add (draft_service/round_bounds.py)
-    QUICK_MS = 250.0           # a rejoining round's draft time under this grows the budget
+    QUICK_MS = 250.0           # a rejoining round's draft time under this (or its verify's) grows the budget
 
     def __init__(self):
         self.waiting: set[int] = set()    # seq ids to take back, by the budget
@@ -57,10 +58,12 @@ class Rejoin:
                 log.info("every sequence back on the draft", rounds=self.rounds, tokens=self.tokens)
         return out
 
-    def observe(self, round_id: int, draft_ms: float) -> None:
-        """The draft's time for round `round_id`."""
+    def observe(self, round_id: int, draft_ms: float, verify_ms: float = 0.0) -> None:
+        """The draft's and the target's times for round `round_id`. A draft that took back its
+        tokens within the target's own forward held the round up little (under PEARL not at
+        all), whatever the absolute time: a CPU target's forward at batch 32 is a second."""
         if self.spent.pop(round_id, 0):
-            self.budget = min(self.MAX_TOKENS, self.budget * 2) if draft_ms < self.QUICK_MS \
-                else max(self.START_TOKENS, self.budget // 2)
+            quick = draft_ms < max(self.QUICK_MS, verify_ms)
+            self.budget = min(self.MAX_TOKENS, self.budget * 2) if quick else max(self.START_TOKENS, self.budget // 2)
         for old in [k for k in self.spent if k < round_id]:   # rounds that never came back
             del self.spent[old]

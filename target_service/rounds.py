@@ -285,7 +285,7 @@ class TargetService:
         if self.collector is not None:
             self.collector.observe_round(self.last_path or self.mode, phase, round_s)
         if batch is not None:
-            self.rejoin.observe(rnd.round_id, batch.draft_ms)
+            self.rejoin.observe(rnd.round_id, batch.draft_ms, target_ms)
             self.policy.observe(batch=len(reqs), gamma=rnd.gamma - rnd.early, draft_ms=batch.draft_ms,
                                 verify_ms=target_ms, drafted=judged, accepted=accepted, query_len=self._query_len,
                                 draft_steps=rnd.gamma, round_ms=round_s * 1e3)
@@ -387,7 +387,8 @@ class TargetService:
         if self.link.generation != self.draft_generation:   # a new draft mirror: all rejoin (rejoin.py)
             self.draft_generation = self.link.generation
             self.policy.seed_from_draft(dict(zip(self.link.info.step_batch_sizes, self.link.info.step_ms)),
-                                        shared_gpu=self.mode != "auto" or self.link.shares_gpu())
+                                        shared_gpu=self.mode != "auto" or self.link.shares_gpu(),
+                                        draft_model=self.link.info.draft_model)
             for r in self.core.requests.values():
                 r.on_draft = False
             self.rejoin.all_back(sid for sid, r in self.core.requests.items() if r.seq.num_kv)   # new ones: at once

@@ -249,6 +249,7 @@ class SpecPolicy:
         self.path = paths[0] if mode != "auto" else "sd"   # the speculative path the rounds run now
         self.chooser = ModeChooser(verify_cost, max_gamma=max_gamma, gamma=gamma, head_start=head_start) \
             if mode == "auto" else None
+        self.draft_model = ""   # the last draft's, from its handshake
 
     @property
     def auto(self) -> bool:
@@ -297,12 +298,20 @@ class SpecPolicy:
         """The mode as Info reports it: auto with the path its last round took (auto:sd)."""
         return self.mode if self.chooser is None else f"auto:{last_path or self.path}"
 
-    def seed_from_draft(self, draft_ms: dict[int, float], shared_gpu: bool = True) -> None:
+    def seed_from_draft(self, draft_ms: dict[int, float], shared_gpu: bool = True, draft_model: str = "") -> None:
         """Start-time gamma per batch size from the draft's measured step times (its handshake)
         and the prior acceptance: the gamma with the most expected tokens per ms by the mode's
         round model, each gamma's verify priced at its own query length. The rounds then
         retune it. --mode auto prices its modes with the same step times; `shared_gpu`: draft
-        and target share a GPU's bandwidth (pearl is then left out until measured)."""
+        and target share a GPU's bandwidth (pearl is then left out until measured).
+        A handshake without step times from the same `draft_model` as the last one (a restarted
+        CPU draft) keeps what the rounds measured: starting over from the default gamma would
+        make the first rounds back pay for draft steps the rounds had already priced out."""
+        same, self.draft_model = bool(draft_model) and draft_model == self.draft_model, draft_model
+        if same and not draft_ms and self.auto and any(t.observed for t in self.tuners.values()):
+            log.info("auto gamma: the same draft model is back; the rounds' measurements stay",
+                     draft_model=draft_model, gamma_by_batch=self.tuner.picks)
+            return
         if self.chooser is not None:
             self.chooser.draft_ms, self.chooser.shared_gpu = dict(draft_ms), shared_gpu
             self.chooser.buckets.clear()

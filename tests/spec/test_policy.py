@@ -319,3 +319,20 @@ def test_flag_parsers_read_the_flag_texts():
     for bad in ("0", "1.5", "half"):
         with pytest.raises(ValueError, match=r"wants a share of the batch in \(0, 1\]"):
             parse_quorum(bad)
+
+
+def test_a_restarted_cpu_draft_of_the_same_model_keeps_the_gamma_the_rounds_found():
+    """A CPU draft's handshake has no step times: gamma starts at the default and the rounds
+    tune it. The same draft model back after a restart keeps the tuned gamma (its first rounds
+    back stay short); another model starts over."""
+    from pearl_runtime.spec.policy import SpecPolicy
+    policy = SpecPolicy("pearl")
+    policy.seed_from_draft({}, draft_model="draft-a")
+    start = policy.gamma_for(1)
+    _rounds(policy.tuner, 40, draft_ms_per_token=20.0, verify_ms=8.0)   # a slow draft: short gamma
+    tuned = policy.gamma_for(1)
+    assert tuned < start
+    policy.seed_from_draft({}, draft_model="draft-a")
+    assert policy.gamma_for(1) == tuned
+    policy.seed_from_draft({}, draft_model="draft-b")
+    assert policy.gamma_for(1) == start

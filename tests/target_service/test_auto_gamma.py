@@ -82,7 +82,7 @@ def test_sd_gamma_grows_as_the_draft_gets_cheaper():
 def test_service_picks_gamma_per_batch_by_mode(llama_dir, mode, expect):
     service = TargetService(EngineConfig(model=str(llama_dir), num_blocks=64), mode=mode, gamma=None)
     service.policy.tuner.verify_cost = VerifyCost({32: {1: 25.0, 16: 30.0}})
-    service.link = SimpleNamespace(info=SimpleNamespace(step_batch_sizes=[1, 16], step_ms=[1.0, 2.5]), connected=True,
+    service.link = SimpleNamespace(info=SimpleNamespace(step_batch_sizes=[1, 16], step_ms=[1.0, 2.5], draft_model="draft"), connected=True,
                                   split=TransportSplit(), generation=1, tokens_in=None)
     service._build_round([])   # a new draft: the start picks come from its handshake
     assert service.policy.tuner.picks == expect

@@ -65,3 +65,17 @@ def test_a_round_that_never_came_back_is_forgotten():
     _join(rejoin, reqs[1:], 2)
     rejoin.observe(2, draft_ms=1.0)
     assert rejoin.spent == {} and rejoin.budget == 2 * Rejoin.START_TOKENS
+
+
+def test_a_draft_within_the_targets_forward_is_quick_however_long():
+    """A CPU pair: a rejoining round's draft takes 700 ms beside a 1000 ms verify; that holds
+    the round up little, so the budget grows; past the verify it shrinks."""
+    reqs = _reqs([100] * 8)
+    rejoin = Rejoin()
+    rejoin.all_back(r.seq.seq_id for r in reqs)
+    _join(rejoin, reqs, 1)
+    rejoin.observe(1, draft_ms=700.0, verify_ms=1000.0)
+    assert rejoin.budget == 2 * Rejoin.START_TOKENS
+    _join(rejoin, reqs, 2)
+    rejoin.observe(2, draft_ms=1200.0, verify_ms=1000.0)
+    assert rejoin.budget == Rejoin.START_TOKENS
