@@ -279,7 +279,11 @@ def test_bench_end_to_end(bench_run):
                     "host_ms", "xfer_ms", "accept_rate", "ttft_ms", "gamma", "decode_tokens_per_s",
                     "decode_speedup_vs_ar", "full_batch_tokens_per_s", "full_batch_speedup_vs_ar"):
             assert key in x
-        assert x["full_batch_tokens_per_s"] > 0
+        # a lone request decodes over several deltas, so it always has a window; in a batch the
+        # requests can join rounds apart, and with 8 tokens one may finish before another's first
+        # token (no window: None, as test_full_batch_rate_... checks with arrivals of that shape)
+        full = x["full_batch_tokens_per_s"]
+        assert full > 0 if bs == 1 else (full is None or full > 0), (mode, bs, full)
         # decoding alone: the tokens after the first over the time after the last first token
         # (of each batch: checked here where there is one)
         if x["batches"] == 1:
