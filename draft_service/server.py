@@ -225,12 +225,13 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
             reply.ipc_buffers.append(export.describe())
         mirror, ahead = Mirror(), AheadRounds()
         key = await self._datagrams(hello, reply, mirror, export, ahead) if reply.accepted else None
-        yield draft_pb2.FromDraft(hello=reply)
-        if not reply.accepted:
+        if not reply.accepted:   # counted and logged before the reply: the target hangs up on reading it
             self.metrics.refused.labels(next((k for k in ("protocol", "tokenizer", "vocabulary")
                                               if k in reply.reason), "other")).inc()
             log.warning("refused target", target=hello.target_id, reason=reply.reason)
+            yield draft_pb2.FromDraft(hello=reply)
             return
+        yield draft_pb2.FromDraft(hello=reply)
         self.streams += 1
         self.metrics.streams.set(self.streams)
         log.info("target connected", target=hello.target_id, streams=self.streams,

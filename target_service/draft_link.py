@@ -158,6 +158,7 @@ class DraftLink:
             try:
                 await self._connect()
                 delay, warned_at = backoff_s, None
+                await self._until_lost()
             except DraftRefused as e:
                 self.refused[e.kind] += 1
                 log.error("draft refused the handshake; serving ar", draft=self.address, reason=str(e),
@@ -174,6 +175,24 @@ class DraftLink:
                 await self._close()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, max_backoff_s)
+
+    async def _until_lost(self) -> None:
+        """Until the link is marked down or its channel leaves READY. A draft that dies while no
+        round runs ends the stream with no read under way to see it; its channel sees it at once,
+        so an idle target reports the draft gone (and dials again) rather than at its next round."""
+        channel = self.channel
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            while not lost.done() and self.connected and self.channel is channel:
+                state = channel.get_state()
+                if state != grpc.ChannelConnectivity.READY:
+                    await self._lost_with(ConnectionError(f"the draft's channel went {state.name}"))
+                    return
+                change = asyncio.ensure_future(_state_change(channel, state))
+                await asyncio.wait({lost, change}, return_when=asyncio.FIRST_COMPLETED)
+                change.cancel()
+        finally:
+            lost.cancel()
 
     async def exchange(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
         """Send one Round and wait for its DraftBatch, or for its early part when the round asks
@@ -276,3 +295,10 @@ class DraftLink:
         if self.channel is not None:
             await self.channel.close()
             self.channel = None
+
+
+async def _state_change(channel: grpc.aio.Channel, state: grpc.ChannelConnectivity) -> None:
+    try:
+        await channel.wait_for_state_change(state)
+    except (grpc.aio.UsageError, RuntimeError):   # the channel closed under the wait: the link is going down
+        pass
