@@ -173,22 +173,27 @@ def test_the_gateway_spreads_over_both_replicas_of_one_name(scaled, llama_dir):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_stopping_one_replica_moves_its_requests_to_the_other(scaled, llama_dir, sig):
-    gateway, (victim, survivor) = scaled
+    gateway, targets = scaled
     prompts = [[9 + i, 4, 21 + 2 * i] for i in range(6)]
-    max_tokens = 400
+    max_tokens = 1000   # ~1.5 s of ar at 6 sequences: far past the victim's 0.2 s drain
     seen: list[int] = []
+    stopped: list = []
 
     def on_delta(text, ids):
         seen.extend(ids)
-        if len(seen) >= 60 and victim.alive() and not getattr(on_delta, "sent", False):
-            on_delta.sent = True
-            victim.send(sig)            # mid-stream: every request has tokens out already
+        if len(seen) >= 60 and not stopped:
+            # the replica serving requests now (the gateway may have sent one coalesced batch to
+            # either): a stopped idle replica would hand nothing back
+            stopped.append(max(targets, key=_committed))
+            stopped[0].send(sig)            # mid-stream: its requests have tokens out already
 
     outs = asyncio.run(_generate_all(gateway.address, prompts, max_tokens, on_delta))
-    assert getattr(on_delta, "sent", False), "the requests finished before the stop"
+    assert stopped, "the requests finished before the stop"
+    victim = stopped[0]
+    survivor = next(t for t in targets if t is not victim)
     assert [o.token_ids for o in outs] == reference_greedy(llama_dir, prompts, [max_tokens] * len(prompts))
     assert all(o.finish_reason == "length" for o in outs)
-    assert _resubmissions(gateway.metrics_port) >= 1
+    assert _resubmissions(gateway.metrics_port) >= 1, f"{victim.log()[-4000:]}\n{gateway.log()[-4000:]}"
     victim.proc.wait(timeout=30)
     assert "resubmitting" in gateway.log()
     # the name's answer loses the stopped replica (as compose's DNS does): the gateway drops it
