@@ -275,7 +275,8 @@ class DraftLink:
         return min(self.round_timeout_s, max(ROUND_FLOOR_S, ROUND_SLOWDOWN * self._round_s))
 
     async def _lost_with(self, error: Exception) -> None:
-        log.warning("draft link lost; falling back to ar", draft=self.address, error=str(error)[:200])
+        if self.connected:   # the first to see it says so: a round and the channel watch may both
+            log.warning("draft link lost; falling back to ar", draft=self.address, error=str(error)[:200])
         await self.mark_down()
         return None
 
