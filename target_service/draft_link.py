@@ -181,7 +181,7 @@ class DraftLink:
         round runs ends the stream with no read under way to see it; its channel sees it at once,
         so an idle target reports the draft gone (and dials again) rather than at its next round."""
         channel = self.channel
-        lost = asyncio.ensure_future(self._lost.wait())
+        lost, change = asyncio.ensure_future(self._lost.wait()), None
         try:
             while not lost.done() and self.connected and self.channel is channel:
                 state = channel.get_state()
@@ -190,9 +190,10 @@ class DraftLink:
                     return
                 change = asyncio.ensure_future(_state_change(channel, state))
                 await asyncio.wait({lost, change}, return_when=asyncio.FIRST_COMPLETED)
-                change.cancel()
-        finally:
-            lost.cancel()
+        finally:   # also when maintain() is cancelled (the target stopping)
+            for waiter in (lost, change):
+                if waiter is not None:
+                    waiter.cancel()
 
     async def exchange(self, rnd: draft_pb2.Round) -> draft_pb2.DraftBatch | None:
         """Send one Round and wait for its DraftBatch, or for its early part when the round asks
