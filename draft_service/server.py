@@ -213,6 +213,9 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
         yield await work
 
     async def Speculate(self, request_iterator, context: grpc.aio.ServicerContext):
+        # headers at once: the target waits for them before its Hello, so a caller refused
+        # before this (the token) sees that status rather than a failed write (draft_link.py)
+        await context.send_initial_metadata(())
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "hello":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Speculate must open with a Hello")

@@ -25,6 +25,7 @@ log = get_logger(__name__)
 
 ROUND_SLOWDOWN = 50.0   # a round this many times slower than usual: the draft is stalled
 ROUND_FLOOR_S = 5.0     # never sooner: a new sequence's first round prefills its prompt on the draft
+HEADERS_WAIT_S = 1.0    # the handshake waits this long for the draft's headers before its Hello
 
 
 class DraftRefused(Exception):
@@ -91,7 +92,17 @@ class DraftLink:
         self.channel = self.dialer.channel(self.address)
         stub = draft_pb2_grpc.DraftStub(self.channel)
         self.call = stub.Speculate(metadata=self.dialer.metadata)
-        await self.call.write(draft_pb2.ToDraft(hello=self.hello))
+        # the draft's headers first: a draft refusing the call (a wrong token) has then ended it,
+        # and its status is what the read below raises. Written at once, the Hello can land after
+        # that status, and grpc aio then reports INTERNAL "Internal error from Core" in its place
+        # (grpc/grpc#36066). A draft that sends no early headers gets the Hello after HEADERS_WAIT_S.
+        try:
+            async with asyncio.timeout(HEADERS_WAIT_S):
+                await self.call.initial_metadata()
+        except TimeoutError:
+            pass
+        if not self.call.done():
+            await self.call.write(draft_pb2.ToDraft(hello=self.hello))
         msg = await asyncio.wait_for(self.call.read(), timeout=10)
         if msg is grpc.aio.EOF or msg.WhichOneof("kind") != "hello":
             raise ConnectionError("draft closed the stream during the handshake")

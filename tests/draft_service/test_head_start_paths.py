@@ -13,6 +13,7 @@ from pearl_runtime.pb import common_pb2, draft_pb2, draft_pb2_grpc
 from pearl_runtime.config import EngineConfig
 from pearl_runtime.rpc import tensors
 from pearl_runtime.rpc.identity import PROTOCOL_VERSION
+from tests.draft_service.servicer_context import StreamContext
 
 PROMPT = [5, 6, 7, 8, 9]
 EARLY, GAMMA = 2, 6
@@ -47,7 +48,7 @@ async def _one_round(servicer, taken: str | None):
         yield _hello(servicer)
         yield _round()
 
-    stream = servicer.Speculate(requests(), None)
+    stream = servicer.Speculate(requests(), StreamContext())
     assert (await anext(stream)).hello.accepted
     if taken == "start":
         servicer.runner.lock.acquire()

@@ -7,6 +7,7 @@ import pytest
 from pearl_runtime.pb import draft_pb2
 from pearl_runtime.rpc.identity import PROTOCOL_VERSION
 from pearl_runtime.config import EngineConfig
+from tests.draft_service.servicer_context import StreamContext
 
 
 def test_hello_reports_the_lower_step_time_of_start_and_connect(llama_dir, monkeypatch):
@@ -29,7 +30,7 @@ def test_hello_reports_the_lower_step_time_of_start_and_connect(llama_dir, monke
                                                           vocab_size=servicer.drafter.vocab_size))
 
         async def connect():
-            stream = servicer.Speculate(requests(), None)
+            stream = servicer.Speculate(requests(), StreamContext())
             reply = (await anext(stream)).hello
             await stream.aclose()
             return reply

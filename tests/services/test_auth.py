@@ -239,3 +239,28 @@ def test_mtls_on_every_hop(cluster, service_models, refs, tmp_path):
             assert done.stats.mode == "pearl"
     finally:
         stop_all(services)
+
+
+def test_a_target_holding_the_wrong_draft_token_says_why(cluster, service_models):
+    """A target whose --draft-auth-token is not the draft's: its dials are refused, it warns with
+    the draft's status (not a transport error) and reports no draft connected."""
+    target_model, drafts = service_models
+    draft = cluster.service("draft", cluster.engine_args(drafts["copy"]) + ["--auth-token", TOKEN],
+                            "draft-token", log_level="info")
+    target = cluster.service("target", cluster.engine_args(target_model) + [
+        "--mode", "pearl", "--gamma", str(GAMMA), "--draft", draft.address, "--draft-auth-token", "wrong"],
+        "target-wrong-token")
+    services = [draft, target]
+    try:
+        cluster.launch(services)
+        target.wait_log("draft unreachable; serving ar until it answers", timeout_s=30)
+        warning = next(line for line in target.log().splitlines() if "draft unreachable" in line)
+        assert "UNAUTHENTICATED" in warning and "bearer token" in warning, warning
+
+        async def body():
+            async with channel(target.address) as ch:
+                info = await target_pb2_grpc.TargetStub(ch).Info(target_pb2.InfoRequest(), timeout=5)
+            assert not info.draft_connected
+        run(body())
+    finally:
+        stop_all(services)
