@@ -1,8 +1,8 @@
 """Python's cyclic garbage collector, kept off the serving path.
 
 A full (generation 2) collection walks every live object. Once torch, transformers and grpc
-are loaded that is ~220k objects and ~100 ms on one slow core (2-core CI machine); a started
-GPU service holds more, and its full collections take hundreds of ms during warm-up. One can land inside a round. `freeze()` moves everything alive after
+are loaded that is hundreds of thousands of objects, and a started GPU service holds more: a
+full collection then takes a visible share of a round, and one can land inside a round. `freeze()` moves everything alive after
 start-up (modules, the model's Python objects, CUDA graphs) out of the collector's reach, so a
 later collection walks only what serving allocated since. `PEARL_GC_FREEZE=0` leaves the
 collector as Python sets it (to measure the difference).

@@ -61,7 +61,7 @@ class Rejoin:
     def observe(self, round_id: int, draft_ms: float, verify_ms: float = 0.0) -> None:
         """The draft's and the target's times for round `round_id`. A draft that took back its
         tokens within the target's own forward held the round up little (under PEARL not at
-        all), whatever the absolute time: a CPU target's forward at batch 32 is a second."""
+        all), whatever the absolute time: a slow target's forward may take longer than QUICK_MS."""
         if self.spent.pop(round_id, 0):
             quick = draft_ms < max(self.QUICK_MS, verify_ms)
             self.budget = min(self.MAX_TOKENS, self.budget * 2) if quick else max(self.START_TOKENS, self.budget // 2)
