@@ -110,8 +110,8 @@ def test_a_restarted_draft_takes_running_sequences_back_a_budget_at_a_time(clust
     gateway = cluster.service("gateway", ["--model", str(cluster.target_model), "--targets", target.address],
                               "gateway-rejoin")
     cluster.launch([draft, target, gateway], handshakes=[draft])
-    # 24 sequences of 60 + 900 tokens: their ar decode outlasts a draft's restart on a loaded
-    # 2-core host (8 of them finished in 4 s of ar while the draft took 4.6 s to come back)
+    # 24 sequences of 60 + 900 tokens: enough ar decode to outlast a draft's restart, which
+    # takes seconds on a loaded host
     prompts = [list(range(10 + i, 70 + i)) for i in range(24)]
     seen, times = [], {}
     base = target_metrics(target).speculative_rounds

@@ -13,7 +13,7 @@ from target_service import draft_link
 from target_service.draft_link import DraftLink
 
 
-class QuietDraft(draft_pb2_grpc.DraftServicer):
+class HelloDraft(draft_pb2_grpc.DraftServicer):
     """Answers the Hello; its headers go first (as draft_service's do) or with that answer."""
 
     def __init__(self, early_headers: bool):
@@ -24,7 +24,7 @@ class QuietDraft(draft_pb2_grpc.DraftServicer):
             await context.send_initial_metadata(())
         first = await anext(aiter(request_iterator))
         assert first.WhichOneof("kind") == "hello"
-        yield draft_pb2.FromDraft(hello=draft_pb2.HelloReply(accepted=True, draft_model="quiet",
+        yield draft_pb2.FromDraft(hello=draft_pb2.HelloReply(accepted=True, draft_model="hello",
                                                              protocol_version=PROTOCOL_VERSION))
         async for _ in request_iterator:
             pass
@@ -32,7 +32,7 @@ class QuietDraft(draft_pb2_grpc.DraftServicer):
 
 async def _handshake(early_headers: bool) -> tuple[DraftLink, float]:
     server = grpc.aio.server()
-    draft_pb2_grpc.add_DraftServicer_to_server(QuietDraft(early_headers), server)
+    draft_pb2_grpc.add_DraftServicer_to_server(HelloDraft(early_headers), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     link = DraftLink(f"127.0.0.1:{port}", draft_pb2.Hello(protocol_version=PROTOCOL_VERSION))
@@ -48,7 +48,7 @@ async def _handshake(early_headers: bool) -> tuple[DraftLink, float]:
 @pytest.mark.parametrize("early_headers", [True, False], ids=["headers-first", "no-early-headers"])
 def test_the_handshake_completes_with_either_draft(early_headers):
     link, took = asyncio.run(_handshake(early_headers))
-    assert link.generation == 1 and link.info.draft_model == "quiet"
+    assert link.generation == 1 and link.info.draft_model == "hello"
     if early_headers:
         assert took < draft_link.HEADERS_WAIT_S   # no wait for a draft that sends its headers
     else:
